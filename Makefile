@@ -1,0 +1,37 @@
+# Every target works from a fresh clone with Python 3.11 and no system MPI:
+# the mpich wheel from PyPI brings mpiexec into .venv/bin.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RAW    ?= $(firstword $(wildcard ../shared/data/mnist) data/raw)
+DATA   := data/mnist.h5
+NP     ?= 4
+
+.PHONY: install test data train bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,plot]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+data: $(DATA)
+
+$(DATA): | install
+	$(BIN)/python scripts/prepare_mnist.py --raw $(RAW) --out $@ $(if $(findstring shared,$(RAW)),,--download)
+
+train: install data
+	$(BIN)/ddl launch -n $(NP) -- train --data $(DATA) --checkpoint data/checkpoint.h5 \
+	    --metrics data/metrics.jsonl --plot data/curves.png
+	$(BIN)/ddl predict --data $(DATA) --checkpoint data/checkpoint.h5 --index 0 --out data/prediction.png
+
+bench: install
+	$(BIN)/python scripts/benchmark.py --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) *.egg-info data/*.h5 data/*.png data/*.jsonl

@@ -1,0 +1,3 @@
+"""ddl: distributed data-parallel deep learning on NumPy and MPI."""
+
+__version__ = "0.1.0"

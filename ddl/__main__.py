@@ -1,0 +1,3 @@
+from ddl.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""The module paradigm: Parameter, Module, Sequential.
+
+A Parameter holds `data` and `grad` side by side. Both arrays are written in place, never rebound
+(outside `Module.to`): the data-parallel wrapper turns every `grad` into a view of one flat buffer,
+so a layer that did `p.grad = g` would silently drop out of the all-reduce.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable array: `data` and its gradient `grad`, same shape and dtype."""
+
+    def __init__(self, data, dtype=np.float32):
+        self.data = np.array(data, dtype=dtype)
+        self.grad = np.zeros_like(self.data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class. Subclasses implement `forward(x)` and `backward(grad_y)`.
+
+    `backward` adds the parameter gradients into each `p.grad` (they accumulate until `zero_grad`)
+    and returns the gradient with respect to the input of the last `forward`. Parameters, buffers
+    (non-trainable state such as running statistics) and child modules are found from the
+    attributes, in the order they were assigned, so `parameters()` has the same order everywhere.
+    """
+
+    training = True
+
+    def __init__(self):
+        self._buffer_names = []
+
+    # --- the blog post's contract -------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, grad_y):
+        raise NotImplementedError
+
+    def step(self, optimizer):
+        """One optimisation step on this module's own parameters."""
+        optimizer.step(self.parameters())
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    # --- structure -----------------------------------------------------------------------------
+    def register_buffer(self, name, value):
+        """Non-trainable state that belongs in `state_dict` (e.g. BatchNorm running mean)."""
+        if not hasattr(self, "_buffer_names"):
+            self._buffer_names = []
+        setattr(self, name, value)
+        if name not in self._buffer_names:
+            self._buffer_names.append(name)
+
+    def named_children(self):
+        return [(k, v) for k, v in vars(self).items() if isinstance(v, Module)]
+
+    def modules(self):
+        """This module and every descendant, depth first, parents before children."""
+        out = [self]
+        for _, child in self.named_children():
+            out.extend(child.modules())
+        return out
+
+    def named_parameters(self, prefix=""):
+        own = [(prefix + k, v) for k, v in vars(self).items() if isinstance(v, Parameter)]
+        for name, child in self.named_children():
+            own.extend(child.named_parameters(f"{prefix}{name}."))
+        return own
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        own = [(prefix + k, getattr(self, k)) for k in getattr(self, "_buffer_names", [])]
+        for name, child in self.named_children():
+            own.extend(child.named_buffers(f"{prefix}{name}."))
+        return own
+
+    @property
+    def trainable(self):
+        return bool(self.parameters())
+
+    # --- habits borrowed from PyTorch -----------------------------------------------------------
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    def train(self, mode=True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def to(self, dtype):
+        """Cast parameters and floating buffers (e.g. to float64 for gradient checks)."""
+        for p in self.parameters():
+            p.data = p.data.astype(dtype)
+            p.grad = p.grad.astype(dtype)
+        for m in self.modules():
+            for k in getattr(m, "_buffer_names", []):
+                v = getattr(m, k)
+                if np.issubdtype(v.dtype, np.floating):
+                    setattr(m, k, v.astype(dtype))
+        return self
+
+    def state_dict(self):
+        """Ordered name -> array copy; names and shapes follow PyTorch's for the same layers."""
+        entries = self.named_parameters()
+        out = OrderedDict((k, p.data.copy()) for k, p in entries)
+        out.update((k, np.array(v, copy=True)) for k, v in self.named_buffers())
+        return out
+
+    def load_state_dict(self, state):
+        """Copy arrays in place; every missing, unexpected or mis-shaped key is named in one error."""
+        targets = {k: p.data for k, p in self.named_parameters()}
+        targets.update(self.named_buffers())
+        missing = [k for k in targets if k not in state]
+        unexpected = [k for k in state if k not in targets]
+        shaped = [f"{k} (expected {targets[k].shape}, got {np.shape(state[k])})"
+                  for k in targets if k in state and np.shape(state[k]) != targets[k].shape]
+        problems = [f"{label}: {', '.join(keys)}" for label, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected),
+                     ("wrong shapes", shaped)) if keys]
+        if problems:
+            raise KeyError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
+        for k, dst in targets.items():
+            dst[...] = state[k]
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        children = self.named_children()
+        if not children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        body = "\n".join(f"  ({k}): " + repr(v).replace("\n", "\n  ") for k, v in children)
+        return f"{type(self).__name__}(\n{body}\n)"
+
+
+class Sequential(Module):
+    """Modules applied in order; backward runs them in reverse; step steps each trainable child."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+
+    def __iter__(self):
+        return iter(m for _, m in self.named_children())
+
+    def __len__(self):
+        return len(self.named_children())
+
+    def __getitem__(self, i):
+        return list(self)[i]
+
+    def forward(self, x):
+        for m in self:
+            x = m.forward(x)
+        return x
+
+    def backward(self, grad_y):
+        for m in reversed(list(self)):
+            grad_y = m.backward(grad_y)
+        return grad_y
+
+    def step(self, optimizer):
+        for m in self:
+            if m.trainable:
+                m.step(optimizer)
