@@ -1,0 +1,391 @@
+"""Optimizers and learning-rate schedules, following PyTorch's update rules and defaults.
+
+Every update writes `p.data` in place and only reads `p.grad`: the data-parallel wrapper makes
+both views into flat buffers, so rebinding either would detach the parameter from it.
+Per-parameter state (momentum buffers, Adam moments, ...) is keyed by the parameter's position in
+`optimizer.params`, never by `id()`, so a saved state loads into a freshly built model.
+"""
+import math
+
+import numpy as np
+
+
+class Optimizer:
+    """Base class: holds the ordered parameter list, the hyperparameters and per-position state.
+
+    Subclasses pass their hyperparameters as keywords (they become plain attributes, so a schedule
+    can set `opt.lr`) and implement `_check` (validation), `_state_names` and `_update`.
+    """
+
+    def __init__(self, params, **hyper):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__} got an empty parameter list")
+        self._position = {id(p): i for i, p in enumerate(self.params)}
+        if len(self._position) != len(self.params):
+            raise ValueError(f"{type(self).__name__}: a parameter appears more than once")
+        self._hyper_names = list(hyper)
+        for k, v in hyper.items():
+            setattr(self, k, v)
+        self.state = {}  # position -> {name: array, or int for "step"}
+        self._check()
+
+    def _check(self):
+        """Raise ValueError on invalid hyperparameters."""
+        _nonneg(lr=self.lr, weight_decay=self.weight_decay)
+
+    def _state_names(self):
+        """The state entries one parameter has after its first step, under these hyperparameters."""
+        raise NotImplementedError
+
+    def _update(self, p, state):
+        """Update `p.data` in place from `p.grad`; `state` is this parameter's dict, filled lazily."""
+        raise NotImplementedError
+
+    def _grad(self, p):
+        """The gradient with L2 weight decay folded in (PyTorch's coupled `weight_decay`)."""
+        return p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+
+    def step(self, params=None):
+        """Update the given parameters (default: all). Each must be one of `self.params`."""
+        for p in self.params if params is None else params:
+            i = self._position.get(id(p))
+            if i is None:
+                raise ValueError(f"{type(self).__name__}.step: {p!r} is not one of the parameters "
+                                 "this optimizer was built with")
+            self._update(p, self.state.setdefault(i, {}))
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad[...] = 0
+
+    def state_dict(self):
+        """{"num_params": int, "hyper": {name: number or array}, "state": {position: {name: array or int}}}.
+
+        Only numbers and array copies (Adam's betas become a 2-array), so it maps directly onto
+        HDF5 attributes and datasets. Positions with no state yet (never stepped) are left out.
+        """
+        hyper = {k: getattr(self, k) for k in self._hyper_names}
+        return {
+            "num_params": len(self.params),
+            "hyper": {k: np.array(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
+            "state": {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+                      for i, s in sorted(self.state.items()) if s},
+        }
+
+    def load_state_dict(self, sd):
+        """Restore hyperparameters and state; positions may be ints or strings (HDF5 group names)."""
+        name = type(self).__name__
+        if int(sd["num_params"]) != len(self.params):
+            raise ValueError(f"{name}.load_state_dict: saved state is for {int(sd['num_params'])} "
+                             f"parameters, this optimizer has {len(self.params)}")
+        if set(sd["hyper"]) != set(self._hyper_names):
+            raise ValueError(f"{name}.load_state_dict: hyperparameters {sorted(sd['hyper'])} do not "
+                             f"match {sorted(self._hyper_names)}")
+        old = {k: getattr(self, k) for k in self._hyper_names}
+        for k, v in sd["hyper"].items():
+            setattr(self, k, _like(old[k], v))
+        try:
+            self._check()
+            self.state = self._parse_state(sd["state"])
+        except ValueError:
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+
+    def _parse_state(self, saved):
+        name, expected = type(self).__name__, self._state_names()
+        state = {}
+        for key, entries in saved.items():
+            i = int(key)
+            if not 0 <= i < len(self.params):
+                raise ValueError(f"{name}.load_state_dict: state for parameter {i}, but there are "
+                                 f"only {len(self.params)}")
+            if set(entries) != expected:
+                raise ValueError(f"{name}.load_state_dict: parameter {i} has state "
+                                 f"{sorted(entries)}, expected {sorted(expected)}")
+            p = self.params[i]
+            state[i] = {}
+            for k, v in entries.items():
+                if k == "step":
+                    state[i][k] = int(v)
+                elif np.shape(v) != p.shape:
+                    raise ValueError(f"{name}.load_state_dict: parameter {i} {k} has shape "
+                                     f"{np.shape(v)}, the parameter has {p.shape}")
+                else:
+                    state[i][k] = np.array(v, dtype=p.data.dtype)
+        return state
+
+    def __repr__(self):
+        hyper = ", ".join(f"{k}={getattr(self, k)}" for k in self._hyper_names)
+        return f"{type(self).__name__}({len(self.params)} params, {hyper})"
+
+
+def _nonneg(**values):
+    for k, v in values.items():
+        if v < 0:
+            raise ValueError(f"invalid {k}: {v} (must be >= 0)")
+
+
+def _like(current, value):
+    """Cast a loaded hyperparameter (maybe a NumPy scalar or array from HDF5) to the current type."""
+    if isinstance(current, tuple):
+        return tuple(float(x) for x in value)
+    return type(current)(value)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD.
+
+    g = grad + weight_decay * p
+    buf = g on the first step, else momentum * buf + (1 - dampening) * g
+    g = g + momentum * buf if nesterov else buf          (only when momentum != 0)
+    p -= lr * g
+    """
+
+    def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+        super().__init__(params, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+                         weight_decay=float(weight_decay), nesterov=bool(nesterov))
+
+    def _check(self):
+        super()._check()
+        _nonneg(momentum=self.momentum, dampening=self.dampening)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("Nesterov momentum requires momentum > 0 and dampening = 0")
+
+    def _state_names(self):
+        return {"momentum_buffer"} if self.momentum else set()
+
+    def _update(self, p, state):
+        g = self._grad(p)
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = np.array(g, copy=True)
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p.data -= self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), as torch.optim.Adam without amsgrad; bias correction applied once.
+
+    t += 1;  g = grad + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
+    p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr=float(lr), betas=tuple(float(b) for b in betas),
+                         eps=float(eps), weight_decay=float(weight_decay))
+
+    def _check(self):
+        super()._check()
+        _nonneg(eps=self.eps)
+        if len(self.betas) != 2:
+            raise ValueError(f"invalid betas: {self.betas} (need two values)")
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"invalid beta at index {i}: {b} (must be in [0, 1))")
+
+    def _state_names(self):
+        return {"step", "exp_avg", "exp_avg_sq"}
+
+    def _update(self, p, state):
+        if not state:
+            state.update(step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data))
+        beta1, beta2 = self.betas
+        g = self._grad(p)
+        state["step"] += 1
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * g * g
+        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** t) + self.eps
+        p.data -= (self.lr / (1 - beta1 ** t)) * m / denom
+
+
+class RMSprop(Optimizer):
+    """RMSprop, as torch.optim.RMSprop (eps added outside the square root).
+
+    g = grad + weight_decay * p;   s = alpha * s + (1 - alpha) * g**2
+    centered: a = alpha * a + (1 - alpha) * g;  avg = sqrt(s - a**2) + eps;  else avg = sqrt(s) + eps
+    momentum > 0: buf = momentum * buf + g / avg;  p -= lr * buf;   else p -= lr * g / avg
+    """
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False):
+        super().__init__(params, lr=float(lr), alpha=float(alpha), eps=float(eps),
+                         weight_decay=float(weight_decay), momentum=float(momentum),
+                         centered=bool(centered))
+
+    def _check(self):
+        super()._check()
+        _nonneg(alpha=self.alpha, eps=self.eps, momentum=self.momentum)
+
+    def _state_names(self):
+        return ({"square_avg"} | ({"momentum_buffer"} if self.momentum else set())
+                | ({"grad_avg"} if self.centered else set()))
+
+    def _update(self, p, state):
+        if not state:
+            state.update({k: np.zeros_like(p.data) for k in self._state_names()})
+        g = self._grad(p)
+        s = state["square_avg"]
+        s *= self.alpha
+        s += (1 - self.alpha) * g * g
+        if self.centered:
+            a = state["grad_avg"]
+            a *= self.alpha
+            a += (1 - self.alpha) * g
+            # s >= a**2 in exact arithmetic; float32 rounding can dip below and give NaN.
+            avg = np.sqrt(np.maximum(s - a * a, 0)) + self.eps
+        else:
+            avg = np.sqrt(s) + self.eps
+        if self.momentum:
+            buf = state["momentum_buffer"]
+            buf *= self.momentum
+            buf += g / avg
+            p.data -= self.lr * buf
+        else:
+            p.data -= self.lr * (g / avg)
+
+
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+
+
+def make_optimizer(name, params, lr, momentum=0.0, weight_decay=0.0):
+    """The CLI's optimizer: "sgd" and "rmsprop" use `momentum`; "adam" ignores it (its betas stay
+    PyTorch's defaults)."""
+    if name == "sgd":
+        return SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return Adam(params, lr, weight_decay=weight_decay)
+    if name == "rmsprop":
+        return RMSprop(params, lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+# --- learning-rate schedules -------------------------------------------------------------------
+
+class LRScheduler:
+    """Sets `optimizer.lr = lr_at(last_epoch)`; the base class keeps it constant at `base_lr`.
+
+    As in PyTorch, construction sets the lr for t = 0 and each `step()` advances t by one and sets
+    the next lr. Whether t counts epochs or iterations is the caller's choice; the trainer (through
+    `make_schedule`) steps once per iteration, after `optimizer.step`.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.base_lr = float(optimizer.lr)
+        self.last_epoch = 0
+        optimizer.lr = self.get_lr()
+
+    def lr_at(self, t):
+        return self.base_lr
+
+    def get_lr(self):
+        return self.lr_at(self.last_epoch)
+
+    def step(self):
+        self.last_epoch += 1
+        self.optimizer.lr = self.get_lr()
+
+    def state_dict(self):
+        return {"last_epoch": self.last_epoch, "base_lr": self.base_lr}
+
+    def load_state_dict(self, sd):
+        self.last_epoch = int(sd["last_epoch"])
+        self.base_lr = float(sd["base_lr"])
+        self.optimizer.lr = self.get_lr()
+
+
+class StepLR(LRScheduler):
+    """lr = base_lr * gamma ** (t // step_size)."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1):
+        if int(step_size) != step_size or step_size < 1:
+            raise ValueError(f"invalid step_size: {step_size} (must be a positive integer)")
+        _nonneg(gamma=gamma)
+        self.step_size, self.gamma = int(step_size), float(gamma)
+        super().__init__(optimizer)
+
+    def lr_at(self, t):
+        return self.base_lr * self.gamma ** (t // self.step_size)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * t / T_max)) / 2.
+
+    PyTorch's closed form: past T_max the cosine carries on (the lr rises again), so size T_max
+    to the whole run.
+    """
+
+    def __init__(self, optimizer, T_max, eta_min=0.0):
+        if T_max <= 0:
+            raise ValueError(f"invalid T_max: {T_max} (must be > 0)")
+        _nonneg(eta_min=eta_min)
+        self.T_max, self.eta_min = T_max, float(eta_min)
+        super().__init__(optimizer)
+
+    def lr_at(self, t):
+        cos = (1 + math.cos(math.pi * t / self.T_max)) / 2
+        return self.eta_min + (self.base_lr - self.eta_min) * cos
+
+
+class LinearWarmup(LRScheduler):
+    """Multiplies another schedule by a factor rising linearly from `start_factor` to 1 over
+    `warmup_steps` (PyTorch's LinearLR chained with it): the usual guard for the large effective
+    batches of data-parallel training (Goyal et al., 2017).
+
+    factor(t) = start_factor + (1 - start_factor) * min(t, warmup_steps) / warmup_steps.
+    Step only the wrapper; the wrapped schedule is read through its `lr_at`.
+    """
+
+    def __init__(self, after, warmup_steps, start_factor=0.1):
+        if int(warmup_steps) != warmup_steps or warmup_steps < 1:
+            raise ValueError(f"invalid warmup_steps: {warmup_steps} (must be a positive integer)")
+        if not 0 < start_factor <= 1:
+            raise ValueError(f"invalid start_factor: {start_factor} (must be in (0, 1])")
+        self.after, self.warmup_steps, self.start_factor = after, int(warmup_steps), start_factor
+        super().__init__(after.optimizer)
+        self.base_lr = after.base_lr
+
+    def lr_at(self, t):
+        frac = min(t, self.warmup_steps) / self.warmup_steps
+        return self.after.lr_at(t) * (self.start_factor + (1 - self.start_factor) * frac)
+
+    def load_state_dict(self, sd):
+        self.after.base_lr = float(sd["base_lr"])
+        super().load_state_dict(sd)
+
+
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def make_schedule(name, optimizer, epochs, steps_per_epoch, warmup_steps=0):
+    """The CLI's schedule, to be stepped once per ITERATION (after each optimizer step).
+
+    With T = epochs * steps_per_epoch iterations and lr0 = optimizer.lr:
+      "constant": lr0 throughout.
+      "step":     lr0 * 0.1 ** (t // ceil(T / 3)): divided by 10 after each third of the run.
+      "cosine":   lr0 * (1 + cos(pi * t / T)) / 2, from lr0 down towards 0 at the end.
+    warmup_steps > 0 wraps it in LinearWarmup (factor 0.1 -> 1 over that many iterations).
+    """
+    total = epochs * steps_per_epoch
+    if total < 1:
+        raise ValueError(f"need at least one iteration, got epochs={epochs}, "
+                         f"steps_per_epoch={steps_per_epoch}")
+    if name == "constant":
+        schedule = LRScheduler(optimizer)
+    elif name == "step":
+        schedule = StepLR(optimizer, step_size=math.ceil(total / 3), gamma=0.1)
+    elif name == "cosine":
+        schedule = CosineAnnealingLR(optimizer, T_max=total)
+    else:
+        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    return LinearWarmup(schedule, warmup_steps) if warmup_steps else schedule
