@@ -1,0 +1,42 @@
+"""Named models for MNIST: input (N, 1, 28, 28) float32, output logits (N, 10).
+
+Layer indices in Sequential match the equivalent PyTorch nn.Sequential, so state_dict keys
+("0.weight", "3.bias", ...) line up with a PyTorch model built the same way.
+"""
+import numpy as np
+
+from ddl import nn
+
+
+def _seed_cnn(rng):
+    # 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4: 20 * 4 * 4 = 320 features
+    return nn.Sequential(
+        nn.Conv2d(1, 10, 5, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(10, 20, 5, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(320, 120, rng=rng), nn.ReLU(), nn.Linear(120, 10, rng=rng))
+
+
+def _ref_cnn(rng):
+    # 28 -conv3-> 26 -pool-> 13 -conv3-> 11 -pool-> 5: 64 * 5 * 5 = 1600 features
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(1600, 128, rng=rng), nn.ReLU(), nn.Linear(128, 10, rng=rng))
+
+
+def _mlp(rng):
+    """Tiny and fast: for tests of the machinery rather than of learning."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128, rng=rng), nn.ReLU(),
+                         nn.Linear(128, 10, rng=rng))
+
+
+_BUILDERS = {"seed-cnn": _seed_cnn, "ref-cnn": _ref_cnn, "mlp": _mlp}
+MODELS = tuple(_BUILDERS)
+DEFAULT_MODEL = "seed-cnn"
+
+
+def build(name, seed=0):
+    """A freshly initialised model; the same (name, seed) gives the same weights."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return _BUILDERS[name](np.random.default_rng(seed))

@@ -1,0 +1,101 @@
+"""Named models: shapes, sizes, PyTorch-compatible keys, seeding, and an end-to-end learning check."""
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddl import models, nn
+from ddl.optim import SGD
+
+CNNS = ["seed-cnn", "ref-cnn"]
+KEYS = ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias", "9.weight", "9.bias"]
+
+
+def test_names():
+    assert set(models.MODELS) == {"seed-cnn", "ref-cnn", "mlp"}
+    assert models.DEFAULT_MODEL == "seed-cnn"
+    with pytest.raises(ValueError, match="seed-cnn, ref-cnn, mlp"):
+        models.build("resnet50")
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_output_and_input_gradient_shapes(name):
+    model = models.build(name)
+    x = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
+    logits = model.forward(x)
+    assert logits.shape == (3, 10) and logits.dtype == np.float32
+    assert (logits < 0).any()  # raw logits: no ReLU at the end
+    assert isinstance(model[-1], nn.Linear)
+    assert model.backward(np.ones_like(logits)).shape == x.shape
+
+
+@pytest.mark.parametrize("name,count", [
+    # conv 1->10 k5, conv 10->20 k5, linear 320->120, linear 120->10 (weights + biases)
+    ("seed-cnn", (10 * 25 + 10) + (20 * 10 * 25 + 20) + (320 * 120 + 120) + (120 * 10 + 10)),
+    ("ref-cnn", 225_034),
+    ("mlp", (784 * 128 + 128) + (128 * 10 + 10)),
+])
+def test_parameter_count(name, count):
+    assert sum(p.data.size for p in models.build(name).parameters()) == count
+
+
+@pytest.mark.parametrize("name,shapes", [
+    ("seed-cnn", [(10, 1, 5, 5), (10,), (20, 10, 5, 5), (20,), (120, 320), (120,), (10, 120), (10,)]),
+    ("ref-cnn", [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 1600), (128,), (10, 128), (10,)]),
+])
+def test_state_dict_keys_follow_pytorch(name, shapes):
+    sd = models.build(name).state_dict()
+    assert list(sd) == KEYS
+    assert [v.shape for v in sd.values()] == shapes
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_seeding(name):
+    a, b, c = (models.build(name, seed=s).state_dict() for s in (3, 3, 4))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+        if k.endswith("weight"):
+            assert not np.array_equal(a[k], c[k]), k
+
+
+# --- end to end: does seed-cnn really learn MNIST? ----------------------------------------------
+
+MNIST = Path(os.environ.get("DDL_MNIST_RAW", Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+
+
+def read_idx(name, offset):
+    """Raw IDX gzip: a big-endian header (16 bytes for images, 8 for labels), then uint8s."""
+    with gzip.open(MNIST / name) as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def mnist(split, n):
+    """The first n images (n, 1, 28, 28) float32, normalised with MNIST's mean and std; labels (n,)."""
+    images = read_idx(f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)[:n]
+    labels = read_idx(f"{split}-labels-idx1-ubyte.gz", 8)[:n].astype(np.int64)
+    return ((images / 255.0 - 0.1307) / 0.3081).astype(np.float32), labels
+
+
+@pytest.mark.skipif(not (MNIST / "t10k-labels-idx1-ubyte.gz").exists(),
+                    reason=f"raw MNIST not found in {MNIST} (set DDL_MNIST_RAW)")
+def test_seed_cnn_learns_mnist():
+    x, y = mnist("train", 6000)
+    x_test, y_test = mnist("t10k", 1000)
+    model = models.build("seed-cnn", seed=0)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(300):
+        batch = rng.integers(0, len(x), size=64)
+        model.zero_grad()
+        losses.append(loss_fn.forward(model.forward(x[batch]), y[batch]))
+        model.backward(loss_fn.backward())
+        model.step(opt)
+    initial, final = np.mean(losses[:10]), np.mean(losses[-50:])
+    assert initial > 2.0  # near log(10): the model starts out guessing
+    assert final < 0.5 * initial, (initial, final)
+    accuracy = np.mean(model.eval().forward(x_test).argmax(axis=1) == y_test)
+    assert accuracy > 0.9, accuracy
