@@ -39,7 +39,7 @@ class Optimizer:
         raise NotImplementedError
 
     def _update(self, p, state):
-        """Update `p.data` in place from `p.grad`; `state` is this parameter's dict, filled lazily."""
+        """Update `p.data` in place from `p.grad`; `state` is this parameter's dict (lazy)."""
         raise NotImplementedError
 
     def _grad(self, p):
@@ -60,7 +60,8 @@ class Optimizer:
             p.grad[...] = 0
 
     def state_dict(self):
-        """{"num_params": int, "hyper": {name: number or array}, "state": {position: {name: array or int}}}.
+        """{"num_params": int, "hyper": {name: number or array},
+            "state": {position: {name: array, or int for "step"}}}.
 
         Only numbers and array copies (Adam's betas become a 2-array), so it maps directly onto
         HDF5 attributes and datasets. Positions with no state yet (never stepped) are left out.
@@ -74,14 +75,14 @@ class Optimizer:
         }
 
     def load_state_dict(self, sd):
-        """Restore hyperparameters and state; positions may be ints or strings (HDF5 group names)."""
+        """Restore hyperparameters and state; positions may be ints or strings (HDF5 names)."""
         name = type(self).__name__
         if int(sd["num_params"]) != len(self.params):
             raise ValueError(f"{name}.load_state_dict: saved state is for {int(sd['num_params'])} "
                              f"parameters, this optimizer has {len(self.params)}")
         if set(sd["hyper"]) != set(self._hyper_names):
-            raise ValueError(f"{name}.load_state_dict: hyperparameters {sorted(sd['hyper'])} do not "
-                             f"match {sorted(self._hyper_names)}")
+            raise ValueError(f"{name}.load_state_dict: hyperparameters {sorted(sd['hyper'])} "
+                             f"do not match {sorted(self._hyper_names)}")
         old = {k: getattr(self, k) for k in self._hyper_names}
         for k, v in sd["hyper"].items():
             setattr(self, k, _like(old[k], v))
@@ -128,7 +129,8 @@ def _nonneg(**values):
 
 
 def _like(current, value):
-    """Cast a loaded hyperparameter (maybe a NumPy scalar or array from HDF5) to the current type."""
+    """Cast a loaded hyperparameter (maybe a NumPy scalar or array from HDF5) to the current
+    attribute's type."""
     if isinstance(current, tuple):
         return tuple(float(x) for x in value)
     return type(current)(value)
@@ -212,7 +214,8 @@ class RMSprop(Optimizer):
     """RMSprop, as torch.optim.RMSprop (eps added outside the square root).
 
     g = grad + weight_decay * p;   s = alpha * s + (1 - alpha) * g**2
-    centered: a = alpha * a + (1 - alpha) * g;  avg = sqrt(s - a**2) + eps;  else avg = sqrt(s) + eps
+    centered: a = alpha * a + (1 - alpha) * g;  avg = sqrt(s - a**2) + eps
+    otherwise: avg = sqrt(s) + eps
     momentum > 0: buf = momentum * buf + g / avg;  p -= lr * buf;   else p -= lr * g / avg
     """
 

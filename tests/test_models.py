@@ -1,4 +1,4 @@
-"""Named models: shapes, sizes, PyTorch-compatible keys, seeding, and an end-to-end learning check."""
+"""Named models: shapes, sizes, PyTorch-compatible keys, seeding, and an end-to-end check."""
 import gzip
 import os
 from pathlib import Path
@@ -42,8 +42,10 @@ def test_parameter_count(name, count):
 
 
 @pytest.mark.parametrize("name,shapes", [
-    ("seed-cnn", [(10, 1, 5, 5), (10,), (20, 10, 5, 5), (20,), (120, 320), (120,), (10, 120), (10,)]),
-    ("ref-cnn", [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 1600), (128,), (10, 128), (10,)]),
+    ("seed-cnn", [(10, 1, 5, 5), (10,), (20, 10, 5, 5), (20,),
+                  (120, 320), (120,), (10, 120), (10,)]),
+    ("ref-cnn", [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,),
+                 (128, 1600), (128,), (10, 128), (10,)]),
 ])
 def test_state_dict_keys_follow_pytorch(name, shapes):
     sd = models.build(name).state_dict()
@@ -62,7 +64,9 @@ def test_seeding(name):
 
 # --- end to end: does seed-cnn really learn MNIST? ----------------------------------------------
 
-MNIST = Path(os.environ.get("DDL_MNIST_RAW", Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+# shared/ beside the checkout (as for developers and CI), unless DDL_MNIST_RAW says otherwise.
+MNIST = Path(os.environ.get("DDL_MNIST_RAW",
+                            Path(__file__).resolve().parents[2] / "shared/data/mnist"))
 
 
 def read_idx(name, offset):
@@ -72,7 +76,7 @@ def read_idx(name, offset):
 
 
 def mnist(split, n):
-    """The first n images (n, 1, 28, 28) float32, normalised with MNIST's mean and std; labels (n,)."""
+    """First n images (n, 1, 28, 28) float32, normalised by MNIST's mean and std; labels (n,)."""
     images = read_idx(f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)[:n]
     labels = read_idx(f"{split}-labels-idx1-ubyte.gz", 8)[:n].astype(np.int64)
     return ((images / 255.0 - 0.1307) / 0.3081).astype(np.float32), labels

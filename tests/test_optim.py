@@ -311,7 +311,8 @@ def test_cosine_closed_form():
 
 
 def test_linear_warmup_multiplies_the_schedule():
-    got = lrs(LinearWarmup(StepLR(sgd(), step_size=4, gamma=0.1), warmup_steps=5, start_factor=0.2), 9)
+    step = StepLR(sgd(), step_size=4, gamma=0.1)
+    got = lrs(LinearWarmup(step, warmup_steps=5, start_factor=0.2), 9)
     factor = [0.2 + 0.8 * min(t, 5) / 5 for t in range(9)]
     np.testing.assert_allclose(got, [0.5 * 0.1 ** (t // 4) * f for t, f in enumerate(factor)])
 
@@ -334,7 +335,8 @@ def test_schedule_state_round_trip(make):
 
 def test_make_schedule_per_iteration():
     total = 2 * 5
-    assert lrs(make_schedule("constant", sgd(), epochs=2, steps_per_epoch=5), total) == [0.5] * total
+    constant = make_schedule("constant", sgd(), epochs=2, steps_per_epoch=5)
+    assert lrs(constant, total) == [0.5] * total
     # ceil(10 / 3) = 4 iterations per phase: three phases within the run
     assert lrs(make_schedule("step", sgd(), 2, 5), total) == pytest.approx(
         [0.5] * 4 + [0.05] * 4 + [0.005] * 2)
