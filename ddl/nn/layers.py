@@ -1,0 +1,257 @@
+"""The layers: PyTorch's shapes, defaults and state_dict names, NCHW at every boundary.
+
+Each layer caches in `forward` what its `backward` needs, so backward must follow the matching
+forward. `backward` adds parameter gradients into `p.grad` in place (never rebinding it) and
+returns the gradient of the input.
+"""
+import math
+
+import numpy as np
+
+from ddl.nn import functional as F
+from ddl.nn.module import Module, Parameter
+
+
+def _uniform(rng, bound, shape):
+    # Drawn in float64 and cast, so a seed gives the same weights whatever dtype is used later.
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+class Linear(Module):
+    """y = x @ weight.T + bias; x (N, in_features) -> y (N, out_features).
+
+    rng: np.random.Generator (or int seed; None -> fresh) drawing weight, then bias.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, rng=None):
+        super().__init__()
+        rng = np.random.default_rng(rng)
+        self.in_features, self.out_features = in_features, out_features
+        # PyTorch's default init (kaiming_uniform with a=sqrt(5)) reduces to U(+-1/sqrt(fan_in)).
+        bound = 1 / math.sqrt(in_features)
+        self.weight = Parameter(_uniform(rng, bound, (out_features, in_features)))
+        self.bias = Parameter(_uniform(rng, bound, (out_features,))) if bias else None
+
+    def forward(self, x):
+        self._x = x
+        y = x @ self.weight.data.T
+        if self.bias is not None:
+            y += self.bias.data
+        return y
+
+    def backward(self, grad_y):
+        self.weight.grad += grad_y.T @ self._x
+        if self.bias is not None:
+            self.bias.grad += grad_y.sum(axis=0)
+        return grad_y @ self.weight.data
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class Conv2d(Module):
+    """2-D cross-correlation: x (N, C, H, W) -> (N, out_channels, OH, OW) via im2col + one GEMM.
+
+    kernel_size, stride, padding: int or (h, w). rng as for Linear. The output is an NCHW view
+    of (C, N, H, W) memory (see functional.py); NumPy treats it like any other array.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 rng=None):
+        super().__init__()
+        rng = np.random.default_rng(rng)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (F.pair(kernel_size), F.pair(stride),
+                                                       F.pair(padding))
+        kh, kw = self.kernel_size
+        bound = 1 / math.sqrt(in_channels * kh * kw)
+        self.weight = Parameter(_uniform(rng, bound, (out_channels, in_channels, kh, kw)))
+        self.bias = Parameter(_uniform(rng, bound, (out_channels,))) if bias else None
+
+    def forward(self, x):
+        self._x_shape = x.shape
+        b = None if self.bias is None else self.bias.data
+        y, self._cols = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
+        return y
+
+    def backward(self, grad_y):
+        gx, gw, gb = F.conv2d_backward(grad_y, self._cols, self.weight.data, self._x_shape,
+                                       self.stride, self.padding)
+        self.weight.grad += gw
+        if self.bias is not None:
+            self.bias.grad += gb
+        return gx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+
+class _Pool2d(Module):
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size = F.pair(kernel_size)
+        self.stride = self.kernel_size if stride is None else F.pair(stride)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max over each window: (N, C, H, W) -> (N, C, OH, OW); gradient to the first maximum only."""
+
+    def forward(self, x):
+        self._x_shape = x.shape
+        y, self._arg = F.maxpool2d_forward(x, self.kernel_size, self.stride)
+        return y
+
+    def backward(self, grad_y):
+        return F.maxpool2d_backward(grad_y, self._arg, self._x_shape, self.kernel_size,
+                                    self.stride)
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over each window: (N, C, H, W) -> (N, C, OH, OW)."""
+
+    def forward(self, x):
+        self._x_shape = x.shape
+        return F.avgpool2d_forward(x, self.kernel_size, self.stride)
+
+    def backward(self, grad_y):
+        return F.avgpool2d_backward(grad_y, self._x_shape, self.kernel_size, self.stride)
+
+
+class ReLU(Module):
+    def forward(self, x):
+        self._mask = x > 0
+        return np.maximum(x, 0)
+
+    def backward(self, grad_y):
+        return grad_y * self._mask
+
+
+class LeakyReLU(Module):
+    def __init__(self, negative_slope=0.01):
+        super().__init__()
+        self.negative_slope = negative_slope
+
+    def forward(self, x):
+        # The slope as an array of x's dtype, so float32 stays float32 under NumPy 2 promotion.
+        self._slope = np.where(x > 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
+        return x * self._slope
+
+    def backward(self, grad_y):
+        return grad_y * self._slope
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
+
+
+class Tanh(Module):
+    def forward(self, x):
+        self._y = np.tanh(x)
+        return self._y
+
+    def backward(self, grad_y):
+        return grad_y * (1 - self._y * self._y)
+
+
+class Sigmoid(Module):
+    def forward(self, x):
+        # Via tanh: no overflow warning from exp(-x) for very negative x.
+        self._y = 0.5 * (1 + np.tanh(0.5 * x))
+        return self._y
+
+    def backward(self, grad_y):
+        return grad_y * self._y * (1 - self._y)
+
+
+class Flatten(Module):
+    """(N, ...) -> (N, prod(...))."""
+
+    def forward(self, x):
+        self._x_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_y):
+        return grad_y.reshape(self._x_shape)
+
+
+class Dropout(Module):
+    """Inverted dropout: in training zero each element with probability p and scale the rest by
+    1/(1-p), so evaluation is the identity. `self.rng` is kept (checkpoints save its state)."""
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+        self.rng = np.random.default_rng(rng)  # a Generator passes through unchanged
+        self._mask = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            self._mask = None
+            return x
+        # float32 uniforms whatever x's dtype: half the cost, and the mask does not depend on dtype.
+        keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
+        scale = 0.0 if self.p == 1 else 1 / (1 - self.p)
+        self._mask = keep * x.dtype.type(scale)
+        return x * self._mask
+
+    def backward(self, grad_y):
+        return grad_y if self._mask is None else grad_y * self._mask
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class BatchNorm2d(Module):
+    """Per-channel normalisation of (N, C, H, W).
+
+    Training: statistics of the current batch over (N, H, W); running stats are updated
+    (running_var with the unbiased variance, as PyTorch) but never used. Eval: running stats only.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = Parameter(np.ones(num_features))
+        self.bias = Parameter(np.zeros(num_features))
+        self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
+        self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
+        self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+
+    def forward(self, x):
+        self._batch_stats = self.training
+        if self.training:
+            mean = x.mean(axis=(0, 2, 3))
+            var = x.var(axis=(0, 2, 3))
+            n = x.size // x.shape[1]
+            m = self.momentum
+            # In place: buffers may be views the data-parallel wrapper keeps in sync.
+            self.running_mean *= 1 - m
+            self.running_mean += m * mean
+            self.running_var *= 1 - m
+            self.running_var += m * var * (n / max(n - 1, 1))
+            self.num_batches_tracked += 1
+        else:
+            mean, var = self.running_mean, self.running_var
+        self._inv_std = (1 / np.sqrt(var + self.eps)).astype(x.dtype)
+        self._xhat = (x - mean[:, None, None]) * self._inv_std[:, None, None]
+        return self._xhat * self.weight.data[:, None, None] + self.bias.data[:, None, None]
+
+    def backward(self, grad_y):
+        xhat, inv_std = self._xhat, self._inv_std
+        self.weight.grad += (grad_y * xhat).sum(axis=(0, 2, 3))
+        self.bias.grad += grad_y.sum(axis=(0, 2, 3))
+        g = grad_y * (self.weight.data * inv_std)[:, None, None]
+        if not self._batch_stats:  # running stats are constants
+            return g
+        # Batch statistics depend on every input: remove the gradient's mean and its projection
+        # onto xhat, per channel.
+        return g - g.mean(axis=(0, 2, 3), keepdims=True) - xhat * (
+            (g * xhat).mean(axis=(0, 2, 3), keepdims=True))
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
