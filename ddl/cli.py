@@ -1,0 +1,195 @@
+"""The `ddl` command: train, launch, prepare, evaluate, predict.
+
+Errors a user can fix print one line (once, from rank 0) and exit non-zero on every rank. Any
+other exception in a multi-rank job prints its traceback from the rank that raised it and aborts
+the whole job, so no rank is left waiting in a collective.
+"""
+import sys
+import traceback
+
+import click
+import numpy as np
+
+from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
+
+OK_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
+DATA = click.option("--data", default="data/mnist.h5", show_default=True,
+                    help="HDF5 file written by `ddl prepare`.")
+
+
+def _job(comm, fn):
+    """Run `fn()` on every rank of `comm`, turning failures into exit codes (see module doc)."""
+    from ddl.train import UsageError
+    try:
+        return fn()
+    except UsageError as e:                 # raised on every rank together: a clean exit
+        if comm.rank == 0:
+            click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if comm.size > 1:
+            comm.abort(130)
+        sys.exit(130)
+    except Exception as e:
+        where = f"rank {comm.rank}: " if comm.size > 1 else ""
+        if not isinstance(e, OK_ERRORS):
+            traceback.print_exc()
+        click.echo(f"Error: {where}{type(e).__name__}: {e}", err=True)
+        if comm.size > 1:
+            comm.abort(1)
+        sys.exit(1)
+
+
+def _threads(n):
+    """One BLAS thread per rank in a multi-rank job unless told otherwise."""
+    from threadpoolctl import threadpool_limits
+    if n or launched_size() > 1:
+        threadpool_limits(n or 1)
+
+
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.version_option(package_name="ddl")
+def cli():
+    """ddl: data-parallel training of NumPy CNNs over MPI.
+
+    \b
+    mpirun -n 4 ddl train       data-parallel training on 4 ranks
+    ddl launch -n 4 -- train    the same, finding the project's mpiexec for you
+    ddl train                   one process, no MPI (debug mode)
+    """
+
+
+@cli.command()
+@click.option("--model", default="seed-cnn", show_default=True, help="seed-cnn or ref-cnn.")
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Global batch, split evenly across ranks.")
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--optimizer", default="sgd", show_default=True, help="sgd, adam or rmsprop.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", default="cosine", show_default=True, help="constant, step or cosine.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@DATA
+@click.option("--subset", type=int, default=0, help="Train on the first N images only.")
+@click.option("--checkpoint", default="", help="Write a checkpoint here after every epoch.")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
+@click.option("--metrics", default="", help="Write per-epoch metrics here (JSON lines).")
+@click.option("--plot", default="", help="Write loss and accuracy curves here (PNG).")
+@click.option("--threads", type=int, default=0, help="BLAS threads per rank (0: auto).")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--debug", is_flag=True, help="Name the first layer and step giving NaN or inf.")
+def train(threads, **options):
+    """Train a model; under mpirun, one replica per rank."""
+    from ddl.train import Config, check_options, run
+    cfg = Config(**options)
+    problem = check_options(cfg, launched_size())
+    if problem:
+        raise click.UsageError(problem)
+    _threads(threads)
+    comm = world()
+    _job(comm, lambda: run(cfg, comm))
+
+
+@cli.command(context_settings=dict(ignore_unknown_options=True, allow_interspersed_args=False))
+@click.option("-n", "--np", "nprocs", type=click.IntRange(min=1), required=True,
+              help="Number of ranks.")
+@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False),
+              help="Hosts to spread the ranks over (mpiexec's hostfile format).")
+@click.option("--mpiexec", default=None, help="The mpiexec to use (default: the project's).")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
+def launch(nprocs, hostfile, mpiexec, args):
+    """Run `ddl ARGS...` on N ranks through mpiexec, e.g. `ddl launch -n 4 -- train`."""
+    from ddl.launch import LaunchError, launch as run_launch
+    try:
+        sys.exit(run_launch(nprocs, args, mpiexec, hostfile))
+    except LaunchError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command()
+@click.option("--raw", default="../shared/data/mnist", show_default=True,
+              help="Folder with the four IDX gzip files.")
+@click.option("--out", default="data/mnist.h5", show_default=True, help="HDF5 file to write.")
+@click.option("--dataset", default="mnist", show_default=True,
+              help="mnist or fashion-mnist (checksums and mirrors); any name with --no-verify.")
+@click.option("--no-verify", is_flag=True, help="Accept files whose MD5 is not the canonical one.")
+@click.option("--download", is_flag=True, help="Fetch missing files from the public mirrors.")
+def prepare(raw, out, dataset, no_verify, download):
+    """Convert the raw MNIST IDX files into the HDF5 file that training reads."""
+    from ddl.prepare import PrepareError, prepare_dataset
+    try:
+        prepare_dataset(raw, out, dataset=dataset, verify=not no_verify, download=download,
+                        log=click.echo)
+    except PrepareError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
+@DATA
+def evaluate(checkpoint, data):
+    """Test loss and accuracy of a checkpoint (also under mpirun)."""
+    from ddl.data import DataError, H5Dataset
+    from ddl.train import UsageError, eval_loader, evaluate as run_eval, restore
+    _threads(0)
+    comm = world()
+
+    def job():
+        try:
+            test = H5Dataset(data, "test")
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        model, _ = restore(checkpoint, comm)
+        loss, accuracy = run_eval(model, eval_loader(test, comm), comm)
+        if comm.rank == 0:
+            click.echo(f"test loss {loss:.4f}, accuracy {100 * accuracy:.2f}% "
+                       f"({test.n:,} images, {comm.size} rank(s))")
+    _job(comm, job)
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
+@DATA
+@click.option("--index", type=int, default=0, show_default=True, help="Test image to classify.")
+@click.option("--out", default="", help="Write the digit and its class probabilities here (PNG).")
+def predict(checkpoint, data, index, out):
+    """Classify one test image and show the class probabilities."""
+    from ddl.data import DataError, H5Dataset
+    from ddl.train import UsageError, restore
+
+    def job():
+        try:
+            test = H5Dataset(data, "test")
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        if not 0 <= index < test.n:
+            raise UsageError(f"--index {index} is outside the {test.n} test images")
+        model, _ = restore(checkpoint, SingleCommunicator())
+        x, y = test.read(np.array([index]))
+        logits = model.eval()(x)[0].astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        click.echo(f"test image {index}: predicted {probs.argmax()} "
+                   f"(label {y[0]}, p={probs.max():.4f})")
+        click.echo("  " + "  ".join(f"{d}:{p:.3f}" for d, p in enumerate(probs)))
+        if out:
+            from ddl.plots import prediction
+            prediction(test.read_raw(np.array([index]))[0][0, 0], probs, int(y[0]), out)
+            click.echo(f"wrote {out}")
+    _job(SingleCommunicator(), job)
+
+
+def main(argv=None):
+    """Entry point: click's errors print one line, once (rank 0), however many ranks parsed the
+    options."""
+    try:
+        code = cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        code = 130
+    except click.ClickException as e:
+        if launched_rank() == 0:
+            click.echo(f"Error: {e.format_message()}", err=True)
+        code = e.exit_code
+    sys.exit(code or 0)
+

@@ -1,0 +1,115 @@
+"""Communicators named after MPI's verbs: one over mpi4py's COMM_WORLD, one single-process stand-in.
+
+The training loop is written once against this interface; plain `ddl train` gets the stand-in and
+never initialises MPI. Array verbs work in place on contiguous NumPy buffers; the `_obj` verbs pickle.
+"""
+import os
+import sys
+
+# Launchers export one of these to every rank; their presence (with a size > 1) is the only signal
+# we need, so a plain `ddl train` never pays for MPI_Init.
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _from_env(names, default):
+    for var in names:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return default
+
+
+def launched_size():
+    """World size announced by the launcher's environment (1 when not launched)."""
+    return _from_env(_SIZE_VARS, 1)
+
+
+def launched_rank():
+    """This process's rank as the launcher announced it (0 when not launched); lets a usage
+    error print once, before MPI is even initialised."""
+    return _from_env(_RANK_VARS, 0)
+
+
+class SingleCommunicator:
+    """A world of one: every collective is the identity, so debug mode costs nothing."""
+
+    rank, size = 0, 1
+
+    def allreduce(self, buf, op="sum"):
+        return buf
+
+    def iallreduce(self, buf, op="sum"):
+        return _Done()
+
+    def bcast(self, buf, root=0):
+        return buf
+
+    def barrier(self):
+        pass
+
+    def allreduce_obj(self, obj, op="sum"):
+        return obj
+
+    def bcast_obj(self, obj, root=0):
+        return obj
+
+    def allgather_obj(self, obj):
+        return [obj]
+
+    def abort(self, code=1):
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class _Done:
+    def wait(self):
+        pass
+
+
+class MPICommunicator:
+    """COMM_WORLD through mpi4py; array verbs use the buffer interface (no pickling)."""
+
+    def __init__(self):
+        import mpi4py
+        # Only the main thread calls MPI (the loader's thread reads HDF5), and a lower thread
+        # level keeps MPICH on its fast path.
+        mpi4py.rc.thread_level = "funneled"
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+    def allreduce(self, buf, op="sum"):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+        return buf
+
+    def iallreduce(self, buf, op="sum"):
+        """Start an in-place all-reduce; call `.wait()` on the result before reading `buf`."""
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+
+    def bcast(self, buf, root=0):
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def allreduce_obj(self, obj, op="sum"):
+        return self.comm.allreduce(obj, op=self._ops[op])
+
+    def bcast_obj(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_obj(self, obj):
+        return self.comm.allgather(obj)
+
+    def abort(self, code=1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def world():
+    """The communicator for this process: MPI when a launcher started several ranks."""
+    return MPICommunicator() if launched_size() > 1 else SingleCommunicator()

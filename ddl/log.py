@@ -1,0 +1,44 @@
+"""What rank 0 shows: one progress bar per epoch, one summary line per epoch, and the metrics file.
+
+Every rank builds the same Log; only an enabled one (rank 0, not --quiet) prints, so the training
+loop never asks "am I rank 0?" around a print.
+"""
+import json
+import sys
+import time
+
+
+class Log:
+    def __init__(self, enabled, metrics_path=None, stream=sys.stderr, every=0.5):
+        self.enabled, self.metrics_path, self.stream, self.every = enabled, metrics_path, stream, every
+        self._last = 0.0
+
+    def info(self, text):
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def progress(self, epoch, epochs, step, steps, loss, images_per_second):
+        """A throttled in-place bar: `step` of `steps` done, the last local loss, throughput."""
+        now = time.perf_counter()
+        if not self.enabled or (step < steps and now - self._last < self.every):
+            return
+        self._last = now
+        width = 24
+        filled = width * step // steps
+        bar = "#" * filled + "." * (width - filled)
+        end = "\n" if step == steps else ""
+        print(f"\repoch {epoch}/{epochs} [{bar}] {step}/{steps} loss {loss:.4f} "
+              f"{images_per_second:,.0f} img/s", end=end, file=self.stream, flush=True)
+
+    def epoch(self, record, epochs):
+        self.info(f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}, "
+                  f"test loss {record['test_loss']:.4f}, test accuracy "
+                  f"{100 * record['test_accuracy']:.2f}%, {record['seconds']:.1f} s, "
+                  f"{record['images_per_second']:,.0f} img/s on {record['world_size']} rank(s)")
+
+    def metrics(self, history):
+        """Rewrite the JSON-lines file from the whole history (one object per epoch), so a resumed
+        run's file matches its checkpoint whatever happened between the two writes."""
+        if self.metrics_path:
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(record) + "\n" for record in history)

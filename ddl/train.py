@@ -1,0 +1,246 @@
+"""The training loop, top to bottom: check, set up, (resume), epochs, evaluation, checkpoints.
+
+Every rank runs this same code. The distributed part is set up once (the communicator, the
+replicas' flat gradient buffer, the sampler's shard); from then on a world of one and a world of
+N differ only inside those objects.
+"""
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from ddl import checkpoint
+from ddl.comm import SingleCommunicator
+from ddl.data import DataError, DistributedSampler, H5Dataset, Loader
+from ddl.models import MODELS, build
+from ddl.nn import CrossEntropyLoss, Dropout
+from ddl.log import Log
+from ddl.optim import make_optimizer, make_schedule
+from ddl.parallel import Replicas
+
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine")
+EVAL_BATCH = 1000   # per rank; evaluation has no gradients, so bigger batches only save overhead
+
+
+class UsageError(ValueError):
+    """A bad option or input, found before training starts, identically on every rank."""
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = "seed-cnn"
+    epochs: int = 8
+    batch_size: int = 128          # global: split evenly across the ranks
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    data: str = "data/mnist.h5"
+    subset: int = 0                # train on the first `subset` training images (0: all)
+    checkpoint: str = ""
+    resume: bool = False
+    metrics: str = ""
+    plot: str = ""
+    quiet: bool = False
+    debug: bool = False
+
+
+def check_options(cfg, world_size):
+    """Problems visible from the options alone (same answer on every rank, no I/O)."""
+    if cfg.model not in MODELS:
+        return f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})"
+    if cfg.epochs < 1:
+        return f"--epochs must be at least 1, got {cfg.epochs}"
+    if cfg.batch_size < 1:
+        return f"--batch-size must be at least 1, got {cfg.batch_size}"
+    if cfg.batch_size % world_size:
+        return (f"--batch-size {cfg.batch_size} (the global batch) does not divide by the "
+                f"{world_size} ranks")
+    if cfg.lr <= 0:
+        return f"--lr must be positive, got {cfg.lr}"
+    if cfg.optimizer not in OPTIMIZERS:
+        return f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
+    if cfg.schedule not in SCHEDULES:
+        return f"unknown schedule {cfg.schedule!r} (choose from {', '.join(SCHEDULES)})"
+    if cfg.subset < 0:
+        return f"--subset must be 0 (all) or positive, got {cfg.subset}"
+    if cfg.resume and not cfg.checkpoint:
+        return "--resume needs --checkpoint PATH"
+    return None
+
+
+def _check_writable(path, what):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{what} {path}: folder {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{what} {path}: not writable"
+    return None
+
+
+def open_data(cfg, world_size):
+    """Open both splits and check what needs the files; raises UsageError."""
+    try:
+        train, test = H5Dataset(cfg.data, "train"), H5Dataset(cfg.data, "test")
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    n = min(cfg.subset or train.n, train.n)
+    if cfg.batch_size > n:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
+    return train, test, n
+
+
+def evaluate(model, loader, comm):
+    """Exact test loss and accuracy over every rank's part: sums are all-reduced, not means."""
+    model.eval()
+    criterion = CrossEntropyLoss(reduction="sum")
+    totals = np.zeros(3)                       # loss sum, correct, count
+    for x, y in loader:
+        logits = model(x)
+        totals += (criterion(logits, y), np.count_nonzero(logits.argmax(1) == y), len(y))
+    comm.allreduce(totals)
+    model.train()
+    return totals[0] / totals[2], totals[1] / totals[2]
+
+
+def restore(path, comm):
+    """The model saved in checkpoint `path` (rank 0 reads it, every rank gets it) and the tree."""
+    state = None
+    if comm.rank == 0:
+        try:
+            state = checkpoint.load(path)
+        except checkpoint.CheckpointError as e:
+            state = str(e)
+    state = comm.bcast_obj(state)
+    if isinstance(state, str):                 # every rank raises together: nobody waits
+        raise UsageError(state)
+    model = build(state["config"]["model"])
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def eval_loader(dataset, comm):
+    sampler = DistributedSampler(dataset.n, comm.size, comm.rank, EVAL_BATCH * comm.size,
+                                 shuffle=False, drop_last=False)
+    return Loader(dataset, sampler)
+
+
+def _checked(model, step, direction, x):
+    """--debug: run layer by layer and name the first layer whose output is not finite."""
+    layers = list(enumerate(model))
+    for i, layer in (reversed(layers) if direction == "backward" else layers):
+        x = getattr(layer, direction)(x)
+        if not np.isfinite(x).all():
+            raise FloatingPointError(f"step {step}: {direction} of layer {i} ({layer!r}) produced "
+                                     f"{'NaN' if np.isnan(x).any() else 'inf'}")
+        for name, p in layer.named_parameters():
+            if direction == "backward" and not np.isfinite(p.grad).all():
+                raise FloatingPointError(f"step {step}: gradient of layer {i} ({layer!r}) "
+                                         f"parameter {name} is not finite")
+    return x
+
+
+def seed_dropout(model, seed, epoch, rank):
+    """Dropout masks from (seed, epoch, rank, layer): different on every rank, reproducible on
+    resume with no generator state to save."""
+    for i, m in enumerate(model.modules()):
+        if isinstance(m, Dropout):
+            m.rng = np.random.default_rng((seed, epoch, rank, i))
+
+
+def run(cfg, comm=None, on_epoch_end=None):
+    """Train with `cfg` on every rank of `comm`; returns (history, model), history holding one
+    dict per epoch. `on_epoch_end(epoch, model)` runs after each epoch's checkpoint."""
+    comm = comm or SingleCommunicator()
+    rank0 = comm.rank == 0
+    log = Log(rank0 and not cfg.quiet, cfg.metrics if rank0 else None)
+
+    # --- checks that need files, gathered so that every rank stops together or none does
+    problem, data = None, None
+    try:
+        data = open_data(cfg, comm.size)
+        if rank0:
+            for path, what in ((cfg.checkpoint, "checkpoint"), (cfg.metrics, "metrics file"),
+                               (cfg.plot, "plot")):
+                problem = problem or (path and _check_writable(path, what)) or None
+            state = checkpoint.load(cfg.checkpoint) if cfg.resume else None
+            if state and state["config"]["model"] != cfg.model:
+                problem = (f"checkpoint {cfg.checkpoint} holds a {state['config']['model']} model,"
+                           f" not {cfg.model}")
+    except (UsageError, checkpoint.CheckpointError) as e:
+        problem = str(e)
+    problems = [(r, p) for r, p in enumerate(comm.allgather_obj(problem)) if p]
+    if problems:
+        r, p = problems[0]
+        raise UsageError(p if comm.size == 1 else f"rank {r}: {p}")
+    train_set, test_set, n_train = data
+
+    # --- set up: the same model, optimizer and schedule on every rank
+    sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
+    loader, test_loader = Loader(train_set, sampler), eval_loader(test_set, comm)
+    model = build(cfg.model, seed=cfg.seed)
+    replicas = Replicas(model, comm)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
+                               cfg.weight_decay)
+    schedule = make_schedule(cfg.schedule, optimizer, cfg.epochs, len(loader))
+    criterion = CrossEntropyLoss()
+    start, history = 0, []
+    if cfg.resume:
+        state = comm.bcast_obj(state if rank0 else None)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, history = int(state["epoch"]), list(state["history"])
+        log.info(f"resuming {cfg.checkpoint} after epoch {start}")
+    log.info(f"{cfg.model}: {replicas.data.size:,} parameters on {comm.size} rank(s); global batch "
+             f"{cfg.batch_size} = {cfg.batch_size // comm.size} per rank; {len(loader)} steps per "
+             f"epoch over {n_train:,} images; {cfg.optimizer} lr {cfg.lr}, {cfg.schedule} schedule")
+
+    # --- epochs
+    for epoch in range(start, cfg.epochs):
+        loader.set_epoch(epoch)
+        seed_dropout(model, cfg.seed, epoch, comm.rank)
+        model.train()
+        loss_sum, started = 0.0, time.perf_counter()
+        for step, (x, y) in enumerate(loader, 1):
+            replicas.zero_grad()
+            if cfg.debug:
+                logits = _checked(model, step, "forward", x)
+                loss = criterion(logits, y)
+                _checked(model, step, "backward", criterion.backward())
+            else:
+                loss = criterion(model(x), y)
+                model.backward(criterion.backward())
+            replicas.allreduce_grads()
+            model.step(optimizer)
+            schedule.step()
+            loss_sum += loss
+            elapsed = time.perf_counter() - started
+            log.progress(epoch + 1, cfg.epochs, step, len(loader), loss,
+                         step * cfg.batch_size / elapsed)
+        seconds = time.perf_counter() - started
+        replicas.average_buffers()
+        replicas.check()
+        test_loss, test_accuracy = evaluate(model, test_loader, comm)
+        history.append(dict(
+            epoch=epoch + 1, train_loss=comm.allreduce_obj(loss_sum) / (len(loader) * comm.size),
+            test_loss=float(test_loss), test_accuracy=float(test_accuracy),
+            images_per_second=len(loader) * cfg.batch_size / seconds, seconds=seconds,
+            world_size=comm.size, lr=float(optimizer.lr)))
+        log.epoch(history[-1], cfg.epochs)
+        log.metrics(history)
+        if rank0 and cfg.checkpoint:
+            checkpoint.save(cfg.checkpoint, dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(),
+                schedule=schedule.state_dict(), epoch=epoch + 1, history=history,
+                config=dataclasses.asdict(cfg), world_size=comm.size))
+        if on_epoch_end:
+            on_epoch_end(epoch + 1, model)
+    if rank0 and cfg.plot:
+        from ddl.plots import curves
+        curves(history, cfg.plot)
+    return history, model

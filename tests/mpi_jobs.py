@@ -1,0 +1,97 @@
+"""Jobs that the MPI tests run under `mpiexec -n N python tests/mpi_jobs.py JOB OUT [k=v ...]`.
+
+Each job writes what it saw into the folder OUT (one file per rank, or rank 0's summary); the
+assertions live in the pytest process, so a failure shows up as an ordinary test failure.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ddl.comm import world
+from ddl.train import Config, eval_loader, evaluate, restore, run
+
+
+def _config(pairs):
+    kinds = {f.name: f.type for f in Config.__dataclass_fields__.values()}
+    cast = {int: int, float: float, bool: lambda v: v == "1", str: str}
+    return Config(**{k: cast[kinds[k]](v) for k, v in (p.split("=", 1) for p in pairs)})
+
+
+def job_comm(comm, out, _):
+    x = np.full(5, comm.rank + 1, np.float32)
+    comm.allreduce(x)
+    y = np.full(3, comm.rank, np.float64)
+    comm.iallreduce(y, "max").wait()
+    z = np.arange(4.0) if comm.rank == 0 else np.zeros(4)
+    comm.bcast(z)
+    got = dict(allreduce=x.tolist(), imax=y.tolist(), bcast=z.tolist(),
+               obj=comm.allreduce_obj(comm.rank), gathered=comm.allgather_obj(comm.rank * 10),
+               bcast_obj=comm.bcast_obj({"from": comm.rank}), size=comm.size)
+    (out / f"rank{comm.rank}.json").write_text(json.dumps(got))
+
+
+def job_train(comm, out, pairs, stop_after=None):
+    (out / f"pid{comm.rank}").write_text(str(os.getpid()))
+
+    def stop(epoch, _model):
+        if epoch == stop_after:
+            sys.exit(0)
+    history, model = run(_config(pairs), comm, on_epoch_end=stop)
+    np.save(out / f"params{comm.rank}.npy", np.concatenate([p.data.ravel()
+                                                            for p in model.parameters()]))
+    if comm.rank == 0:
+        (out / "history.json").write_text(json.dumps(history))
+
+
+def job_interrupt(comm, out, pairs):
+    job_train(comm, out, pairs, stop_after=1)
+
+
+def job_evaluate(comm, out, pairs):
+    from ddl.data import H5Dataset
+    opts = dict(p.split("=", 1) for p in pairs)
+    model, _ = restore(opts["checkpoint"], comm)
+    loss, acc = evaluate(model, eval_loader(H5Dataset(opts["data"], "test"), comm), comm)
+    if comm.rank == 0:
+        (out / "eval.json").write_text(json.dumps(dict(loss=loss, accuracy=acc)))
+
+
+def job_diverge(comm, out, _):
+    from ddl.models import build
+    from ddl.parallel import ReplicaDivergence, Replicas
+    model = build("seed-cnn", seed=comm.rank)    # different seeds: the start broadcast fixes it
+    replicas = Replicas(model, comm)
+    replicas.check()
+    if comm.rank == 1:
+        model.parameters()[0].data.flat[0] += 1e-3
+    try:
+        replicas.check()
+        result = "no error"
+    except ReplicaDivergence as e:
+        result = str(e)
+    (out / f"rank{comm.rank}.txt").write_text(result)
+
+
+def job_fail(comm, out, pairs):
+    """Rank 1 raises in its third step; the CLI must abort the whole job."""
+    from ddl import cli, parallel
+    calls = []
+    original = parallel.Replicas.allreduce_grads
+
+    def flaky(self):
+        calls.append(1)
+        if comm.rank == 1 and len(calls) == 3:
+            raise ZeroDivisionError("injected failure on rank 1")
+        original(self)
+    parallel.Replicas.allreduce_grads = flaky
+    cli.main(["train", "--quiet", *pairs])
+
+
+if __name__ == "__main__":
+    name, folder, *rest = sys.argv[1:]
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    globals()[f"job_{name}"](world(), out, rest)

@@ -1,0 +1,107 @@
+"""The `ddl` command as a user meets it: errors, debug mode, launch, evaluate, predict."""
+import json
+
+import pytest
+
+from conftest import run_ddl
+from ddl.train import Config, run
+
+QUICK = ["--subset", "256", "--batch-size", "64", "--epochs", "1", "--quiet"]
+
+
+def one_line_error(done, *words, code=2):
+    assert done.returncode == code, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    (["--batch-size", "-5"], ["--batch-size"]),
+    (["--epochs", "0"], ["--epochs"]),
+    (["--epochs", "-1"], ["--epochs"]),
+    (["--epochs", "two"], ["--epochs", "two"]),
+    (["--model", "resnet"], ["unknown model", "seed-cnn"]),
+    (["--optimizer", "lbfgs"], ["unknown optimizer"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--subset", "100", "--batch-size", "128"], ["larger than the 100 training images"]),
+    (["--checkpoint", "/no/such/dir/c.h5"], ["checkpoint", "does not exist"]),
+    (["--metrics", "/no/such/dir/m.jsonl"], ["metrics", "does not exist"]),
+    (["--resume"], ["--resume needs --checkpoint"]),
+])
+def test_bad_options(args, words, mnist_h5, tmp_path):
+    done = run_ddl(["train", "--data", mnist_h5, *args], timeout=60)
+    one_line_error(done, *words)
+
+
+def test_missing_and_unreadable_data(tmp_path):
+    one_line_error(run_ddl(["train", "--data", tmp_path / "nope.h5"]), "nope.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    one_line_error(run_ddl(["train", "--data", junk]), "junk.h5")
+
+
+def test_resume_from_missing_checkpoint(mnist_h5, tmp_path):
+    done = run_ddl(["train", "--data", mnist_h5, "--checkpoint", tmp_path / "c.h5", "--resume"])
+    one_line_error(done, "c.h5", "not found")
+
+
+def test_batch_must_divide_by_world_size_on_every_rank(mnist_h5):
+    done = run_ddl(["train", "--data", mnist_h5, "--batch-size", "63"], n=2)
+    assert done.returncode == 2
+    assert done.stderr.count("does not divide by the 2 ranks") == 1, done.stderr
+
+
+def test_bad_data_under_mpi_stops_every_rank(tmp_path):
+    done = run_ddl(["train", "--data", tmp_path / "nope.h5"], n=2, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("nope.h5") == 1, done.stderr
+
+
+def test_debug_names_the_first_non_finite_layer(mnist_h5):
+    cfg = Config(data=str(mnist_h5), subset=256, batch_size=64, epochs=1, lr=1e12, momentum=0,
+                 schedule="constant", quiet=True, debug=True)
+    with pytest.raises(FloatingPointError, match=r"step \d+: (forward|backward) of layer \d+ \("):
+        run(cfg)
+
+
+def test_train_evaluate_predict(mnist_h5, tmp_path):
+    ckpt, metrics, curves, picture = (tmp_path / n for n in
+                                      ("c.h5", "m.jsonl", "curves.png", "digit.png"))
+    done = run_ddl(["train", "--data", mnist_h5, "--subset", "2048", "--batch-size", "64",
+                    "--epochs", "2", "--checkpoint", ckpt, "--metrics", metrics,
+                    "--plot", curves])
+    assert done.returncode == 0, done.stderr
+    assert "32 per rank" not in done.stderr and "64 per rank" in done.stderr
+    assert "epoch 2/2: train loss" in done.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "test_loss", "test_accuracy", "images_per_second", "seconds",
+                "world_size"):
+        assert key in records[0]
+    assert curves.read_bytes()[:4] == b"\x89PNG"
+
+    done = run_ddl(["evaluate", "--data", mnist_h5, "--checkpoint", ckpt])
+    assert done.returncode == 0, done.stderr
+    assert f"accuracy {100 * records[-1]['test_accuracy']:.2f}%" in done.stdout
+
+    done = run_ddl(["predict", "--data", mnist_h5, "--checkpoint", ckpt, "--index", "0",
+                    "--out", picture])
+    assert done.returncode == 0, done.stderr
+    assert "test image 0: predicted" in done.stdout and "(label 7," in done.stdout
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+    one_line_error(run_ddl(["predict", "--data", mnist_h5, "--checkpoint", ckpt,
+                            "--index", "10000"]), "--index 10000")
+
+
+def test_launch_runs_the_job_and_returns_its_code(mnist_h5, tmp_path):
+    done = run_ddl(["launch", "-n", "2", "--", "train", "--data", mnist_h5, *QUICK,
+                    "--metrics", tmp_path / "m.jsonl"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "m.jsonl").read_text())["world_size"] == 2
+    done = run_ddl(["launch", "-n", "2", "--", "train", "--data", mnist_h5, "--batch-size", "7"])
+    assert done.returncode == 2
+    one_line_error(run_ddl(["launch", "-n", "2", "--mpiexec", "/no/mpiexec", "--", "train"]),
+                   "/no/mpiexec", code=1)
