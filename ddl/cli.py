@@ -11,9 +11,12 @@ import click
 import numpy as np
 
 from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
+from ddl.train import Config
+
+RECIPE = Config()
 
 OK_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
-DATA = click.option("--data", default="data/mnist.h5", show_default=True,
+DATA = click.option("--data", default=RECIPE.data, show_default=True,
                     help="HDF5 file written by `ddl prepare`.")
 
 
@@ -60,16 +63,18 @@ def cli():
 
 
 @cli.command()
-@click.option("--model", default="seed-cnn", show_default=True, help="seed-cnn or ref-cnn.")
-@click.option("--epochs", type=int, default=8, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True,
+@click.option("--model", default=RECIPE.model, show_default=True, help="seed-cnn or ref-cnn.")
+@click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True,
               help="Global batch, split evenly across ranks.")
-@click.option("--lr", type=float, default=0.05, show_default=True)
-@click.option("--optimizer", default="sgd", show_default=True, help="sgd, adam or rmsprop.")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--schedule", default="cosine", show_default=True, help="constant, step or cosine.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=RECIPE.lr, show_default=True)
+@click.option("--optimizer", default=RECIPE.optimizer, show_default=True,
+              help="sgd, adam or rmsprop.")
+@click.option("--momentum", type=float, default=RECIPE.momentum, show_default=True)
+@click.option("--weight-decay", type=float, default=RECIPE.weight_decay, show_default=True)
+@click.option("--schedule", default=RECIPE.schedule, show_default=True,
+              help="constant, step or cosine.")
+@click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
 @DATA
 @click.option("--subset", type=int, default=0, help="Train on the first N images only.")
 @click.option("--checkpoint", default="", help="Write a checkpoint here after every epoch.")
@@ -81,7 +86,7 @@ def cli():
 @click.option("--debug", is_flag=True, help="Name the first layer and step giving NaN or inf.")
 def train(threads, **options):
     """Train a model; under mpirun, one replica per rank."""
-    from ddl.train import Config, check_options, run
+    from ddl.train import check_options, run
     cfg = Config(**options)
     problem = check_options(cfg, launched_size())
     if problem:
@@ -130,16 +135,12 @@ def prepare(raw, out, dataset, no_verify, download):
 @DATA
 def evaluate(checkpoint, data):
     """Test loss and accuracy of a checkpoint (also under mpirun)."""
-    from ddl.data import DataError, H5Dataset
-    from ddl.train import UsageError, eval_loader, evaluate as run_eval, restore
+    from ddl.train import agree, eval_loader, evaluate as run_eval, open_split, restore
     _threads(0)
     comm = world()
 
     def job():
-        try:
-            test = H5Dataset(data, "test")
-        except DataError as e:
-            raise UsageError(str(e)) from None
+        test = agree(comm, lambda: open_split(data, "test"))
         model, _ = restore(checkpoint, comm)
         loss, accuracy = run_eval(model, eval_loader(test, comm), comm)
         if comm.rank == 0:
@@ -155,14 +156,10 @@ def evaluate(checkpoint, data):
 @click.option("--out", default="", help="Write the digit and its class probabilities here (PNG).")
 def predict(checkpoint, data, index, out):
     """Classify one test image and show the class probabilities."""
-    from ddl.data import DataError, H5Dataset
-    from ddl.train import UsageError, restore
+    from ddl.train import UsageError, open_split, restore
 
     def job():
-        try:
-            test = H5Dataset(data, "test")
-        except DataError as e:
-            raise UsageError(str(e)) from None
+        test = open_split(data, "test")
         if not 0 <= index < test.n:
             raise UsageError(f"--index {index} is outside the {test.n} test images")
         model, _ = restore(checkpoint, SingleCommunicator())

@@ -39,6 +39,8 @@ def rank_env(base=None):
     """The ranks' environment: one BLAS thread each (NumPy's elementwise work is single-threaded
     anyway, and two single-threaded ranks beat one two-threaded process)."""
     env = dict(os.environ if base is None else base)
+    if sys.stderr.isatty():
+        env["DDL_TTY"] = "1"          # rank 0's stderr reaches a terminal through mpiexec's pipes
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")
     return env

@@ -4,14 +4,19 @@ Every rank builds the same Log; only an enabled one (rank 0, not --quiet) prints
 loop never asks "am I rank 0?" around a print.
 """
 import json
+import os
 import sys
 import time
 
 
 class Log:
-    def __init__(self, enabled, metrics_path=None, stream=sys.stderr, every=0.5):
-        self.enabled, self.metrics_path, self.stream, self.every = enabled, metrics_path, stream, every
-        self._last = 0.0
+    def __init__(self, enabled, metrics_path=None, stream=sys.stderr):
+        self.enabled, self.metrics_path, self.stream = enabled, metrics_path, stream
+        # A terminal gets a bar redrawn in place; a pipe or a file (mpirun's forwarding, CI logs)
+        # gets a plain line now and then. `ddl launch` tells its ranks when a terminal is behind it.
+        self.tty = stream.isatty() or os.environ.get("DDL_TTY") == "1"
+        self.every = 0.25 if self.tty else 10.0
+        self._last = time.perf_counter()
 
     def info(self, text):
         if self.enabled:
@@ -20,14 +25,14 @@ class Log:
     def progress(self, epoch, epochs, step, steps, loss, images_per_second):
         """A throttled in-place bar: `step` of `steps` done, the last local loss, throughput."""
         now = time.perf_counter()
-        if not self.enabled or (step < steps and now - self._last < self.every):
+        if not self.enabled or (now - self._last < self.every and (step < steps or not self.tty)):
             return
         self._last = now
         width = 24
         filled = width * step // steps
         bar = "#" * filled + "." * (width - filled)
-        end = "\n" if step == steps else ""
-        print(f"\repoch {epoch}/{epochs} [{bar}] {step}/{steps} loss {loss:.4f} "
+        start, end = ("\r", "\n" if step == steps else "") if self.tty else ("", "\n")
+        print(f"{start}epoch {epoch}/{epochs} [{bar}] {step}/{steps} loss {loss:.4f} "
               f"{images_per_second:,.0f} img/s", end=end, file=self.stream, flush=True)
 
     def epoch(self, record, epochs):

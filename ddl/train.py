@@ -5,6 +5,7 @@ replicas' flat gradient buffer, the sampler's shard); from then on a world of on
 N differ only inside those objects.
 """
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -16,11 +17,9 @@ from ddl.data import DataError, DistributedSampler, H5Dataset, Loader
 from ddl.models import MODELS, build
 from ddl.nn import CrossEntropyLoss, Dropout
 from ddl.log import Log
-from ddl.optim import make_optimizer, make_schedule
+from ddl.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from ddl.parallel import Replicas
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine")
 EVAL_BATCH = 1000   # per rank; evaluation has no gradients, so bigger batches only save overhead
 
 
@@ -30,8 +29,9 @@ class UsageError(ValueError):
 
 @dataclasses.dataclass
 class Config:
+    """Options of `ddl train`; the defaults are the tuned recipe (seed-cnn: 99.16% in 6 epochs)."""
     model: str = "seed-cnn"
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 128          # global: split evenly across the ranks
     lr: float = 0.05
     optimizer: str = "sgd"
@@ -76,22 +76,61 @@ def check_options(cfg, world_size):
 def _check_writable(path, what):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        return f"{what} {path}: folder {folder} does not exist"
+        raise UsageError(f"{what} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return f"{what} {path}: not writable"
-    return None
+        raise UsageError(f"{what} {path}: not writable")
 
 
-def open_data(cfg, world_size):
-    """Open both splits and check what needs the files; raises UsageError."""
+def open_split(path, split):
     try:
-        train, test = H5Dataset(cfg.data, "train"), H5Dataset(cfg.data, "test")
+        return H5Dataset(path, split)
     except DataError as e:
         raise UsageError(str(e)) from None
+
+
+def check_inputs(cfg, rank0):
+    """Open the data and, on rank 0 (which alone writes and reads checkpoints), check the output
+    paths and the checkpoint to resume. Returns (train set, test set, images used, resume state
+    or None); raises UsageError."""
+    train, test = open_split(cfg.data, "train"), open_split(cfg.data, "test")
     n = min(cfg.subset or train.n, train.n)
     if cfg.batch_size > n:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
-    return train, test, n
+    state = None
+    if rank0:
+        for path, what in ((cfg.checkpoint, "checkpoint"), (cfg.metrics, "metrics file"),
+                           (cfg.plot, "plot")):
+            if path:
+                _check_writable(path, what)
+        if cfg.plot and not importlib.util.find_spec("matplotlib"):
+            raise UsageError("--plot needs matplotlib: pip install 'ddl[plot]'")
+        if cfg.resume:
+            state = _load(cfg.checkpoint)
+            if state["config"]["model"] != cfg.model:
+                raise UsageError(f"checkpoint {cfg.checkpoint} holds a "
+                                 f"{state['config']['model']} model, not {cfg.model}")
+    return train, test, n, state
+
+
+def agree(comm, fn):
+    """`fn()` on every rank; a UsageError on any rank is raised on every rank, so all stop
+    together and none waits in a collective for one that left."""
+    try:
+        result, problem = fn(), None
+    except UsageError as e:
+        result, problem = None, str(e)
+    problems = [(r, p) for r, p in enumerate(comm.allgather_obj(problem)) if p]
+    if problems:
+        r, p = problems[0]
+        raise UsageError(p if comm.size == 1 else f"rank {r}: {p}")
+    return result
+
+
+def _load(path):
+    try:
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
 
 
 def evaluate(model, loader, comm):
@@ -109,15 +148,7 @@ def evaluate(model, loader, comm):
 
 def restore(path, comm):
     """The model saved in checkpoint `path` (rank 0 reads it, every rank gets it) and the tree."""
-    state = None
-    if comm.rank == 0:
-        try:
-            state = checkpoint.load(path)
-        except checkpoint.CheckpointError as e:
-            state = str(e)
-    state = comm.bcast_obj(state)
-    if isinstance(state, str):                 # every rank raises together: nobody waits
-        raise UsageError(state)
+    state = comm.bcast_obj(agree(comm, lambda: _load(path) if comm.rank == 0 else None))
     model = build(state["config"]["model"])
     model.load_state_dict(state["model"])
     return model, state
@@ -159,25 +190,7 @@ def run(cfg, comm=None, on_epoch_end=None):
     rank0 = comm.rank == 0
     log = Log(rank0 and not cfg.quiet, cfg.metrics if rank0 else None)
 
-    # --- checks that need files, gathered so that every rank stops together or none does
-    problem, data = None, None
-    try:
-        data = open_data(cfg, comm.size)
-        if rank0:
-            for path, what in ((cfg.checkpoint, "checkpoint"), (cfg.metrics, "metrics file"),
-                               (cfg.plot, "plot")):
-                problem = problem or (path and _check_writable(path, what)) or None
-            state = checkpoint.load(cfg.checkpoint) if cfg.resume else None
-            if state and state["config"]["model"] != cfg.model:
-                problem = (f"checkpoint {cfg.checkpoint} holds a {state['config']['model']} model,"
-                           f" not {cfg.model}")
-    except (UsageError, checkpoint.CheckpointError) as e:
-        problem = str(e)
-    problems = [(r, p) for r, p in enumerate(comm.allgather_obj(problem)) if p]
-    if problems:
-        r, p = problems[0]
-        raise UsageError(p if comm.size == 1 else f"rank {r}: {p}")
-    train_set, test_set, n_train = data
+    train_set, test_set, n_train, state = agree(comm, lambda: check_inputs(cfg, rank0))
 
     # --- set up: the same model, optimizer and schedule on every rank
     sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
