@@ -1,10 +1,13 @@
 """Array kernels shared by the layers: im2col convolution and 2-D pooling.
 
-Layout note: the convolution works internally in (C, N, H, W) memory order. Its columns matrix is
-(C*kh*kw, N*OH*OW), so the single GEMM `W @ cols` yields (O, N*OH*OW) and the NCHW output is just
-a transposed view of it. A following ReLU/pool keeps that memory order and the next convolution's
-(C, N, H, W) padded copy is then a contiguous memcpy. Nothing outside this file relies on it:
-every function takes and returns logically NCHW arrays.
+Layout note: the convolution keeps activations in (C, H, W, N) memory order, channels outermost
+and the batch innermost. Its columns matrix is then (C*kh*kw, OH*OW*N), built from kh*kw copies
+whose inner runs are whole (OW, N) rows; the GEMM `W @ cols` yields (O, OH*OW*N), and the NCHW
+output is a transposed view of it. ReLU and pooling preserve whatever memory order they are given
+(NumPy allocates elementwise results in their input's order), so the next convolution finds its
+input already in place, and Flatten of (C, H, W, N) memory is a free (N, C*H*W) transposed view.
+Nothing outside this file relies on it: every function takes and returns logically NCHW arrays,
+whatever their memory order.
 """
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -32,45 +35,79 @@ def taps(a, kernel, stride, out_hw):
             for i in range(kh) for j in range(kw)]
 
 
+def matmul_like(a, b, like):
+    """a @ b stored in the memory order of `like` (C or Fortran): the gradient of an input comes
+    back laid out like that input, so the layers before it keep their memory order."""
+    if like.flags.f_contiguous and not like.flags.c_contiguous:
+        return (b.T @ a.T).T
+    return a @ b
+
+
 # --- convolution ----------------------------------------------------------------------------------
+def _chwn(x, padding):
+    """x (N, C, H, W), zero-padded, as a (C, N, H', W') view of contiguous (C, H', W', N) memory;
+    no copy when x is already that memory and unpadded."""
+    (ph, pw), (n, c, h, w) = padding, x.shape
+    xc = x.transpose(1, 0, 2, 3)
+    if not (ph or pw):
+        return xc if xc.transpose(0, 2, 3, 1).flags.c_contiguous else (
+            np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(0, 3, 1, 2))
+    xp = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=x.dtype).transpose(0, 3, 1, 2)
+    xp[..., ph:ph + h, pw:pw + w] = xc
+    return xp
+
+
+def _tap_major(cols, c, n, out_hw):
+    """The (C*kh*kw, OH*OW*N) columns as (kh*kw, C, N, OH, OW): one (C, N, OH, OW) view per tap,
+    matching `taps` of the (C, N, H, W) input."""
+    oh, ow = out_hw
+    return cols.reshape(c, -1, oh, ow, n).transpose(1, 0, 4, 2, 3)
+
+
 def conv2d_forward(x, weight, bias, stride, padding):
     """x (N, C, H, W), weight (O, C, kh, kw), bias (O,) or None -> (y (N, O, OH, OW), cols).
 
-    `cols` (C*kh*kw, N*OH*OW) is what `conv2d_backward` needs; keep it.
+    `cols` (C*kh*kw + 1, OH*OW*N) is what `conv2d_backward` needs; keep it. Its last row is ones,
+    so the bias rides along in the GEMM (and its gradient in the backward GEMM) instead of costing
+    a pass over the output.
     """
     (sh, sw), (ph, pw) = stride, padding
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     oh, ow = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
-    xc = x.transpose(1, 0, 2, 3)
-    if ph or pw:
-        xp = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-        xp[:, :, ph:ph + h, pw:pw + w] = xc
-        xc = xp
-    win = sliding_window_view(xc, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # (C, N, OH, OW, kh, kw)
-    cols = win.transpose(0, 4, 5, 1, 2, 3).reshape(c * kh * kw, n * oh * ow)  # the one copy
-    y = weight.reshape(o, -1) @ cols  # (O, N*OH*OW): one BLAS gemm
-    if bias is not None:
-        y += bias[:, None]
-    return y.reshape(o, n, oh, ow).transpose(1, 0, 2, 3), cols
+    k = c * kh * kw
+    cols = np.empty((k + 1, oh * ow * n), dtype=x.dtype)
+    for dst, src in zip(_tap_major(cols[:k], c, n, (oh, ow)),
+                        taps(_chwn(x, padding), (kh, kw), stride, (oh, ow))):
+        dst[...] = src
+    cols[k] = 1
+    w_b = np.empty((o, k + 1), dtype=weight.dtype)
+    w_b[:, :k] = weight.reshape(o, k)
+    w_b[:, k] = 0 if bias is None else bias
+    y = w_b @ cols  # (O, OH*OW*N): one BLAS gemm
+    return y.reshape(o, oh, ow, n).transpose(3, 0, 1, 2), cols
 
 
-def conv2d_backward(grad_y, cols, weight, x_shape, stride, padding):
-    """grad_y (N, O, OH, OW) -> (grad_x (N, C, H, W), grad_weight like weight, grad_bias (O,))."""
+def conv2d_backward(grad_y, cols, weight, x_shape, stride, padding, input_grad=True):
+    """grad_y (N, O, OH, OW) -> (grad_x (N, C, H, W) or None unless `input_grad`,
+    grad_weight like weight, grad_bias (O,))."""
     ph, pw = padding
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     oh, ow = grad_y.shape[2:]
-    gy = grad_y.transpose(1, 0, 2, 3).reshape(o, n * oh * ow)
-    grad_w = (gy @ cols.T).reshape(weight.shape)
-    grad_b = gy.sum(axis=1)
-    gcols = (weight.reshape(o, -1).T @ gy).reshape(c, kh * kw, n, oh, ow)
+    k = c * kh * kw
+    gy = grad_y.transpose(1, 2, 3, 0).reshape(o, -1)  # a view when grad_y is (O, OH, OW, N) memory
+    grads = cols @ gy.T  # (C*kh*kw + 1, O): weight gradient, then the bias's from the ones row
+    grad_w, grad_b = grads[:k].T.reshape(weight.shape), grads[k]
+    if not input_grad:
+        return None, grad_w, grad_b
+    gcols = weight.reshape(o, k).T @ gy
     # Overlapping windows share input pixels; summing tap by tap (kh*kw strided adds, each over
     # the whole batch) is the scatter of col2im without np.add.at's per-element cost.
-    gxp = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=gcols.dtype)
-    for k, v in enumerate(taps(gxp, (kh, kw), stride, (oh, ow))):
-        v += gcols[:, k]
-    return gxp[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3), grad_w, grad_b
+    gxp = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=gcols.dtype).transpose(0, 3, 1, 2)
+    for dst, g in zip(taps(gxp, (kh, kw), stride, (oh, ow)), _tap_major(gcols, c, n, (oh, ow))):
+        dst += g
+    return gxp[..., ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3), grad_w, grad_b
 
 
 # --- pooling --------------------------------------------------------------------------------------
@@ -86,46 +123,60 @@ def pool_taps(x, kernel, stride):
 
 
 def maxpool2d_forward(x, kernel, stride):
-    """x (N, C, H, W) -> (y (N, C, OH, OW), argmax (N, C, OH, OW) row-major index in the window).
+    """x (N, C, H, W) -> (y (N, C, OH, OW), first: kh*kw bool arrays (N, C, OH, OW)).
 
-    argmax is the FIRST maximum in row-major window order, as PyTorch's; ties are common
-    (all-zero MNIST borders after ReLU) and must neither split nor duplicate the gradient.
+    first[k] marks the windows whose FIRST maximum in row-major window order is tap k, as
+    PyTorch's argmax; ties are common (all-zero MNIST borders after ReLU) and must neither split
+    nor duplicate the gradient. Every array keeps x's memory order.
     """
     taps = pool_taps(x, kernel, stride)
-    y = taps[0].copy()
+    y = taps[0].copy(order="K")
+    leads = []  # leads[k - 1]: tap k beats every earlier tap, strictly
     for v in taps[1:]:
+        leads.append(v > y)
         np.maximum(y, v, out=y)
-    # Index of the first tap equal to the max = how many leading taps all differ from it.
-    not_yet = taps[0] != y
-    arg = not_yet.astype(np.min_scalar_type(len(taps)))
-    for v in taps[1:-1]:
-        not_yet &= v != y
-        arg += not_yet
-    return y, arg
+    # The first maximum is the tap that took the lead last: walk back from the end.
+    first, later = [], np.zeros_like(y, dtype=bool)
+    for m in reversed(leads):
+        first.append(np.greater(m, later, out=m))  # for bools, m > later is "m and not later"
+        later |= m
+    first.append(~later)
+    first.reverse()
+    return y, first
 
 
-def maxpool2d_backward(grad_y, arg, x_shape, kernel, stride):
-    """grad_y (N, C, OH, OW) -> grad_x (N, C, H, W), all of each window's gradient on its argmax."""
-    grad_x = np.zeros(x_shape, dtype=grad_y.dtype)
-    for k, v in enumerate(pool_taps(grad_x, kernel, stride)):
-        v += grad_y * (arg == k)  # += : overlapping windows may pick the same pixel
+def maxpool2d_backward(grad_y, first, x, kernel, stride):
+    """grad_y (N, C, OH, OW) -> grad_x like x (N, C, H, W): each window's gradient on its first
+    maximum. `x` is the forward input, for its shape and memory order."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = grad_y.shape[2:]
+    tiled = (sh, sw) == (kh, kw) and x.shape[2:] == (oh * kh, ow * kw)
+    # Windows that tile x exactly write every element once; otherwise some are never written
+    # (a cropped border) or written twice (overlapping windows).
+    grad_x = np.empty_like(x) if tiled else np.zeros_like(x)
+    for v, m in zip(pool_taps(grad_x, kernel, stride), first):
+        if tiled:
+            np.multiply(grad_y, m, out=v)
+        else:
+            v += grad_y * m
     return grad_x
 
 
 def avgpool2d_forward(x, kernel, stride):
     """x (N, C, H, W) -> y (N, C, OH, OW), the mean of each window."""
     taps = pool_taps(x, kernel, stride)
-    y = taps[0].copy()
+    y = taps[0].copy(order="K")
     for v in taps[1:]:
         y += v
     y /= len(taps)
     return y
 
 
-def avgpool2d_backward(grad_y, x_shape, kernel, stride):
-    """grad_y (N, C, OH, OW) -> grad_x (N, C, H, W): each window's gradient spread evenly."""
+def avgpool2d_backward(grad_y, x, kernel, stride):
+    """grad_y (N, C, OH, OW) -> grad_x like x (N, C, H, W): each window's gradient spread evenly.
+    `x` is the forward input, for its shape and memory order."""
     g = grad_y / (kernel[0] * kernel[1])
-    grad_x = np.zeros(x_shape, dtype=g.dtype)
+    grad_x = np.zeros_like(x, dtype=g.dtype)
     for v in pool_taps(grad_x, kernel, stride):
         v += g
     return grad_x

@@ -43,7 +43,7 @@ class Linear(Module):
         self.weight.grad += grad_y.T @ self._x
         if self.bias is not None:
             self.bias.grad += grad_y.sum(axis=0)
-        return grad_y @ self.weight.data
+        return F.matmul_like(grad_y, self.weight.data, self._x)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
@@ -53,8 +53,12 @@ class Conv2d(Module):
     """2-D cross-correlation: x (N, C, H, W) -> (N, out_channels, OH, OW) via im2col + one GEMM.
 
     kernel_size, stride, padding: int or (h, w). rng as for Linear. The output is an NCHW view
-    of (C, N, H, W) memory (see functional.py); NumPy treats it like any other array.
+    of (C, H, W, N) memory (see functional.py); NumPy treats it like any other array.
+    needs_input_grad: False for a layer fed straight from the data, whose backward then skips the
+    input gradient (a third of a convolution's backward work) and returns None.
     """
+
+    needs_input_grad = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  rng=None):
@@ -76,7 +80,7 @@ class Conv2d(Module):
 
     def backward(self, grad_y):
         gx, gw, gb = F.conv2d_backward(grad_y, self._cols, self.weight.data, self._x_shape,
-                                       self.stride, self.padding)
+                                       self.stride, self.padding, self.needs_input_grad)
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb
@@ -101,24 +105,23 @@ class MaxPool2d(_Pool2d):
     """Max over each window: (N, C, H, W) -> (N, C, OH, OW); gradient to the first maximum only."""
 
     def forward(self, x):
-        self._x_shape = x.shape
-        y, self._arg = F.maxpool2d_forward(x, self.kernel_size, self.stride)
+        self._x = x
+        y, self._first = F.maxpool2d_forward(x, self.kernel_size, self.stride)
         return y
 
     def backward(self, grad_y):
-        return F.maxpool2d_backward(grad_y, self._arg, self._x_shape, self.kernel_size,
-                                    self.stride)
+        return F.maxpool2d_backward(grad_y, self._first, self._x, self.kernel_size, self.stride)
 
 
 class AvgPool2d(_Pool2d):
     """Mean over each window: (N, C, H, W) -> (N, C, OH, OW)."""
 
     def forward(self, x):
-        self._x_shape = x.shape
+        self._x = x
         return F.avgpool2d_forward(x, self.kernel_size, self.stride)
 
     def backward(self, grad_y):
-        return F.avgpool2d_backward(grad_y, self._x_shape, self.kernel_size, self.stride)
+        return F.avgpool2d_backward(grad_y, self._x, self.kernel_size, self.stride)
 
 
 class ReLU(Module):
