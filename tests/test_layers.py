@@ -329,3 +329,41 @@ def test_to_float64_keeps_counter_integer():
     bn = BatchNorm2d(2).to(np.float64)
     assert bn.running_mean.dtype == np.float64 and bn.weight.grad.dtype == np.float64
     assert bn.num_batches_tracked.dtype == np.int64
+
+
+# --- the fast paths' contracts: memory order and the skipped input gradient ------------------------
+def memory_order(a):
+    """Axes from outermost to innermost in memory (ties broken by position)."""
+    return tuple(sorted(range(a.ndim), key=lambda i: -abs(a.strides[i])))
+
+
+def test_layers_keep_their_inputs_memory_order():
+    """A slow transposing copy between layers is invisible to every value test: check that each
+    output and each input gradient keeps its input's memory order (see functional.py)."""
+    rng = np.random.default_rng(6)
+    net = Sequential(Conv2d(1, 4, 3, rng=rng), ReLU(), MaxPool2d(2), Conv2d(4, 6, 3, rng=rng),
+                     MaxPool2d(2), ReLU(), Flatten(), Linear(6 * 2 * 2, 3, rng=rng))
+    h = randn(5, 1, 14, 14).astype(np.float32)
+    inputs = []
+    for layer in net:
+        inputs.append(h)
+        h = layer(h)
+        if isinstance(layer, (ReLU, MaxPool2d)):
+            assert memory_order(h) == memory_order(inputs[-1]), layer
+    assert np.shares_memory(inputs[-1], inputs[-2])  # Flatten of conv memory is a view
+    g = np.ones_like(h)
+    for layer, x in zip(reversed(list(net)), reversed(inputs)):
+        g = layer.backward(g)
+        if not isinstance(layer, Conv2d):
+            assert memory_order(g) == memory_order(x), layer
+
+
+def test_conv2d_without_input_gradient():
+    x = randn(2, 2, 6, 6).astype(np.float32)
+    full, first = (Conv2d(2, 3, 3, rng=np.random.default_rng(8)) for _ in range(2))
+    first.needs_input_grad = False
+    grad_y = randn(*full(x).shape, seed=1).astype(np.float32)
+    first(x)
+    assert full.backward(grad_y) is not None and first.backward(grad_y) is None
+    for p, q in zip(full.parameters(), first.parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad)
