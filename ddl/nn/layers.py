@@ -71,16 +71,19 @@ class Conv2d(Module):
         bound = 1 / math.sqrt(in_channels * kh * kw)
         self.weight = Parameter(_uniform(rng, bound, (out_channels, in_channels, kh, kw)))
         self.bias = Parameter(_uniform(rng, bound, (out_channels,))) if bias else None
+        self._ws = F.Workspace()
 
     def forward(self, x):
         self._x_shape = x.shape
         b = None if self.bias is None else self.bias.data
-        y, self._cols = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
+        y, self._cols = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding,
+                                         self._ws)
         return y
 
     def backward(self, grad_y):
         gx, gw, gb = F.conv2d_backward(grad_y, self._cols, self.weight.data, self._x_shape,
-                                       self.stride, self.padding, self.needs_input_grad)
+                                       self.stride, self.padding, self.needs_input_grad,
+                                       self._ws)
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb
