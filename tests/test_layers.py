@@ -48,6 +48,7 @@ def test_linear_gradients(bias):
     (MaxPool2d(2), (2, 2, 5, 5)),  # odd size: last row/col dropped, as PyTorch
     (MaxPool2d(3, stride=2), (2, 2, 7, 6)),  # overlapping windows
     (MaxPool2d((2, 3), stride=(1, 2)), (1, 2, 4, 7)),
+    (MaxPool2d(2, stride=3), (2, 2, 8, 7)),  # gaps between windows, a cropped border
     (AvgPool2d(2), (2, 3, 4, 6)),
     (AvgPool2d(2), (1, 2, 5, 3)),
     (AvgPool2d(3, stride=2), (2, 2, 7, 6)),
@@ -144,7 +145,7 @@ def loop_maxpool(x, kernel, stride, grad_y):
 
 @pytest.mark.parametrize("kernel, stride, shape", [
     (2, None, (2, 3, 6, 8)), (2, None, (1, 2, 7, 5)), (3, 2, (2, 2, 9, 7)),
-    ((3, 2), (1, 2), (1, 2, 5, 6)),
+    ((3, 2), (1, 2), (1, 2, 5, 6)), (2, 3, (1, 2, 8, 7)),
 ])
 def test_maxpool_ties_go_to_first_maximum(kernel, stride, shape):
     rng = np.random.default_rng(5)

@@ -167,15 +167,16 @@ def maxpool2d_backward(grad_y, first, x, kernel, stride):
     maximum. `x` is the forward input, for its shape and memory order."""
     (kh, kw), (sh, sw) = kernel, stride
     oh, ow = grad_y.shape[2:]
-    tiled = (sh, sw) == (kh, kw) and x.shape[2:] == (oh * kh, ow * kw)
+    overlapping = sh < kh or sw < kw
     # Windows that tile x exactly write every element once; otherwise some are never written
-    # (a cropped border) or written twice (overlapping windows).
+    # (a cropped border, or gaps when stride > kernel) or written twice (overlapping windows).
+    tiled = (sh, sw) == (kh, kw) and x.shape[2:] == (oh * kh, ow * kw)
     grad_x = np.empty_like(x) if tiled else np.zeros_like(x)
     for v, m in zip(pool_taps(grad_x, kernel, stride), first):
-        if tiled:
-            np.multiply(grad_y, m, out=v)
-        else:
+        if overlapping:
             v += grad_y * m
+        else:
+            np.multiply(grad_y, m, out=v)
     return grad_x
 
 
