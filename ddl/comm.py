@@ -10,6 +10,13 @@ import sys
 # we need, so a plain `ddl train` never pays for MPI_Init.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+# When ranks outnumber cores, a rank waiting in a collective must not spin on a core that a
+# computing rank needs: measured with 4 ranks on 2 cores, MPICH's default busy polling gave
+# 460 img/s, sleeping after each idle poll 8,000 (docs/benchmarks.md). Read at MPI_Init.
+_YIELD_WHEN_IDLE = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1",
+                    "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
+                    "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
 def _from_env(names, default):
@@ -22,6 +29,11 @@ def _from_env(names, default):
 def launched_size():
     """World size announced by the launcher's environment (1 when not launched)."""
     return _from_env(_SIZE_VARS, 1)
+
+
+def oversubscribed():
+    """More ranks on this machine than cores this process may run on."""
+    return _from_env(_LOCAL_SIZE_VARS, launched_size()) > len(os.sched_getaffinity(0))
 
 
 def launched_rank():
@@ -70,6 +82,9 @@ class MPICommunicator:
     """COMM_WORLD through mpi4py; array verbs use the buffer interface (no pickling)."""
 
     def __init__(self):
+        if oversubscribed():
+            for var, value in _YIELD_WHEN_IDLE.items():
+                os.environ.setdefault(var, value)
         import mpi4py
         # Only the main thread calls MPI (the loader's thread reads HDF5), and a lower thread
         # level keeps MPICH on its fast path.
