@@ -1,9 +1,13 @@
 """The `ddl` command as a user meets it: errors, debug mode, launch, evaluate, predict."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import run_ddl
+from conftest import rank_env, run_ddl
 from ddl.train import Config, run
 
 QUICK = ["--subset", "256", "--batch-size", "64", "--epochs", "1", "--quiet"]
@@ -105,3 +109,33 @@ def test_launch_runs_the_job_and_returns_its_code(mnist_h5, tmp_path):
     assert done.returncode == 2
     one_line_error(run_ddl(["launch", "-n", "2", "--mpiexec", "/no/mpiexec", "--", "train"]),
                    "/no/mpiexec", code=1)
+
+
+def test_launch_with_a_hostfile(mnist_h5, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    done = run_ddl(["launch", "-n", "2", "--hostfile", hosts, "--", "train", "--data", mnist_h5,
+                    *QUICK, "--metrics", tmp_path / "m.jsonl"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "m.jsonl").read_text())["world_size"] == 2
+
+
+def test_launch_forwards_ctrl_c(mnist_h5, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddl", "launch", "-n", "2", "--", "train", "--data", str(mnist_h5),
+         "--subset", "12800", "--epochs", "50", "--metrics", str(tmp_path / "m.jsonl")],
+        env=rank_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "m.jsonl").exists():          # the first epoch has ended
+            assert time.monotonic() < deadline and proc.poll() is None, "job never got going"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - sent < 15, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
