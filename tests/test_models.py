@@ -1,7 +1,5 @@
 """Named models: shapes, sizes, PyTorch-compatible keys, seeding, and an end-to-end check."""
 import gzip
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,29 +62,22 @@ def test_seeding(name):
 
 # --- end to end: does seed-cnn really learn MNIST? ----------------------------------------------
 
-# shared/ beside the checkout (as for developers and CI), unless DDL_MNIST_RAW says otherwise.
-MNIST = Path(os.environ.get("DDL_MNIST_RAW",
-                            Path(__file__).resolve().parents[2] / "shared/data/mnist"))
-
-
-def read_idx(name, offset):
+def read_idx(path, offset):
     """Raw IDX gzip: a big-endian header (16 bytes for images, 8 for labels), then uint8s."""
-    with gzip.open(MNIST / name) as f:
+    with gzip.open(path) as f:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
-def mnist(split, n):
+def mnist(raw, split, n):
     """First n images (n, 1, 28, 28) float32, normalised by MNIST's mean and std; labels (n,)."""
-    images = read_idx(f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)[:n]
-    labels = read_idx(f"{split}-labels-idx1-ubyte.gz", 8)[:n].astype(np.int64)
+    images = read_idx(raw / f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)[:n]
+    labels = read_idx(raw / f"{split}-labels-idx1-ubyte.gz", 8)[:n].astype(np.int64)
     return ((images / 255.0 - 0.1307) / 0.3081).astype(np.float32), labels
 
 
-@pytest.mark.skipif(not (MNIST / "t10k-labels-idx1-ubyte.gz").exists(),
-                    reason=f"raw MNIST not found in {MNIST} (set DDL_MNIST_RAW)")
-def test_seed_cnn_learns_mnist():
-    x, y = mnist("train", 6000)
-    x_test, y_test = mnist("t10k", 1000)
+def test_seed_cnn_learns_mnist(mnist_raw):
+    x, y = mnist(mnist_raw, "train", 6000)
+    x_test, y_test = mnist(mnist_raw, "t10k", 1000)
     model = models.build("seed-cnn", seed=0)
     loss_fn = nn.CrossEntropyLoss()
     opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
