@@ -332,7 +332,7 @@ def test_to_float64_keeps_counter_integer():
     assert bn.num_batches_tracked.dtype == np.int64
 
 
-# --- the fast paths' contracts: memory order and the skipped input gradient ------------------------
+# --- the fast paths' contracts: memory order and the skipped input gradient -----------------------
 def memory_order(a):
     """Axes from outermost to innermost in memory (ties broken by position)."""
     return tuple(sorted(range(a.ndim), key=lambda i: -abs(a.strides[i])))

@@ -10,7 +10,6 @@ Nothing outside this file relies on it: every function takes and returns logical
 whatever their memory order.
 """
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 def pair(v):
