@@ -165,7 +165,7 @@ def _checked(model, step, direction, x):
     layers = list(enumerate(model))
     for i, layer in (reversed(layers) if direction == "backward" else layers):
         x = getattr(layer, direction)(x)
-        if not np.isfinite(x).all():
+        if x is not None and not np.isfinite(x).all():
             raise FloatingPointError(f"step {step}: {direction} of layer {i} ({layer!r}) produced "
                                      f"{'NaN' if np.isnan(x).any() else 'inf'}")
         for name, p in layer.named_parameters():
@@ -195,7 +195,7 @@ def run(cfg, comm=None, on_epoch_end=None):
     # --- set up: the same model, optimizer and schedule on every rank
     sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
     loader, test_loader = Loader(train_set, sampler), eval_loader(test_set, comm)
-    model = build(cfg.model, seed=cfg.seed)
+    model = build(cfg.model, seed=cfg.seed, input_grad=False)
     replicas = Replicas(model, comm)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)

@@ -34,7 +34,10 @@ from ddl.parallel import Replicas  # noqa: E402
 
 MODELS = ("seed-cnn", "ref-cnn")
 BATCHES = (64, 256)
-RANKS = (1, 2, 4)
+# (ranks, extra environment, label): the last run switches off the idle sleeping that ddl.comm
+# turns on when ranks outnumber cores, to show what MPICH's default busy polling costs.
+RANKS = ((1, {}, ""), (2, {}, ""), (4, {}, " (oversubscribed)"),
+         (4, {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "0"}, " (oversubscribed, MPICH busy polling)"))
 SCALING_MODEL, SCALING_BATCH = "ref-cnn", 64
 LR, MOMENTUM = 0.01, 0.9
 
@@ -55,7 +58,7 @@ def cycle(batches):
 def ddl_step(model_name, batch, comm=None, allreduce_clock=None):
     """One ddl training step as ddl.train runs it. `allreduce_clock`, a one-element list, collects
     the seconds spent in the gradient all-reduce."""
-    model = build(model_name, seed=0)
+    model = build(model_name, seed=0, input_grad=False)
     replicas = Replicas(model, comm or SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
@@ -172,21 +175,35 @@ def worker(repeats, seconds):
         elapsed = comm.allreduce_obj(elapsed, "max")
         rates.append(comm.size * SCALING_BATCH * steps / elapsed)
         shares.append(comm.allreduce_obj(clock[0] / elapsed) / comm.size)
+    # The same all-reduce alone, every rank arriving together: its cost without the wait for a
+    # slower rank that the in-step share above includes.
+    grads = np.zeros(sum(p.data.size for p in build(SCALING_MODEL).parameters()), np.float32)
+    transfer = []
+    for _ in range(50):
+        comm.barrier()
+        started = time.perf_counter()
+        comm.allreduce(grads)
+        transfer.append(comm.allreduce_obj(time.perf_counter() - started, "max"))
+    step_seconds = comm.size * SCALING_BATCH / float(np.median(rates))
     if comm.rank == 0:
         print(json.dumps(dict(ranks=comm.size, images_per_second=float(np.median(rates)),
-                              allreduce_share=float(np.median(shares)))))
+                              allreduce_share=float(np.median(shares)),
+                              transfer_us=1e6 * float(np.median(transfer)),
+                              transfer_share=float(np.median(transfer)) / step_seconds)))
 
 
 def scaling(repeats, seconds):
     mpiexec, rows = find_mpiexec(), []
-    for n in RANKS:
+    for n, env, label in RANKS:
         cmd = [mpiexec, "-n", str(n), sys.executable, os.path.abspath(__file__), "--worker",
                "--repeats", str(repeats), "--seconds", str(seconds)]
-        out = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=900)
+        out = subprocess.run(cmd, env=dict(rank_env(), **env), capture_output=True, text=True,
+                             timeout=900)
         if out.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  {n} rank(s): {rows[-1]['images_per_second']:,.0f} images/s", file=sys.stderr)
+        rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), label=label))
+        print(f"  {n} rank(s){label}: {rows[-1]['images_per_second']:,.0f} images/s",
+              file=sys.stderr)
     single = rows[0]["images_per_second"]
     for row in rows:
         row["efficiency"] = row["images_per_second"] / (row["ranks"] * single)
@@ -196,7 +213,7 @@ def scaling(repeats, seconds):
 # --- where the time goes --------------------------------------------------------------------------
 def layer_breakdown(model_name, batch, repeats):
     """[(layer, forward ms, backward ms)] medians over `repeats` steps, plus loss and optimizer."""
-    model = build(model_name, seed=0)
+    model = build(model_name, seed=0, input_grad=False)
     replicas = Replicas(model, SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
@@ -299,14 +316,17 @@ def report(args, torch_ver, rows, scale, layers, flops, peak, load):
     if scale:
         lines += [f"## Data-parallel scaling ({SCALING_MODEL}, {SCALING_BATCH} images per rank, "
                   f"one BLAS thread per rank, {os.cpu_count()} cores)", "",
-                  "| ranks | images/s (all ranks) | efficiency | all-reduce share of a step |",
-                  "|---:|---:|---:|---:|"]
+                  "| ranks | images/s (all ranks) | efficiency | all-reduce share of a step "
+                  "| all-reduce alone | its share of a step |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in scale:
-            note = " (oversubscribed)" if r["ranks"] > (os.cpu_count() or 1) else ""
-            lines.append(f"| {r['ranks']}{note} | {r['images_per_second']:,.0f} | "
-                         f"{r['efficiency']:.0%} | {r['allreduce_share']:.1%} |")
+            lines.append(f"| {r['ranks']}{r['label']} | {r['images_per_second']:,.0f} | "
+                         f"{r['efficiency']:.0%} | {r['allreduce_share']:.1%} | "
+                         f"{r['transfer_us']:,.0f} us | {r['transfer_share']:.1%} |")
         lines += ["", "Efficiency = aggregate / (ranks x the 1-rank figure, also run under "
-                  "mpiexec). The all-reduce share includes waiting for the slowest rank.", ""]
+                  "mpiexec). The in-step all-reduce share includes waiting for the slowest rank; "
+                  "'all-reduce alone' times the same call on the flat gradient buffer with every "
+                  "rank arriving together (after a barrier), median of 50.", ""]
     total = sum(f + b for _, f, b in layers)
     lines += ["## Where the time goes (ddl, ref-cnn, batch 64, one step)", "",
               "| layer | forward ms | backward ms | share |", "|---|---:|---:|---:|"]

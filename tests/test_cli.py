@@ -64,6 +64,7 @@ def test_bad_data_under_mpi_stops_every_rank(tmp_path):
     assert done.stderr.count("nope.h5") == 1, done.stderr
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid:RuntimeWarning")
 def test_debug_names_the_first_non_finite_layer(mnist_h5):
     cfg = Config(data=str(mnist_h5), subset=256, batch_size=64, epochs=1, lr=1e12, momentum=0,
                  schedule="constant", quiet=True, debug=True)

@@ -94,3 +94,26 @@ def test_seed_cnn_learns_mnist(mnist_raw):
     assert final < 0.5 * initial, (initial, final)
     accuracy = np.mean(model.eval().forward(x_test).argmax(axis=1) == y_test)
     assert accuracy > 0.9, accuracy
+
+
+def test_ref_cnn_pools_before_relu_with_the_same_function_and_gradients():
+    """ref-cnn is specified Conv -> ReLU -> MaxPool; built with pooling first (cheaper). Check the
+    specified order gives the same logits and every gradient, on real-valued ties included."""
+    built, spec = models.build("ref-cnn", seed=3), models.build("ref-cnn", seed=3)
+    spec = nn.Sequential(*(spec[i] for i in (0, 2, 1, 3, 5, 4, 6, 7, 8, 9)))
+    assert [type(m).__name__ for m in spec][:3] == ["Conv2d", "ReLU", "MaxPool2d"]
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    x[:, :, :8] = 0                                       # flat regions: tied pooling windows
+    out_built, out_spec = built(x), spec(x)
+    np.testing.assert_array_equal(out_built, out_spec)
+    g = np.random.default_rng(1).standard_normal(out_built.shape).astype(np.float32)
+    np.testing.assert_allclose(built.backward(g), spec.backward(g), rtol=1e-5, atol=1e-6)
+    for (k, p), (_, q) in zip(built.named_parameters(), spec.named_parameters()):
+        np.testing.assert_allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_training_models_skip_the_image_gradient():
+    model = models.build("seed-cnn", seed=0, input_grad=False)
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    assert model.backward(np.ones_like(model(x))) is None
+    assert model.parameters()[0].grad.any()

@@ -54,11 +54,8 @@ class Conv2d(Module):
 
     kernel_size, stride, padding: int or (h, w). rng as for Linear. The output is an NCHW view
     of (C, H, W, N) memory (see functional.py); NumPy treats it like any other array.
-    needs_input_grad: False for a layer fed straight from the data, whose backward then skips the
-    input gradient (a third of a convolution's backward work) and returns None.
+    needs_input_grad (see Module): False skips the input gradient, a third of the backward work.
     """
-
-    needs_input_grad = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  rng=None):

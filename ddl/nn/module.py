@@ -34,6 +34,9 @@ class Module:
     """
 
     training = True
+    # False when nothing consumes the gradient with respect to the input (the first layer of a
+    # training loop): a layer that can skip that work (Conv2d) then returns None from backward.
+    needs_input_grad = True
 
     def __init__(self):
         self._buffer_names = []
