@@ -15,7 +15,6 @@ from ddl.train import Config
 
 RECIPE = Config()
 
-OK_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 DATA = click.option("--data", default=RECIPE.data, show_default=True,
                     help="HDF5 file written by `ddl prepare`.")
 
@@ -34,8 +33,14 @@ def _job(comm, fn):
             comm.abort(130)
         sys.exit(130)
     except Exception as e:
+        from ddl.checkpoint import CheckpointError
+        from ddl.data import DataError
+        from ddl.parallel import ReplicaDivergence
         where = f"rank {comm.rank}: " if comm.size > 1 else ""
-        if not isinstance(e, OK_ERRORS):
+        # Failures of the data, the disk or the numbers explain themselves in one line; anything
+        # else is a bug and keeps its traceback.
+        if not isinstance(e, (DataError, CheckpointError, ReplicaDivergence, FloatingPointError,
+                              OSError)):
             traceback.print_exc()
         click.echo(f"Error: {where}{type(e).__name__}: {e}", err=True)
         if comm.size > 1:
