@@ -72,6 +72,8 @@ def cli():
 @click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True,
               help="Global batch, split evenly across ranks.")
+@click.option("--micro-batch", type=int, default=RECIPE.micro_batch, show_default=True,
+              help="Images per forward/backward pass within a rank's batch (0: all at once).")
 @click.option("--lr", type=float, default=RECIPE.lr, show_default=True)
 @click.option("--optimizer", default=RECIPE.optimizer, show_default=True,
               help="sgd, adam or rmsprop.")

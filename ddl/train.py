@@ -33,6 +33,7 @@ class Config:
     model: str = "seed-cnn"
     epochs: int = 6
     batch_size: int = 128          # global: split evenly across the ranks
+    micro_batch: int = 64          # images per forward/backward within a rank's batch (0: all)
     lr: float = 0.05
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -60,6 +61,8 @@ def check_options(cfg, world_size):
     if cfg.batch_size % world_size:
         return (f"--batch-size {cfg.batch_size} (the global batch) does not divide by the "
                 f"{world_size} ranks")
+    if cfg.micro_batch < 0:
+        return f"--micro-batch must be 0 (off) or positive, got {cfg.micro_batch}"
     if cfg.lr <= 0:
         return f"--lr must be positive, got {cfg.lr}"
     if cfg.optimizer not in OPTIMIZERS:
@@ -160,8 +163,11 @@ def eval_loader(dataset, comm):
     return Loader(dataset, sampler)
 
 
-def _checked(model, step, direction, x):
-    """--debug: run layer by layer and name the first layer whose output is not finite."""
+def propagate(model, direction, x, step=None):
+    """`model.forward(x)` or `model.backward(x)`. Given a step number (--debug), it runs layer by
+    layer and names the first layer whose output or parameter gradient is not finite."""
+    if step is None:
+        return getattr(model, direction)(x)
     layers = list(enumerate(model))
     for i, layer in (reversed(layers) if direction == "backward" else layers):
         x = getattr(layer, direction)(x)
@@ -173,6 +179,14 @@ def _checked(model, step, direction, x):
                 raise FloatingPointError(f"step {step}: gradient of layer {i} ({layer!r}) "
                                          f"parameter {name} is not finite")
     return x
+
+
+def micro_batches(x, y, size):
+    """(x, y) in slices of `size` images (0: whole). Small slices keep a step's activations in
+    cache: one process trained seed-cnn's batch of 128 at 7,813 img/s as 2 x 64 against 6,750
+    whole, and a batch of 256 at 8,194 against 6,711 (alternating runs, one BLAS thread)."""
+    size = size or len(y)
+    return ((x[i:i + size], y[i:i + size]) for i in range(0, len(y), size))
 
 
 def seed_dropout(model, seed, epoch, rank):
@@ -221,13 +235,11 @@ def run(cfg, comm=None, on_epoch_end=None):
         loss_sum, started = 0.0, time.perf_counter()
         for step, (x, y) in enumerate(loader, 1):
             replicas.zero_grad()
-            if cfg.debug:
-                logits = _checked(model, step, "forward", x)
-                loss = criterion(logits, y)
-                _checked(model, step, "backward", criterion.backward())
-            else:
-                loss = criterion(model(x), y)
-                model.backward(criterion.backward())
+            loss, check = 0.0, step if cfg.debug else None
+            for xs, ys in micro_batches(x, y, cfg.micro_batch):
+                share = len(ys) / len(y)           # gradients add up to the local batch's mean
+                loss += share * criterion(propagate(model, "forward", xs, check), ys)
+                propagate(model, "backward", criterion.backward() * np.float32(share), check)
             replicas.allreduce_grads()
             model.step(optimizer)
             schedule.step()

@@ -31,6 +31,7 @@ from ddl.launch import find_mpiexec, rank_env  # noqa: E402
 from ddl.models import build  # noqa: E402
 from ddl.optim import SGD  # noqa: E402
 from ddl.parallel import Replicas  # noqa: E402
+from ddl.train import Config, micro_batches  # noqa: E402
 
 MODELS = ("seed-cnn", "ref-cnn")
 BATCHES = (64, 256)
@@ -40,6 +41,7 @@ RANKS = ((1, {}, ""), (2, {}, ""), (4, {}, " (oversubscribed)"),
          (4, {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "0"}, " (oversubscribed, MPICH busy polling)"))
 SCALING_MODEL, SCALING_BATCH = "ref-cnn", 64
 LR, MOMENTUM = 0.01, 0.9
+MICRO_BATCH = Config.micro_batch  # what `ddl train` does with a rank's batch
 
 
 def synthetic(batch, count=4, seed=0):
@@ -67,8 +69,9 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None):
     def step():
         x, y = next(data)
         replicas.zero_grad()
-        criterion(model(x), y)
-        model.backward(criterion.backward())
+        for xs, ys in micro_batches(x, y, MICRO_BATCH):
+            criterion(model(xs), ys)
+            model.backward(criterion.backward() * np.float32(len(ys) / len(y)))
         started = time.perf_counter()
         replicas.allreduce_grads()
         if allreduce_clock is not None:

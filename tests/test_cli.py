@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import rank_env, run_ddl
@@ -30,6 +31,7 @@ def one_line_error(done, *words, code=2):
     (["--model", "resnet"], ["unknown model", "seed-cnn"]),
     (["--optimizer", "lbfgs"], ["unknown optimizer"]),
     (["--lr", "0"], ["--lr"]),
+    (["--micro-batch", "-1"], ["--micro-batch"]),
     (["--subset", "100", "--batch-size", "128"], ["larger than the 100 training images"]),
     (["--checkpoint", "/no/such/dir/c.h5"], ["checkpoint", "does not exist"]),
     (["--metrics", "/no/such/dir/m.jsonl"], ["metrics", "does not exist"]),
@@ -140,3 +142,16 @@ def test_launch_forwards_ctrl_c(mnist_h5, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_micro_batches_give_the_same_training(mnist_h5):
+    """A rank's batch in slices of 16 or at once: the same steps, up to float rounding."""
+    runs = []
+    for micro in (0, 16):
+        cfg = Config(data=str(mnist_h5), subset=512, batch_size=128, epochs=1, micro_batch=micro,
+                     quiet=True)
+        history, model = run(cfg)
+        runs.append((history[0], np.concatenate([p.data.ravel() for p in model.parameters()])))
+    (h0, w0), (h1, w1) = runs
+    np.testing.assert_allclose(w1, w0, rtol=0, atol=1e-5 * np.abs(w0).max())
+    assert h1["train_loss"] == pytest.approx(h0["train_loss"], rel=1e-5)
