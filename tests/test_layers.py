@@ -27,6 +27,7 @@ CONV_CONFIGS = [  # (in, out, kernel, stride, padding, bias, input (N, C, H, W))
     (3, 2, (2, 3), (2, 1), (1, 0), True, (2, 3, 5, 6)),  # rectangular everything
     (1, 2, 1, 1, 0, False, (3, 1, 4, 3)),
     (2, 2, 5, 1, 2, True, (1, 2, 4, 4)),  # padding as wide as the kernel reach
+    (1, 4, (1, 2), 1, 0, True, (2, 1, 3, 4)),  # fewer column rows (3) than channels: other GEMM
 ]
 
 

@@ -112,7 +112,11 @@ def conv2d_backward(grad_y, cols, weight, x_shape, stride, padding, input_grad=T
     oh, ow = grad_y.shape[2:]
     k = c * kh * kw
     gy = grad_y.transpose(1, 2, 3, 0).reshape(o, -1)  # a view when grad_y is (O, OH, OW, N) memory
-    grads = cols @ gy.T  # (C*kh*kw + 1, O): weight gradient, then the bias's from the ones row
+    # (C*kh*kw + 1, O): the weight gradient, then the bias's from the ones row. A GEMM this
+    # skinny (a long inner dimension, two short ones) runs faster in OpenBLAS with the longer
+    # short side as the result's rows: ref-cnn's first layer (10 rows x 32 channels) takes
+    # 1.25 ms that way instead of 1.66 ms; the other layers measured are already that way round.
+    grads = cols @ gy.T if len(cols) >= o else (gy @ cols.T).T
     grad_w, grad_b = grads[:k].T.reshape(weight.shape), grads[k]
     if not input_grad:
         return None, grad_w, grad_b
