@@ -182,7 +182,7 @@ def worker(repeats, seconds):
     # slower rank that the in-step share above includes.
     grads = np.zeros(sum(p.data.size for p in build(SCALING_MODEL).parameters()), np.float32)
     transfer = []
-    for _ in range(50):
+    while len(transfer) < 50 and sum(transfer) < 2.0:   # the same max-reduced sum on every rank
         comm.barrier()
         started = time.perf_counter()
         comm.allreduce(grads)
@@ -195,18 +195,23 @@ def worker(repeats, seconds):
                               transfer_share=float(np.median(transfer)) / step_seconds)))
 
 
-def scaling(repeats, seconds):
-    mpiexec, rows = find_mpiexec(), []
-    for n, env, label in RANKS:
-        cmd = [mpiexec, "-n", str(n), sys.executable, os.path.abspath(__file__), "--worker",
-               "--repeats", str(repeats), "--seconds", str(seconds)]
-        out = subprocess.run(cmd, env=dict(rank_env(), **env), capture_output=True, text=True,
-                             timeout=900)
-        if out.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-        rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), label=label))
-        print(f"  {n} rank(s){label}: {rows[-1]['images_per_second']:,.0f} images/s",
-              file=sys.stderr)
+def scaling(repeats, seconds, rounds=3):
+    """One row per RANKS entry; each figure is the median over `rounds` rounds that run every
+    configuration in turn, so a noisy minute on the shared machine hits all of them alike."""
+    mpiexec, runs = find_mpiexec(), {i: [] for i in range(len(RANKS))}
+    for _ in range(rounds):
+        for i, (n, env, label) in enumerate(RANKS):
+            cmd = [mpiexec, "-n", str(n), sys.executable, os.path.abspath(__file__), "--worker",
+                   "--repeats", str(repeats), "--seconds", str(seconds)]
+            out = subprocess.run(cmd, env=dict(rank_env(), **env), capture_output=True,
+                                 text=True, timeout=900)
+            if out.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+            runs[i].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  {n} rank(s){label}: {runs[i][-1]['images_per_second']:,.0f} images/s",
+                  file=sys.stderr)
+    rows = [dict({k: float(np.median([r[k] for r in runs[i]])) for k in runs[i][0]},
+                 ranks=n, label=label) for i, (n, _, label) in enumerate(RANKS)]
     single = rows[0]["images_per_second"]
     for row in rows:
         row["efficiency"] = row["images_per_second"] / (row["ranks"] * single)
@@ -327,9 +332,10 @@ def report(args, torch_ver, rows, scale, layers, flops, peak, load):
                          f"{r['efficiency']:.0%} | {r['allreduce_share']:.1%} | "
                          f"{r['transfer_us']:,.0f} us | {r['transfer_share']:.1%} |")
         lines += ["", "Efficiency = aggregate / (ranks x the 1-rank figure, also run under "
-                  "mpiexec). The in-step all-reduce share includes waiting for the slowest rank; "
+                  "mpiexec). Each figure is the median of 3 rounds that run every configuration "
+                  "in turn. The in-step all-reduce share includes waiting for the slowest rank; "
                   "'all-reduce alone' times the same call on the flat gradient buffer with every "
-                  "rank arriving together (after a barrier), median of 50.", ""]
+                  "rank arriving together (after a barrier), median of 50 calls (or of 2 s of them).", ""]
     total = sum(f + b for _, f, b in layers)
     lines += ["## Where the time goes (ddl, ref-cnn, batch 64, one step)", "",
               "| layer | forward ms | backward ms | share |", "|---|---:|---:|---:|"]
