@@ -81,6 +81,8 @@ def cli():
 @click.option("--weight-decay", type=float, default=RECIPE.weight_decay, show_default=True)
 @click.option("--schedule", default=RECIPE.schedule, show_default=True,
               help="constant, step or cosine.")
+@click.option("--warmup", type=int, default=RECIPE.warmup, show_default=True,
+              help="Iterations of linear learning-rate warm-up.")
 @click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
 @DATA
 @click.option("--subset", type=int, default=0, help="Train on the first N images only.")

@@ -17,7 +17,8 @@ from ddl.data import DataError, DistributedSampler, H5Dataset, Loader
 from ddl.models import MODELS, build
 from ddl.nn import CrossEntropyLoss, Dropout
 from ddl.log import Log
-from ddl.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
+from ddl.optim import OPTIMIZERS, make_optimizer
+from ddl.schedules import SCHEDULES, make_schedule
 from ddl.parallel import Replicas
 
 EVAL_BATCH = 1000   # per rank; evaluation has no gradients, so bigger batches only save overhead
@@ -39,6 +40,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
+    warmup: int = 0                # iterations of linear lr warm-up (large global batches)
     seed: int = 0
     data: str = "data/mnist.h5"
     subset: int = 0                # train on the first `subset` training images (0: all)
@@ -69,6 +71,8 @@ def check_options(cfg, world_size):
         return f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
     if cfg.schedule not in SCHEDULES:
         return f"unknown schedule {cfg.schedule!r} (choose from {', '.join(SCHEDULES)})"
+    if cfg.warmup < 0:
+        return f"--warmup must be 0 (none) or a number of iterations, got {cfg.warmup}"
     if cfg.subset < 0:
         return f"--subset must be 0 (all) or positive, got {cfg.subset}"
     if cfg.resume and not cfg.checkpoint:
@@ -213,7 +217,7 @@ def run(cfg, comm=None, on_epoch_end=None):
     replicas = Replicas(model, comm)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
-    schedule = make_schedule(cfg.schedule, optimizer, cfg.epochs, len(loader))
+    schedule = make_schedule(cfg.schedule, optimizer, cfg.epochs, len(loader), cfg.warmup)
     criterion = CrossEntropyLoss()
     start, history = 0, []
     if cfg.resume:

@@ -32,6 +32,7 @@ def one_line_error(done, *words, code=2):
     (["--optimizer", "lbfgs"], ["unknown optimizer"]),
     (["--lr", "0"], ["--lr"]),
     (["--micro-batch", "-1"], ["--micro-batch"]),
+    (["--warmup", "-3"], ["--warmup"]),
     (["--subset", "100", "--batch-size", "128"], ["larger than the 100 training images"]),
     (["--checkpoint", "/no/such/dir/c.h5"], ["checkpoint", "does not exist"]),
     (["--metrics", "/no/such/dir/m.jsonl"], ["metrics", "does not exist"]),

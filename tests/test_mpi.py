@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, rank_env, run_mpi
+from conftest import rank_env, run_mpi
 from ddl import checkpoint
 from ddl.models import build
 
