@@ -54,27 +54,21 @@ class Config:
 
 def check_options(cfg, world_size):
     """Problems visible from the options alone (same answer on every rank, no I/O)."""
-    if cfg.model not in MODELS:
-        return f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})"
-    if cfg.epochs < 1:
-        return f"--epochs must be at least 1, got {cfg.epochs}"
-    if cfg.batch_size < 1:
-        return f"--batch-size must be at least 1, got {cfg.batch_size}"
+    for name, known in (("model", MODELS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        value = getattr(cfg, name)
+        if value not in known:
+            return f"unknown {name} {value!r} (choose from {', '.join(known)})"
+    # Zero means "off" or "all" for the last three.
+    for name, low in (("epochs", 1), ("batch_size", 1), ("micro_batch", 0), ("warmup", 0),
+                      ("subset", 0)):
+        value = getattr(cfg, name)
+        if value < low:
+            return f"--{name.replace('_', '-')} must be at least {low}, got {value}"
     if cfg.batch_size % world_size:
         return (f"--batch-size {cfg.batch_size} (the global batch) does not divide by the "
                 f"{world_size} ranks")
-    if cfg.micro_batch < 0:
-        return f"--micro-batch must be 0 (off) or positive, got {cfg.micro_batch}"
     if cfg.lr <= 0:
         return f"--lr must be positive, got {cfg.lr}"
-    if cfg.optimizer not in OPTIMIZERS:
-        return f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
-    if cfg.schedule not in SCHEDULES:
-        return f"unknown schedule {cfg.schedule!r} (choose from {', '.join(SCHEDULES)})"
-    if cfg.warmup < 0:
-        return f"--warmup must be 0 (none) or a number of iterations, got {cfg.warmup}"
-    if cfg.subset < 0:
-        return f"--subset must be 0 (all) or positive, got {cfg.subset}"
     if cfg.resume and not cfg.checkpoint:
         return "--resume needs --checkpoint PATH"
     return None
