@@ -10,6 +10,8 @@ import os
 import h5py
 import numpy as np
 
+from ddl.atomic import replacing
+
 FORMAT_VERSION = 1
 _RESERVED = ("__int_keys__", "format_version")
 
@@ -43,16 +45,9 @@ def _read(group):
 def save(path, tree):
     """Write `tree` to `path` through a temporary file and a rename: a crash mid-write leaves the
     previous checkpoint intact."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format_version"] = FORMAT_VERSION
-            _write(f, tree)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        _write(f, tree)
 
 
 def load(path):
@@ -63,8 +58,9 @@ def load(path):
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(f"{path}: not a ddl checkpoint (format version "
-                                      f"{f.attrs.get('format_version')!r}, expected {FORMAT_VERSION})")
+                raise CheckpointError(
+                    f"{path}: not a ddl checkpoint (format version "
+                    f"{f.attrs.get('format_version')!r}, expected {FORMAT_VERSION})")
             return _read(f)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None

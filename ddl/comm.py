@@ -1,7 +1,8 @@
 """Communicators named after MPI's verbs: one over mpi4py's COMM_WORLD, one single-process stand-in.
 
 The training loop is written once against this interface; plain `ddl train` gets the stand-in and
-never initialises MPI. Array verbs work in place on contiguous NumPy buffers; the `_obj` verbs pickle.
+never initialises MPI. Array verbs work in place on contiguous NumPy buffers; the `_obj` verbs
+pickle.
 """
 import os
 import sys

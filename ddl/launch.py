@@ -22,7 +22,8 @@ def find_mpiexec(given=None):
             raise LaunchError(f"--mpiexec {given}: not found or not executable")
         return found
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    found = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec") or shutil.which("mpirun")
+    found = (beside if os.access(beside, os.X_OK)
+             else shutil.which("mpiexec") or shutil.which("mpirun"))
     if not found:
         raise LaunchError("no mpiexec found: `pip install mpich` (or install a system MPI), "
                           "or name one with --mpiexec PATH")

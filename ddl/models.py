@@ -50,3 +50,21 @@ def build(name, seed=0, input_grad=True):
     model = _BUILDERS[name](np.random.default_rng(seed))
     model[0].needs_input_grad = input_grad
     return model
+
+
+def to_torch(model):
+    """The torch.nn.Sequential of the same layers with the same weights (torch imported here only:
+    the benchmark and the parity tests compare against it). Conv2d, Linear, MaxPool2d, ReLU and
+    Flatten, which is what the named models use."""
+    import torch
+    twins = {
+        nn.Conv2d: lambda m: torch.nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size,
+                                             m.stride, m.padding, bias=m.bias is not None),
+        nn.Linear: lambda m: torch.nn.Linear(m.in_features, m.out_features, m.bias is not None),
+        nn.MaxPool2d: lambda m: torch.nn.MaxPool2d(m.kernel_size, m.stride),
+        nn.ReLU: lambda m: torch.nn.ReLU(),
+        nn.Flatten: lambda m: torch.nn.Flatten(),
+    }
+    twin = torch.nn.Sequential(*(twins[type(m)](m) for m in model))
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    return twin

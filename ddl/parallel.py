@@ -62,8 +62,8 @@ class Replicas:
 
     def check(self):
         """Raise ReplicaDivergence unless every rank holds bit-identical parameters."""
-        crc = zlib.crc32(self.data)
-        low, high = self.comm.allreduce_obj(crc, "min"), self.comm.allreduce_obj(crc, "max")
-        if low != high:
-            raise ReplicaDivergence(
-                f"model replicas diverged across ranks (parameter checksums {low:#x} .. {high:#x})")
+        crcs = self.comm.allgather_obj(zlib.crc32(self.data))
+        odd = [r for r, crc in enumerate(crcs) if crc != crcs[0]]
+        if odd:
+            raise ReplicaDivergence(f"model replicas diverged across ranks: the parameters of "
+                                    f"rank(s) {', '.join(map(str, odd))} differ from rank 0's")

@@ -20,6 +20,8 @@ import zlib
 import h5py
 import numpy as np
 
+from ddl.atomic import replacing
+
 FORMAT_VERSION = 1
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28)
@@ -163,20 +165,14 @@ def _pixel_stats(images):
 
 def _write_h5(out_path, splits, attrs):
     """Write {split: (images (N, H, W), labels (N,))} and `attrs` to `out_path`, atomically."""
-    out_path = os.fspath(out_path)
-    tmp = f"{out_path}.{os.getpid()}.tmp"  # same directory, so os.replace is an atomic rename
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+        with replacing(out_path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(attrs)
             for split, (images, labels) in splits.items():
                 _write_split(f, split, images, labels)
-        os.replace(tmp, out_path)
     except OSError as e:
         raise PrepareError(f"{out_path}: cannot write ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_split(f, split, images, labels):

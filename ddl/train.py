@@ -136,7 +136,8 @@ def _load(path):
 
 
 def evaluate(model, loader, comm):
-    """Exact test loss and accuracy over every rank's part: sums are all-reduced, not means."""
+    """Exact test loss and accuracy over every rank's part: sums are all-reduced, not means.
+    Leaves the model in eval mode (the training loop sets train mode at each epoch)."""
     model.eval()
     criterion = CrossEntropyLoss(reduction="sum")
     totals = np.zeros(3)                       # loss sum, correct, count
@@ -144,7 +145,6 @@ def evaluate(model, loader, comm):
         logits = model(x)
         totals += (criterion(logits, y), np.count_nonzero(logits.argmax(1) == y), len(y))
     comm.allreduce(totals)
-    model.train()
     return totals[0] / totals[2], totals[1] / totals[2]
 
 
@@ -188,6 +188,18 @@ def micro_batches(x, y, size):
     return ((x[i:i + size], y[i:i + size]) for i in range(0, len(y), size))
 
 
+def train_step(model, criterion, x, y, micro_batch, check=None):
+    """Forward and backward of one local batch (x (b, C, H, W), y (b,)) in micro-batches; adds the
+    gradients of the batch's mean loss into every p.grad and returns that loss. `check`: the step
+    number, for --debug (see `propagate`)."""
+    loss = 0.0
+    for xs, ys in micro_batches(x, y, micro_batch):
+        share = len(ys) / len(y)                   # the slices' gradients add up to the mean's
+        loss += share * criterion(propagate(model, "forward", xs, check), ys)
+        propagate(model, "backward", criterion.backward() * np.float32(share), check)
+    return loss
+
+
 def seed_dropout(model, seed, epoch, rank):
     """Dropout masks from (seed, epoch, rank, layer): different on every rank, reproducible on
     resume with no generator state to save."""
@@ -216,7 +228,7 @@ def run(cfg, comm=None, on_epoch_end=None):
     criterion = CrossEntropyLoss()
     start, history = 0, []
     if cfg.resume:
-        state = comm.bcast_obj(state if rank0 else None)
+        state = comm.bcast_obj(state)              # only rank 0 read it
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -234,11 +246,7 @@ def run(cfg, comm=None, on_epoch_end=None):
         loss_sum, started = 0.0, time.perf_counter()
         for step, (x, y) in enumerate(loader, 1):
             replicas.zero_grad()
-            loss, check = 0.0, step if cfg.debug else None
-            for xs, ys in micro_batches(x, y, cfg.micro_batch):
-                share = len(ys) / len(y)           # gradients add up to the local batch's mean
-                loss += share * criterion(propagate(model, "forward", xs, check), ys)
-                propagate(model, "backward", criterion.backward() * np.float32(share), check)
+            loss = train_step(model, criterion, x, y, cfg.micro_batch, step if cfg.debug else None)
             replicas.allreduce_grads()
             model.step(optimizer)
             schedule.step()

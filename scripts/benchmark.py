@@ -28,10 +28,10 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from ddl import nn  # noqa: E402
 from ddl.comm import SingleCommunicator, world  # noqa: E402
 from ddl.launch import find_mpiexec, rank_env  # noqa: E402
-from ddl.models import build  # noqa: E402
+from ddl.models import build, to_torch  # noqa: E402
 from ddl.optim import SGD  # noqa: E402
 from ddl.parallel import Replicas  # noqa: E402
-from ddl.train import Config, micro_batches  # noqa: E402
+from ddl.train import Config, train_step  # noqa: E402
 
 MODELS = ("seed-cnn", "ref-cnn")
 BATCHES = (64, 256)
@@ -69,9 +69,7 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None):
     def step():
         x, y = next(data)
         replicas.zero_grad()
-        for xs, ys in micro_batches(x, y, MICRO_BATCH):
-            criterion(model(xs), ys)
-            model.backward(criterion.backward() * np.float32(len(ys) / len(y)))
+        train_step(model, criterion, x, y, MICRO_BATCH)
         started = time.perf_counter()
         replicas.allreduce_grads()
         if allreduce_clock is not None:
@@ -80,26 +78,10 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None):
     return step
 
 
-def torch_model(model):
-    """The PyTorch twin of a ddl Sequential of Conv2d/Linear/ReLU/MaxPool2d/Flatten layers."""
-    import torch
-    twins = {
-        nn.Conv2d: lambda m: torch.nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size,
-                                             m.stride, m.padding, bias=m.bias is not None),
-        nn.Linear: lambda m: torch.nn.Linear(m.in_features, m.out_features, m.bias is not None),
-        nn.ReLU: lambda m: torch.nn.ReLU(),
-        nn.MaxPool2d: lambda m: torch.nn.MaxPool2d(m.kernel_size, m.stride),
-        nn.Flatten: lambda m: torch.nn.Flatten(),
-    }
-    twin = torch.nn.Sequential(*(twins[type(m)](m) for m in model))
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
-    return twin
-
-
 def torch_step(model_name, batch, channels_last):
     import torch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = torch_model(build(model_name, seed=0)).to(memory_format=fmt)
+    model = to_torch(build(model_name, seed=0)).to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), LR, momentum=MOMENTUM)
     data = cycle([(torch.from_numpy(x).contiguous(memory_format=fmt), torch.from_numpy(y))
                   for x, y in synthetic(batch)])
@@ -335,7 +317,8 @@ def report(args, torch_ver, rows, scale, layers, flops, peak, load):
                   "mpiexec). Each figure is the median of 3 rounds that run every configuration "
                   "in turn. The in-step all-reduce share includes waiting for the slowest rank; "
                   "'all-reduce alone' times the same call on the flat gradient buffer with every "
-                  "rank arriving together (after a barrier), median of 50 calls (or of 2 s of them).", ""]
+                  "rank arriving together (after a barrier), median of 50 calls (or of 2 s of "
+                  "them).", ""]
     total = sum(f + b for _, f, b in layers)
     lines += ["## Where the time goes (ddl, ref-cnn, batch 64, one step)", "",
               "| layer | forward ms | backward ms | share |", "|---|---:|---:|---:|"]

@@ -4,24 +4,9 @@ import numpy as np
 import pytest
 
 from ddl import nn
-from ddl.models import MODELS, build
+from ddl.models import MODELS, build, to_torch
 
 torch = pytest.importorskip("torch")
-
-
-def twin(model):
-    """The torch.nn.Sequential of the same layers, loaded from ddl's state_dict."""
-    make = {
-        nn.Conv2d: lambda m: torch.nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size,
-                                             m.stride, m.padding),
-        nn.Linear: lambda m: torch.nn.Linear(m.in_features, m.out_features),
-        nn.MaxPool2d: lambda m: torch.nn.MaxPool2d(m.kernel_size, m.stride),
-        nn.ReLU: lambda m: torch.nn.ReLU(),
-        nn.Flatten: lambda m: torch.nn.Flatten(),
-    }
-    out = torch.nn.Sequential(*(make[type(m)](m) for m in model))
-    out.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
-    return out
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -29,7 +14,7 @@ def test_same_logits_loss_and_gradients(name, mnist_h5):
     from ddl.data import H5Dataset
     x, y = H5Dataset(mnist_h5, "train").read(np.arange(32))   # real digits: tied pool windows
     model = build(name, seed=1)
-    reference = twin(model)
+    reference = to_torch(model)
     criterion = nn.CrossEntropyLoss()
     loss = criterion(model(x), y)
     model.backward(criterion.backward())
@@ -45,7 +30,7 @@ def test_same_logits_loss_and_gradients(name, mnist_h5):
 
 def test_torch_state_dict_loads_into_ddl():
     torch.manual_seed(0)
-    reference = twin(build("seed-cnn", seed=0))
+    reference = to_torch(build("seed-cnn", seed=0))
     for p in reference.parameters():                           # torch's own weights now
         torch.nn.init.normal_(p)
     model = build("seed-cnn", seed=5)

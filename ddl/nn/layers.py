@@ -182,7 +182,8 @@ class Flatten(Module):
 
 class Dropout(Module):
     """Inverted dropout: in training zero each element with probability p and scale the rest by
-    1/(1-p), so evaluation is the identity. `self.rng` is kept (checkpoints save its state)."""
+    1/(1-p), so evaluation is the identity. Masks come from `self.rng`, which the trainer reseeds
+    from (seed, epoch, rank) every epoch."""
 
     def __init__(self, p=0.5, rng=None):
         super().__init__()

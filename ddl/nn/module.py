@@ -126,7 +126,8 @@ class Module:
         return out
 
     def load_state_dict(self, state):
-        """Copy arrays in place; every missing, unexpected or mis-shaped key is named in one error."""
+        """Copy arrays in place; every missing, unexpected or mis-shaped key is named in one
+        error."""
         targets = {k: p.data for k, p in self.named_parameters()}
         targets.update(self.named_buffers())
         missing = [k for k in targets if k not in state]
