@@ -4,10 +4,14 @@ Every update writes `p.data` in place and only reads `p.grad`: the data-parallel
 both views into flat buffers, so rebinding either would detach the parameter from it.
 Per-parameter state (momentum buffers, Adam moments, ...) is keyed by the parameter's position in
 `optimizer.params`, never by `id()`, so a saved state loads into a freshly built model.
+The NumPy code below is the reference; with the compiled kernels (ddl.kernels) each update is one
+pass of ddl/kernels/optim.py over the parameter instead.
 """
 import math
 
 import numpy as np
+
+from ddl import kernels
 
 
 class Optimizer:
@@ -128,6 +132,21 @@ def _nonneg(**values):
             raise ValueError(f"invalid {k}: {v} (must be >= 0)")
 
 
+def _unused(p):
+    """Stands for state that a compiled update does not use (no momentum, not centered)."""
+    return np.empty(0, p.data.dtype)
+
+
+def _flat(a):
+    """A parameter-shaped contiguous array as a 1-D view (for the compiled updates)."""
+    return a.reshape(-1)
+
+
+def _compiled():
+    from ddl.kernels import optim
+    return optim
+
+
 def _like(current, value):
     """Cast a loaded hyperparameter (maybe a NumPy scalar or array from HDF5) to the current
     attribute's type."""
@@ -159,6 +178,14 @@ class SGD(Optimizer):
         return {"momentum_buffer"} if self.momentum else set()
 
     def _update(self, p, state):
+        if kernels.active() == "numba":
+            first = self.momentum and "momentum_buffer" not in state
+            if first:
+                state["momentum_buffer"] = np.empty_like(p.data)
+            buf = state.get("momentum_buffer", _unused(p))
+            _compiled().sgd(_flat(p.data), _flat(p.grad), _flat(buf), self.lr, self.momentum,
+                            self.dampening, self.weight_decay, self.nesterov, bool(first))
+            return
         g = self._grad(p)
         if self.momentum:
             buf = state.get("momentum_buffer")
@@ -199,9 +226,13 @@ class Adam(Optimizer):
         if not state:
             state.update(step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data))
         beta1, beta2 = self.betas
-        g = self._grad(p)
         state["step"] += 1
         t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        if kernels.active() == "numba":
+            _compiled().adam(_flat(p.data), _flat(p.grad), _flat(m), _flat(v), self.lr, beta1,
+                             beta2, self.eps, self.weight_decay, float(t))
+            return
+        g = self._grad(p)
         m *= beta1
         m += (1 - beta1) * g
         v *= beta2
@@ -236,6 +267,12 @@ class RMSprop(Optimizer):
     def _update(self, p, state):
         if not state:
             state.update({k: np.zeros_like(p.data) for k in self._state_names()})
+        if kernels.active() == "numba":
+            _compiled().rmsprop(*(_flat(a) for a in (
+                p.data, p.grad, state["square_avg"], state.get("grad_avg", _unused(p)),
+                state.get("momentum_buffer", _unused(p)))), self.lr, self.alpha, self.eps,
+                self.weight_decay, self.momentum, self.centered)
+            return
         g = self._grad(p)
         s = state["square_avg"]
         s *= self.alpha

@@ -10,6 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW = Path(os.environ.get("DDL_MNIST_RAW", ROOT.parent / "shared" / "data" / "mnist"))
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def backend(request):
+    """Run the test once with each kind of kernels (`pytestmark = usefixtures("backend")` runs a
+    whole file both ways)."""
+    from ddl import kernels
+    with kernels.using(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def mnist_raw():
     if not (RAW / "train-images-idx3-ubyte.gz").exists():

@@ -9,6 +9,8 @@ from ddl.nn import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, LeakyReLU,
                     ReLU, Sequential, Sigmoid, Tanh)
 from gradcheck import check_module
 
+pytestmark = pytest.mark.usefixtures("backend")  # NumPy and compiled kernels alike
+
 
 def randn(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape)

@@ -5,6 +5,8 @@ import pytest
 from ddl.nn import CrossEntropyLoss, MSELoss
 from gradcheck import numerical_grad
 
+pytestmark = pytest.mark.usefixtures("backend")  # NumPy and compiled kernels alike
+
 
 def logits_and_labels(n=6, c=4, seed=0):
     rng = np.random.default_rng(seed)

@@ -6,6 +6,8 @@ import pytest
 from ddl.nn.module import Module, Parameter, Sequential
 from ddl.optim import SGD, Adam, RMSprop, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("backend")  # NumPy and compiled kernels alike
+
 SHAPES = [(3, 4), (5,)]
 STEPS = 5
 

@@ -1,4 +1,7 @@
-"""Array kernels shared by the layers: im2col convolution and 2-D pooling.
+"""The NumPy kernels: im2col convolution, 2-D pooling, ReLU and the cross-entropy.
+
+This is the readable reference backend (`ddl.kernels.use("numpy")`); ddl/kernels/compiled.py
+offers the same functions compiled with numba, each tested against its twin here.
 
 Layout note: the convolution keeps activations in (C, H, W, N) memory order, channels outermost
 and the batch innermost. Its columns matrix is then (C*kh*kw, OH*OW*N), built from kh*kw copies
@@ -6,8 +9,8 @@ whose inner runs are whole (OW, N) rows; the GEMM `W @ cols` yields (O, OH*OW*N)
 output is a transposed view of it. ReLU and pooling preserve whatever memory order they are given
 (NumPy allocates elementwise results in their input's order), so the next convolution finds its
 input already in place, and Flatten of (C, H, W, N) memory is a free (N, C*H*W) transposed view.
-Nothing outside this file relies on it: every function takes and returns logically NCHW arrays,
-whatever their memory order.
+The compiled backend keeps the same memory order; every function of both takes and returns
+logically NCHW arrays, whatever their memory order.
 """
 import numpy as np
 
@@ -142,12 +145,13 @@ def pool_taps(x, kernel, stride):
     return taps(x, kernel, stride, out_hw)
 
 
-def maxpool2d_forward(x, kernel, stride):
+def maxpool2d_forward(x, kernel, stride, relu=False):
     """x (N, C, H, W) -> (y (N, C, OH, OW), first: kh*kw bool arrays (N, C, OH, OW)).
 
     first[k] marks the windows whose FIRST maximum in row-major window order is tap k, as
     PyTorch's argmax; ties are common (all-zero MNIST borders after ReLU) and must neither split
-    nor duplicate the gradient. Every array keeps x's memory order.
+    nor duplicate the gradient. Every array keeps x's memory order. `relu`: ReLU after pooling
+    (which equals pooling after ReLU), a window cut to zero passing no gradient back.
     """
     taps = pool_taps(x, kernel, stride)
     y = taps[0].copy(order="K")
@@ -162,6 +166,11 @@ def maxpool2d_forward(x, kernel, stride):
         later |= m
     first.append(~later)
     first.reverse()
+    if relu:
+        cut = y <= 0                        # NaN is not cut: it must reach the loss
+        y[cut] = 0
+        for m in first:
+            m &= ~cut
     return y, first
 
 
@@ -201,3 +210,27 @@ def avgpool2d_backward(grad_y, x, kernel, stride):
     for v in pool_taps(grad_x, kernel, stride):
         v += g
     return grad_x
+
+
+# --- activations and the loss -----------------------------------------------------------------
+def relu_forward(x):
+    """x (any shape) -> (y = max(x, 0), ctx for relu_backward: the mask x > 0)."""
+    mask = x > 0
+    return np.maximum(x, 0), mask
+
+
+def relu_backward(grad_y, mask):
+    return grad_y * mask
+
+
+def cross_entropy(logits, labels):
+    """logits (N, K), labels int64 (N,) in [0, K) -> (the summed loss as a float, its gradient
+    (N, K): softmax minus one-hot). Rows are shifted by their maximum before exp, so exp never
+    overflows, even for logits like 1e4."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = shifted - log_z
+    rows = np.arange(len(labels))
+    grad = np.exp(log_p)
+    grad[rows, labels] -= 1
+    return float(-log_p[rows, labels].sum(dtype=np.float64)), grad  # float64: long sums stay accurate

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from ddl import kernels
 from ddl.nn import functional as F
 from ddl.nn.module import Module, Parameter
 
@@ -50,10 +51,11 @@ class Linear(Module):
 
 
 class Conv2d(Module):
-    """2-D cross-correlation: x (N, C, H, W) -> (N, out_channels, OH, OW) via im2col + one GEMM.
+    """2-D cross-correlation: x (N, C, H, W) -> (N, out_channels, OH, OW).
 
     kernel_size, stride, padding: int or (h, w). rng as for Linear. The output is an NCHW view
-    of (C, H, W, N) memory (see functional.py); NumPy treats it like any other array.
+    of (C, H, W, N) memory (see functional.py); NumPy treats it like any other array. NumPy
+    kernels run im2col and one GEMM; compiled ones pick an algorithm from the shape.
     needs_input_grad (see Module): False skips the input gradient, a third of the backward work.
     """
 
@@ -71,16 +73,21 @@ class Conv2d(Module):
         self._ws = F.Workspace()
 
     def forward(self, x):
-        self._x_shape = x.shape
+        return self.run(kernels.backend(), x)
+
+    def run(self, backend, x, **fused):
+        """forward with the kernels of `backend`; `fused` (pool=True, relu=...) asks the compiled
+        backend to max-pool 2x2 (and ReLU) in the same pass (see ddl/nn/fused.py)."""
+        self._x_shape, self._backend = x.shape, backend
         b = None if self.bias is None else self.bias.data
-        y, self._cols = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding,
-                                         self._ws)
+        y, self._ctx = backend.conv2d_forward(x, self.weight.data, b, self.stride, self.padding,
+                                              self._ws, **fused)
         return y
 
     def backward(self, grad_y):
-        gx, gw, gb = F.conv2d_backward(grad_y, self._cols, self.weight.data, self._x_shape,
-                                       self.stride, self.padding, self.needs_input_grad,
-                                       self._ws)
+        gx, gw, gb = self._backend.conv2d_backward(
+            grad_y, self._ctx, self.weight.data, self._x_shape, self.stride, self.padding,
+            self.needs_input_grad, self._ws)
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb
@@ -105,12 +112,17 @@ class MaxPool2d(_Pool2d):
     """Max over each window: (N, C, H, W) -> (N, C, OH, OW); gradient to the first maximum only."""
 
     def forward(self, x):
-        self._x = x
-        y, self._first = F.maxpool2d_forward(x, self.kernel_size, self.stride)
+        return self.run(kernels.backend(), x)
+
+    def run(self, backend, x, relu=False):
+        """forward with the kernels of `backend`, followed by ReLU when `relu` (both backends)."""
+        self._x, self._backend = x, backend
+        y, self._ctx = backend.maxpool2d_forward(x, self.kernel_size, self.stride, relu)
         return y
 
     def backward(self, grad_y):
-        return F.maxpool2d_backward(grad_y, self._first, self._x, self.kernel_size, self.stride)
+        return self._backend.maxpool2d_backward(grad_y, self._ctx, self._x, self.kernel_size,
+                                                self.stride)
 
 
 class AvgPool2d(_Pool2d):
@@ -126,11 +138,12 @@ class AvgPool2d(_Pool2d):
 
 class ReLU(Module):
     def forward(self, x):
-        self._mask = x > 0
-        return np.maximum(x, 0)
+        self._backend = kernels.backend()
+        y, self._ctx = self._backend.relu_forward(x)
+        return y
 
     def backward(self, grad_y):
-        return grad_y * self._mask
+        return self._backend.relu_backward(grad_y, self._ctx)
 
 
 class LeakyReLU(Module):

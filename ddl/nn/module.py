@@ -8,6 +8,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ddl import kernels
+
 
 class Parameter:
     """A trainable array: `data` and its gradient `grad`, same shape and dtype."""
@@ -154,12 +156,17 @@ class Module:
 
 
 class Sequential(Module):
-    """Modules applied in order; backward runs them in reverse; step steps each trainable child."""
+    """Modules applied in order; backward runs them in reverse; step steps each trainable child.
+
+    With the compiled kernels, neighbours that fuse (a convolution, its max pool and ReLU) run as
+    one step (ddl/nn/fused.py); backward follows the steps of the last forward.
+    """
 
     def __init__(self, *modules):
         super().__init__()
         for i, m in enumerate(modules):
             setattr(self, str(i), m)
+        self._plan = (None, [])     # (what it was made for, the steps)
 
     def __iter__(self):
         return iter(m for _, m in self.named_children())
@@ -170,13 +177,26 @@ class Sequential(Module):
     def __getitem__(self, i):
         return list(self)[i]
 
+    def steps(self):
+        """The layers as the active kernels run them: fused groups with the compiled ones."""
+        layers = list(self)
+        key = (kernels.active(), [id(m) for m in layers])
+        if self._plan[0] != key:
+            if kernels.active() == "numba":
+                from ddl.nn.fused import plan  # here: it needs the layers, and numba
+                self._plan = (key, plan(layers))
+            else:
+                self._plan = (key, layers)
+        return self._plan[1]
+
     def forward(self, x):
-        for m in self:
+        self._steps = self.steps()
+        for m in self._steps:
             x = m.forward(x)
         return x
 
     def backward(self, grad_y):
-        for m in reversed(list(self)):
+        for m in reversed(self._steps):
             grad_y = m.backward(grad_y)
         return grad_y
 

@@ -1,0 +1,126 @@
+"""The numba backend: the functions of ddl.nn.functional, with the same arguments and results,
+run by compiled kernels, plus the fused passes that only this backend has (a convolution with
+the 2x2 max pool and ReLU after it; max pooling with its ReLU).
+
+A convolution picks its algorithm from its shape (`algorithm`): a direct convolution for few
+input channels, Winograd F(2x2, 3x3) for other 3x3 stride-1 layers, and otherwise NumPy's im2col
+and one GEMM, which is already BLAS-bound. Activations keep the NumPy backend's memory order,
+(C, H, W, N) with the batch innermost, behind logically (N, C, H, W) arrays, so layers of either
+backend can follow one another.
+"""
+import numpy as np
+
+from ddl.kernels import direct, loss, pool, winograd
+from ddl.nn import functional
+from ddl.nn.functional import (Workspace, avgpool2d_backward, avgpool2d_forward,  # noqa: F401
+                               matmul_like, out_size, pair)
+
+# A direct convolution runs C*kh*kw multiply-adds over each output row; up to this many it beat
+# im2col and Winograd (ref-cnn's and seed-cnn's first layers have 9 and 25).
+DIRECT_MAX_TAPS = 32
+
+
+def algorithm(weight_shape, stride):
+    """"direct", "winograd" or "im2col" for a convolution with this weight (O, C, kh, kw)."""
+    _, c, kh, kw = weight_shape
+    if stride != (1, 1):
+        return "im2col"
+    if c * kh * kw <= DIRECT_MAX_TAPS:
+        return "direct"
+    return "winograd" if (kh, kw) == (3, 3) else "im2col"
+
+
+def fusable(conv, pool_layer):
+    """Whether `conv` followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
+    return (algorithm(conv.weight.shape, conv.stride) != "im2col"
+            and pool_layer.kernel_size == pool_layer.stride == (2, 2))
+
+
+def chwn(x):
+    """x (N, C, H, W) as contiguous (C, H, W, N) memory: a view when it already is."""
+    t = x.transpose(1, 2, 3, 0)
+    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
+
+
+def nchw(a):
+    """(C, H, W, N) memory seen as (N, C, H, W)."""
+    return a.transpose(3, 0, 1, 2)
+
+
+_ALGORITHMS = {"direct": (direct.forward, direct.backward),
+               "winograd": (winograd.forward, winograd.backward)}
+
+
+def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=False):
+    """As functional.conv2d_forward; with `pool` (a fusable layer), max-pooled 2x2 and, with
+    `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
+    algo = algorithm(weight.shape, stride)
+    ws = ws or Workspace()
+    if algo == "im2col":
+        y, ctx = functional.conv2d_forward(x, weight, bias, stride, padding, ws)
+    else:
+        y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, bias, padding, pool, relu, ws)
+        y = nchw(y)
+    return y, (algo, ctx)
+
+
+def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=True, ws=None):
+    """As functional.conv2d_backward, for either kind of conv2d_forward."""
+    algo, ctx = ctx
+    ws = ws or Workspace()
+    if algo == "im2col":
+        return functional.conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding,
+                                          input_grad, ws)
+    grad_w = np.zeros_like(weight)
+    grad_b = np.zeros(weight.shape[0], weight.dtype)
+    gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, padding, input_grad,
+                              ws)
+    return (None if gx is None else nchw(gx)), grad_w, grad_b
+
+
+def maxpool2d_forward(x, kernel, stride, relu=False):
+    """As functional.maxpool2d_forward (ReLU'd too if `relu`); the result's ctx is the code."""
+    xc = chwn(x)
+    out_hw = [out_size(size, k, s) for size, k, s in zip(xc.shape[1:3], kernel, stride)]
+    y = np.empty((xc.shape[0], *out_hw, xc.shape[3]), x.dtype)
+    code = np.empty(y.shape, np.uint8)
+    pool.max_pool(xc, *kernel, *stride, relu, y, code)
+    return nchw(y), code
+
+
+def maxpool2d_backward(grad_y, code, x, kernel, stride):
+    """As functional.maxpool2d_backward."""
+    n, c, h, w = x.shape
+    gx = np.zeros((c, h, w, n), grad_y.dtype)
+    pool.max_pool_grad(chwn(grad_y), code, *kernel, *stride, gx)
+    return nchw(gx)
+
+
+def _flat(a):
+    """a's elements in memory order as a 1-D view, or None unless a fills one contiguous block."""
+    t = a.transpose(np.argsort(a.strides)[::-1])
+    return t.reshape(-1) if t.flags.c_contiguous else None
+
+
+def relu_forward(x):
+    """As functional.relu_forward; the ctx is the output."""
+    xf = _flat(x)
+    if xf is None:
+        return functional.relu_forward(x)
+    y = np.empty_like(x)   # x's memory order, so the flat views line up
+    pool.relu(xf, _flat(y))
+    return y, y
+
+
+def relu_backward(grad_y, ctx):
+    """As functional.relu_backward, given the forward's ctx."""
+    if ctx.dtype == bool:                  # the forward fell back to NumPy: ctx is its mask
+        return functional.relu_backward(grad_y, ctx)
+    if grad_y.strides != ctx.strides:      # laid out unlike the output: no common flat view
+        return functional.relu_backward(grad_y, ctx > 0)
+    gx = np.empty_like(ctx)
+    pool.relu_grad(_flat(ctx), _flat(grad_y), _flat(gx))
+    return gx
+
+
+cross_entropy = loss.cross_entropy

@@ -1,0 +1,104 @@
+"""numba as ddl uses it: one decorator for every compiled kernel, its on-disk cache, and `warm`.
+
+Kernels are plain loops over NumPy arrays, compiled on first use and cached on disk. numba checks
+a cached kernel only against its own file, so a change to a helper or an option in another file
+would go unseen: ddl's kernels therefore cache in a folder named after a hash of every file in
+ddl/kernels/, beside the code when that is writable, else in the user's cache folder, else in a
+temporary one (a read-only install still works). Each kernel names the float32 signatures that
+training uses, so `warm()` (run by `make install`, and rank 0 first at the start of training) can
+compile or load them all before the first step instead of in the middle of it.
+
+Writing a kernel that vectorises: the innermost loop runs over unit-stride memory and indexes it
+with its own loop variable. numba wraps negative indices around, and an index that LLVM cannot
+prove non-negative (`x[i + j * n]` with n an argument) costs a check per element that turns
+vector loads into gathers (5x slower here); slice first (`xs = x[j * n:]`, then `xs[i]`).
+"""
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+
+import llvmlite.binding as llvm
+import numba
+
+# Fast-math minus the "no NaN / no inf" promises: a NaN must survive a ReLU or a max so that a
+# diverging run is seen, not hidden. `reassoc` lets LLVM vectorise sums; `contract` allows FMAs.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# The Winograd transforms read and write 16 arrays in one loop. LLVM then needs more run-time
+# overlap checks than its default limit of 128 before it vectorises the loop, and without them
+# ref-cnn's input transform ran 9x slower (2.4 ms instead of 0.27 ms a batch of 64).
+llvm.set_option("", "-vectorize-memory-check-threshold=1000")
+
+_KERNELS = []   # (dispatcher, signature templates)
+
+
+def helper(fn):
+    """A small function that kernels call. numba inlines it into each caller: compiled apart,
+    LLVM treated some callers' inner loops as optimised for size and left them scalar."""
+    return numba.njit(fastmath=FASTMATH, error_model="numpy", inline="always")(fn)
+
+
+def kernel(*signatures):
+    """Compile a function with numba, cached; `signatures` are templates in which "T" stands for
+    the float type, e.g. "(T[:, ::1], T[::1], float64)", compiled ahead for float32 by `warm`.
+    Other argument types (float64 in the gradient checks) compile on first call."""
+    def decorate(fn):
+        previous = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = cache_dir()    # read as the cache is set up, then restored
+        try:
+            dispatcher = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy",
+                                    boundscheck=False, nogil=True)(fn)
+        finally:
+            numba.config.CACHE_DIR = previous
+        _KERNELS.append((dispatcher, signatures))
+        return dispatcher
+    return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def cache_dir():
+    """The first writable of: $NUMBA_CACHE_DIR, ddl/kernels/__pycache__, ~/.cache/ddl and the
+    temporary folder, each with a subfolder ddl-kernels-<hash of ddl/kernels/*.py>. Subfolders of older
+    hashes beside it are removed."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    name = f"ddl-kernels-{digest.hexdigest()[:16]}"
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                  ".cache")
+    bases = [os.environ.get("NUMBA_CACHE_DIR"), os.path.join(here, "__pycache__"),
+             os.path.join(user_cache, "ddl"),
+             os.path.join(tempfile.gettempdir(), f"ddl-{os.getuid()}")]
+    for base in filter(None, bases):
+        folder = os.path.join(base, name)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError:
+            continue
+        for old in glob.glob(os.path.join(base, "ddl-kernels-*")):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+    raise RuntimeError("no writable folder for numba's cache: set NUMBA_CACHE_DIR")
+
+
+def warm():
+    """Compile or load every registered kernel for float32; returns the seconds it took."""
+    started = time.perf_counter()
+    from ddl.kernels import compiled, optim  # noqa: F401  (importing registers the kernels)
+    for dispatcher, signatures in _KERNELS:
+        for template in signatures:
+            dispatcher.compile(template.replace("T", "float32"))
+    return time.perf_counter() - started
+
+
+def signature_count():
+    """How many specialisations the kernels hold (a test checks that training adds none after
+    `warm`, i.e. that the declared signatures are the ones really used)."""
+    return sum(len(d.signatures) for d, _ in _KERNELS)

@@ -1,0 +1,313 @@
+"""The compiled kernels against the NumPy reference and finite differences, on odd shapes; the
+fused layer groups; numba's cache and the ahead-of-time compilation."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddl import kernels, nn
+from ddl.kernels import compiled, jit
+from ddl.models import MODELS, build
+from ddl.nn.fused import ConvPool, PoolReLU
+from gradcheck import check_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (in, out, kernel, stride, padding, input (N, C, H, W)), covering each algorithm
+CONVS = {
+    "direct": [(1, 4, 3, 1, 0, (2, 1, 7, 6)), (1, 3, 5, 1, 2, (1, 1, 6, 5)),
+               (2, 3, (2, 3), 1, (1, 0), (3, 2, 5, 6)), (3, 2, 3, 1, 1, (2, 3, 4, 4))],
+    "winograd": [(4, 3, 3, 1, 0, (2, 4, 6, 6)), (5, 2, 3, 1, 1, (3, 5, 5, 7)),  # odd outputs
+                 (6, 4, 3, 1, 2, (1, 6, 3, 4)), (8, 3, 3, 1, 0, (2, 8, 3, 3))],  # one output
+    "im2col": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
+               (6, 2, 5, 1, 0, (2, 6, 7, 7))],
+}
+CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]
+
+
+def randn(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def make_conv(cfg, seed=1):
+    cin, cout, k, s, p, _ = cfg
+    return nn.Conv2d(cin, cout, k, stride=s, padding=p, rng=np.random.default_rng(seed))
+
+
+def run_both(make, x, grad_y_seed=2, dtype=np.float64):
+    """forward and backward of a fresh module from `make()` under each kernel set:
+    {name: (y, grad_x, [parameter gradients])}."""
+    out = {}
+    for name in kernels.NAMES:
+        with kernels.using(name):
+            module = make().to(dtype)
+            y = module.forward(x.astype(dtype))
+            grad_y = randn(*y.shape, seed=grad_y_seed).astype(dtype)
+            grad_x = module.backward(grad_y)
+            out[name] = (y, grad_x, [p.grad.copy() for p in module.parameters()])
+    return out
+
+
+def assert_same(out, tol=1e-10):
+    """Each array of the numba run equals the NumPy run's within tol x the latter's largest
+    magnitude (float rounding differs with the order of the sums)."""
+    (y, gx, gp), (y2, gx2, gp2) = out["numba"], out["numpy"]
+    assert (gx is None) == (gx2 is None)
+    pairs = [("output", y, y2)] + ([("input gradient", gx, gx2)] if gx2 is not None else [])
+    pairs += [(f"parameter gradient {i}", a, b) for i, (a, b) in enumerate(zip(gp, gp2))]
+    for what, a, b in pairs:
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max(), err_msg=what)
+
+
+# --- convolutions -------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo, cfg", CONV_CASES)
+def test_conv_algorithm_matches_numpy(algo, cfg):
+    conv = make_conv(cfg)
+    assert compiled.algorithm(conv.weight.shape, conv.stride) == algo
+    assert_same(run_both(lambda: make_conv(cfg), randn(*cfg[-1])))
+
+
+@pytest.mark.parametrize("algo, cfg", CONV_CASES)
+def test_conv_algorithm_finite_differences(algo, cfg):
+    with kernels.using("numba"):
+        check_module(make_conv(cfg), randn(*cfg[-1]))
+
+
+@pytest.mark.parametrize("algo, cfg", [c for c in CONV_CASES if c[0] != "im2col"])
+def test_conv_without_input_gradient(algo, cfg):
+    def make():
+        conv = make_conv(cfg)
+        conv.needs_input_grad = False
+        return conv
+    out = run_both(make, randn(*cfg[-1]))
+    assert out["numba"][1] is None
+    assert_same(out)
+
+
+def test_float32_conv_close_to_numpy():
+    x = randn(64, 32, 13, 13).astype(np.float32)      # ref-cnn's second layer, Winograd
+    out = run_both(lambda: nn.Conv2d(32, 64, 3, rng=np.random.default_rng(3)), x,
+                   dtype=np.float32)
+    assert_same(out, tol=1e-5)
+
+
+# --- fused groups ---------------------------------------------------------------------------------
+def conv_pool(order, cfg, relu=True):
+    """A Sequential of the conv in `cfg` and a 2x2 max pool, with a ReLU where `order` says."""
+    def make():
+        layers = {"pool": nn.MaxPool2d(2), "relu": nn.ReLU()}
+        return nn.Sequential(make_conv(cfg), *(layers[k] for k in order))
+    return make
+
+
+FUSED = [c for c in CONV_CASES if c[0] != "im2col" and min(c[1][-1][2:]) > 3]  # room to pool
+
+
+@pytest.mark.parametrize("order", [("pool", "relu"), ("relu", "pool"), ("pool",)])
+@pytest.mark.parametrize("algo, cfg", FUSED)
+def test_conv_pool_relu_fuse_and_match_numpy(algo, cfg, order):
+    make = conv_pool(order, cfg)
+    with kernels.using("numba"):
+        assert [type(s) for s in make().steps()] == [ConvPool]
+    x = randn(*cfg[-1])
+    x[..., :2, :] = 0     # flat regions: tied windows, and ReLU cutting whole windows
+    assert_same(run_both(make, x))
+    with kernels.using("numba"):
+        check_module(make(), randn(*cfg[-1], seed=4))
+
+
+def test_ties_go_to_the_first_maximum_in_fused_passes():
+    """Integer images with blank rows: exact ties in every method's arithmetic."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 3, size=(3, 4, 10, 10)).astype(np.float64)
+    x[:, :, :4] = 0
+    for cfg in [(4, 5, 3, 1, 0, None), (4, 5, 3, 1, 1, None), (4, 2, 1, 1, 0, None)]:
+        out = run_both(conv_pool(("relu", "pool"), cfg), x)
+        assert_same(out)
+
+
+@pytest.mark.parametrize("kernel, stride, shape", [(2, None, (2, 3, 6, 8)), (2, None, (1, 2, 7, 5)),
+                                                   (3, 2, (2, 2, 9, 7)), ((3, 2), (1, 2), (1, 2, 5, 6)),
+                                                   (2, 3, (1, 2, 8, 7))])
+@pytest.mark.parametrize("relu", [False, True])
+def test_max_pool_with_ties_matches_numpy(kernel, stride, shape, relu):
+    x = np.random.default_rng(6).integers(-1, 2, size=shape).astype(np.float64)
+    make = ((lambda: nn.Sequential(nn.MaxPool2d(kernel, stride), nn.ReLU())) if relu
+            else (lambda: nn.MaxPool2d(kernel, stride)))
+    if relu:
+        with kernels.using("numba"):
+            assert [type(s) for s in make().steps()] == [PoolReLU]
+    assert_same(run_both(make, x))
+
+
+def test_non_finite_values_are_not_hidden():
+    """NaN passes through ReLU and every pooling path: divergence must reach the loss."""
+    x = randn(2, 4, 6, 6)
+    x[0, 1, 2, 3] = np.nan
+    with kernels.using("numba"):
+        for make in (lambda: nn.ReLU(), lambda: nn.MaxPool2d(2),
+                     lambda: nn.Sequential(nn.MaxPool2d(2), nn.ReLU()),
+                     conv_pool(("pool", "relu"), (4, 2, 3, 1, 0, None)),
+                     conv_pool(("pool", "relu"), (4, 2, 1, 1, 0, None))):
+            assert np.isnan(make()(x)).any()
+        logits = randn(3, 10)
+        logits[1, 4] = np.nan
+        assert np.isnan(nn.CrossEntropyLoss()(logits, np.array([0, 1, 2])))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_named_models_fuse_and_match_numpy(name):
+    x = randn(5, 1, 28, 28, seed=7)
+    x[:, :, :6] = 0
+    assert_same(run_both(lambda: build(name, seed=2, input_grad=False), x, dtype=np.float32),
+                tol=1e-5)
+
+
+def test_fusion_keeps_the_module_tree_and_state_dict():
+    model = build("ref-cnn", seed=0)
+    before = model.state_dict()
+    with kernels.using("numba"):
+        steps = model.steps()
+        model(np.zeros((2, 1, 28, 28), np.float32))
+    assert [type(s).__name__ for s in steps] == ["ConvPool", "ConvPool", "Flatten", "Linear",
+                                                  "ReLU", "Linear"]
+    assert list(model.state_dict()) == list(before)
+    assert len(model) == 10 and len(model.parameters()) == 8
+    with kernels.using("numpy"):
+        assert model.steps() == list(model)
+
+
+def test_a_users_sequential_gets_the_fused_path():
+    rng = np.random.default_rng(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 8, 3, padding=1, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
+                        nn.Conv2d(8, 4, 3, stride=2, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten())
+    with kernels.using("numba"):
+        assert [type(s).__name__ for s in net.steps()] == ["ConvPool", "ConvPool", "Conv2d",
+                                                          "PoolReLU", "Flatten"]
+
+
+# --- loss and optimizers --------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_cross_entropy_matches_numpy(scale):
+    logits, labels = randn(7, 5) * scale, np.array([0, 4, 2, 2, 1, 3, 0])
+    results = {}
+    for name in kernels.NAMES:
+        with kernels.using(name):
+            loss = nn.CrossEntropyLoss()
+            results[name] = (loss(logits, labels), loss.backward())
+    assert np.isfinite(results["numba"][0])
+    np.testing.assert_allclose(results["numba"][0], results["numpy"][0], rtol=1e-12)
+    np.testing.assert_allclose(results["numba"][1], results["numpy"][1], atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: nn_optim().SGD(ps, 0.1),
+    lambda ps: nn_optim().SGD(ps, 0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    lambda ps: nn_optim().SGD(ps, 0.1, momentum=0.9, nesterov=True),
+    lambda ps: nn_optim().Adam(ps, 0.01, weight_decay=0.1),
+    lambda ps: nn_optim().RMSprop(ps, 0.01),
+    lambda ps: nn_optim().RMSprop(ps, 0.01, momentum=0.5, centered=True, weight_decay=0.1),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_updates_match_numpy(make, dtype):
+    results = {}
+    for name in kernels.NAMES:
+        with kernels.using(name):
+            params = [nn.Parameter(randn(4, 3, seed=8), dtype), nn.Parameter(randn(5, seed=9),
+                                                                              dtype)]
+            opt = make(params)
+            for step in range(4):
+                for i, p in enumerate(params):
+                    p.grad[...] = randn(*p.shape, seed=10 + 2 * step + i)
+                opt.step()
+            results[name] = [p.data.copy() for p in params], opt.state_dict()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    for a, b in zip(results["numba"][0], results["numpy"][0]):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol)
+    state, reference = results["numba"][1]["state"], results["numpy"][1]["state"]
+    assert state.keys() == reference.keys()
+    for i in state:
+        for k in reference[i]:
+            np.testing.assert_allclose(state[i][k], reference[i][k], **tol)
+
+
+def nn_optim():
+    from ddl import optim
+    return optim
+
+
+# --- compilation -----------------------------------------------------------------------------------
+def test_warm_declares_every_signature_training_uses():
+    """After warm(), training steps of every named model (and evaluation) compile nothing new:
+    the float32 signatures the kernels declare are the ones really called."""
+    from ddl.optim import SGD
+    jit.warm()
+    before = jit.signature_count()
+    with kernels.using("numba"):
+        for name in MODELS:
+            model = build(name, seed=0, input_grad=False)
+            optimizer = SGD(model.parameters(), 0.1, momentum=0.9)
+            loss = nn.CrossEntropyLoss()
+            x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+            loss(model(x), np.array([1, 2, 3]))
+            model.backward(loss.backward())
+            model.step(optimizer)
+            model.eval()(x)
+    assert jit.signature_count() == before
+
+
+def test_kernels_choice_is_checked():
+    with pytest.raises(ValueError, match="numba, numpy"):
+        kernels.use("cuda")
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """(folder, seal): fill the folder, then seal() makes it read-only for real, for root too
+    (a tmpfs mount remounted read-only; skipped where mounting is not allowed)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        yield folder, lambda: [os.chmod(d, 0o555) for d, _, _ in os.walk(folder)]
+        for d, _, _ in os.walk(folder):
+            os.chmod(d, 0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(folder)]).returncode:
+        pytest.skip("cannot mount a tmpfs to make a folder read-only for root")
+    try:
+        yield folder, lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)],
+                                             check=True)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_install_caches_elsewhere(read_only, tmp_path):
+    """ddl installed read-only compiles into $XDG_CACHE_HOME/ddl, or into the temporary folder
+    when that is read-only too."""
+    folder, seal = read_only
+    shutil.copytree(os.path.join(ROOT, "ddl"), folder / "ddl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "cache").mkdir()
+    seal()
+    probe = (f"import numpy as np; from ddl.kernels import jit, pool; "
+             f"assert pool.__file__.startswith({str(folder)!r}), pool.__file__; "
+             f"x = np.ones(4, np.float32); pool.relu(x, x); print(jit.cache_dir())")
+    for user_cache, expected in ((tmp_path / "cache", tmp_path / "cache" / "ddl"),
+                                 (folder / "cache", tmp_path / "tmp" / f"ddl-{os.getuid()}")):
+        (tmp_path / "tmp").mkdir(exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(folder), XDG_CACHE_HOME=str(user_cache),
+                   TMPDIR=str(tmp_path / "tmp"))
+        env.pop("NUMBA_CACHE_DIR", None)
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        cache = out.stdout.strip()
+        assert os.path.dirname(cache) == str(expected)
+        assert any(name.endswith(".nbi") for _, _, names in os.walk(cache) for name in names)
