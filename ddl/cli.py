@@ -74,6 +74,8 @@ def cli():
               help="Global batch, split evenly across ranks.")
 @click.option("--micro-batch", type=int, default=RECIPE.micro_batch, show_default=True,
               help="Images per forward/backward pass within a rank's batch (0: all at once).")
+@click.option("--kernels", default=RECIPE.kernels, show_default=True,
+              help="numba (compiled) or numpy (the reference).")
 @click.option("--lr", type=float, default=RECIPE.lr, show_default=True)
 @click.option("--optimizer", default=RECIPE.optimizer, show_default=True,
               help="sgd, adam or rmsprop.")

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ddl import checkpoint
+from ddl import checkpoint, kernels
 from ddl.comm import SingleCommunicator
 from ddl.data import DataError, DistributedSampler, H5Dataset, Loader
 from ddl.models import MODELS, build
@@ -36,6 +36,7 @@ class Config:
     epochs: int = 6
     batch_size: int = 128          # global: split evenly across the ranks
     micro_batch: int = 64          # images per forward/backward within a rank's batch (0: all)
+    kernels: str = "numba"         # or "numpy", the reference (ddl/kernels/__init__.py)
     lr: float = 0.05
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -55,7 +56,8 @@ class Config:
 
 def check_options(cfg, world_size):
     """Problems visible from the options alone (same answer on every rank, no I/O)."""
-    for name, known in (("model", MODELS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+    for name, known in (("model", MODELS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                        ("kernels", kernels.NAMES)):
         value = getattr(cfg, name)
         if value not in known:
             return f"unknown {name} {value!r} (choose from {', '.join(known)})"
@@ -216,6 +218,8 @@ def run(cfg, comm=None, on_epoch_end=None):
     log = Log(rank0 and not cfg.quiet, cfg.metrics if rank0 else None)
 
     train_set, test_set, n_train, state = agree(comm, lambda: check_inputs(cfg, rank0))
+    kernels.use(cfg.kernels)
+    compile_seconds = kernels.warm(comm)
 
     # --- set up: the same model, optimizer and schedule on every rank
     sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
@@ -236,7 +240,9 @@ def run(cfg, comm=None, on_epoch_end=None):
         log.info(f"resuming {cfg.checkpoint} after epoch {start}")
     log.info(f"{cfg.model}: {replicas.data.size:,} parameters on {comm.size} rank(s); global batch "
              f"{cfg.batch_size} = {cfg.batch_size // comm.size} per rank; {len(loader)} steps per "
-             f"epoch over {n_train:,} images; {cfg.optimizer} lr {cfg.lr}, {cfg.schedule} schedule")
+             f"epoch over {n_train:,} images; {cfg.optimizer} lr {cfg.lr}, {cfg.schedule} schedule; "
+             f"{cfg.kernels} kernels" + (f" (ready in {compile_seconds:.1f} s)"
+                                         if cfg.kernels == "numba" else ""))
 
     # --- epochs
     for epoch in range(start, cfg.epochs):
