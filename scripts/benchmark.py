@@ -1,8 +1,9 @@
-"""Training-speed benchmark: ddl against PyTorch on the CPU, data-parallel scaling over MPI, a
-per-layer breakdown and the roofline. Writes a markdown report (`make bench`).
+"""Training-speed benchmark: ddl (compiled and NumPy kernels) against PyTorch on the CPU,
+numba's compile and cache-load times, data-parallel scaling over MPI, a per-step breakdown and
+the roofline. Writes a markdown report (`make bench`).
 
 Every figure is the median of timed repeats after a warm-up, with one BLAS thread per process.
-ddl's and PyTorch's repeats alternate within one run, so the machine's noise hits both alike.
+The contestants' repeats alternate within one run, so the machine's noise hits all alike.
 A training step is what `ddl.train` does: zero the gradients, forward, cross-entropy, backward,
 (all-reduce), SGD with momentum 0.9.
 
@@ -20,12 +21,13 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from ddl import nn  # noqa: E402
+from ddl import kernels, nn  # noqa: E402
 from ddl.comm import SingleCommunicator, world  # noqa: E402
 from ddl.launch import find_mpiexec, rank_env  # noqa: E402
 from ddl.models import build, to_torch  # noqa: E402
@@ -57,9 +59,9 @@ def cycle(batches):
 
 
 # --- the contestants: each is a `step()` closure over its model, optimizer and data -------------
-def ddl_step(model_name, batch, comm=None, allreduce_clock=None):
-    """One ddl training step as ddl.train runs it. `allreduce_clock`, a one-element list, collects
-    the seconds spent in the gradient all-reduce."""
+def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="numba"):
+    """One ddl training step as ddl.train runs it, with the kernels named. `allreduce_clock`, a
+    one-element list, collects the seconds spent in the gradient all-reduce."""
     model = build(model_name, seed=0, input_grad=False)
     replicas = Replicas(model, comm or SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
@@ -67,6 +69,7 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None):
     data = cycle(synthetic(batch))
 
     def step():
+        kernels.use(kernel_set)
         x, y = next(data)
         replicas.zero_grad()
         train_step(model, criterion, x, y, MICRO_BATCH)
@@ -133,7 +136,8 @@ def single_process(repeats, seconds, with_torch):
     rows = []
     for model_name in MODELS:
         for batch in BATCHES:
-            contestants = {"ddl": ddl_step(model_name, batch)}
+            contestants = {f"ddl {k}": ddl_step(model_name, batch, kernel_set=k)
+                           for k in kernels.NAMES}
             if with_torch:
                 contestants["torch"] = torch_step(model_name, batch, channels_last=False)
                 contestants["torch channels_last"] = torch_step(model_name, batch, True)
@@ -202,35 +206,49 @@ def scaling(repeats, seconds, rounds=3):
 
 # --- where the time goes --------------------------------------------------------------------------
 def layer_breakdown(model_name, batch, repeats):
-    """[(layer, forward ms, backward ms)] medians over `repeats` steps, plus loss and optimizer."""
+    """[(step, forward ms, backward ms)] medians over `repeats` steps of the compiled kernels,
+    one row per step that Sequential runs (fused groups included), plus loss and optimizer."""
+    kernels.use("numba")
     model = build(model_name, seed=0, input_grad=False)
     replicas = Replicas(model, SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
-    layers = list(model)
+    steps = model.steps()
     x, y = synthetic(batch, count=1)[0]
-    times = np.zeros((max(repeats, 5) + 3, len(layers) + 2, 2))
+    times = np.zeros((max(repeats, 5) + 3, len(steps) + 2, 2))
     for r in range(len(times)):
         replicas.zero_grad()
         h = x
-        for i, layer in enumerate(layers):
+        for i, step in enumerate(steps):
             started = time.perf_counter()
-            h = layer.forward(h)
+            h = step.forward(h)
             times[r, i, 0] = time.perf_counter() - started
         started = time.perf_counter()
         criterion(h, y)
         g = criterion.backward()
         times[r, -2, 0] = time.perf_counter() - started
-        for i in reversed(range(len(layers))):
+        for i in reversed(range(len(steps))):
             started = time.perf_counter()
-            g = layers[i].backward(g)
+            g = steps[i].backward(g)
             times[r, i, 1] = time.perf_counter() - started
         started = time.perf_counter()
         model.step(optimizer)
         times[r, -1, 0] = time.perf_counter() - started
     ms = np.median(times[3:], axis=0) * 1e3  # the first steps are warm-up
-    names = [f"{i} {layer!r}" for i, layer in enumerate(layers)]
+    names = [repr(step) for step in steps]
     return list(zip(names + ["cross-entropy (both ways)", "SGD step"], ms[:, 0], ms[:, 1]))
+
+
+def compile_times():
+    """numba's costs in fresh processes: (import s, compiling every kernel into an empty cache s,
+    loading them all from that cache s)."""
+    probe = ("import time; t = time.perf_counter(); import numba; t = time.perf_counter() - t; "
+             "from ddl.kernels import jit; print(t, jit.warm())")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = [subprocess.run([sys.executable, "-c", probe], env=env, check=True, text=True,
+                               capture_output=True).stdout.split() for _ in range(2)]
+    return float(runs[1][0]), float(runs[0][1]), float(runs[1][1])
 
 
 def training_flops(model, image_shape=(1, 28, 28)):
@@ -268,41 +286,52 @@ def blas():
                      for i in threadpool_info() if i.get("user_api") == "blas") or "unknown"
 
 
-def report(args, torch_ver, rows, scale, layers, flops, peak, load):
+def report(args, torch_ver, rows, numba_costs, scale, breakdowns, flops, peak, load):
     command = " ".join([os.path.relpath(sys.executable), "scripts/benchmark.py", *sys.argv[1:]])
     lines = [
         "# Benchmarks", "",
         f"Generated by `{command}` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.", "",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores; load average {load[0]:.1f} before "
         f"the run, {load[1]:.1f} after (other work on a shared machine slows every figure).",
-        f"- Python {platform.python_version()}, NumPy {np.__version__}, "
-        f"PyTorch {torch_ver or 'not installed'}; BLAS: {blas()}.",
+        f"- Python {platform.python_version()}, NumPy {np.__version__}, numba "
+        f"{numba_version()}, PyTorch {torch_ver or 'not installed'}; BLAS: {blas()}.",
         "- One BLAS thread per process: threadpoolctl, OMP/OPENBLAS/MKL_NUM_THREADS=1 and "
-        "`torch.set_num_threads(1)`.",
+        "`torch.set_num_threads(1)`; numba's kernels are single-threaded.",
         f"- Synthetic MNIST-shaped data; SGD with momentum {MOMENTUM}. Each figure is the median "
-        f"of {args.repeats} timed repeats of ~{args.seconds:g} s after a warm-up; ddl's and "
-        "PyTorch's repeats alternate.",
-        "", "## Single-process training throughput (images/s)", ""]
+        f"of {args.repeats} timed repeats of ~{args.seconds:g} s after a warm-up; the "
+        "contestants' repeats alternate.",
+        "", "## Single-process training throughput (images/s)", "",
+        "One row per kernel set of ddl (`--kernels`): numba is the default, NumPy the "
+        "reference.", ""]
     if torch_ver:
-        lines += ["| model | batch | ddl | PyTorch | PyTorch channels_last | ddl / PyTorch | "
-                  "ddl / PyTorch's best |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            best = max(r["torch"], r["torch channels_last"])
-            lines.append(f"| {r['model']} | {r['batch']} | {r['ddl']:,.0f} | {r['torch']:,.0f} | "
-                         f"{r['torch channels_last']:,.0f} | {r['ddl'] / r['torch']:.2f}x | "
-                         f"{r['ddl'] / best:.2f}x |")
+        lines += ["| model | batch | kernels | ddl | PyTorch | PyTorch channels_last | "
+                  "ddl / PyTorch | ddl / PyTorch's best |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     else:
         lines += ["PyTorch is not installed (`pip install -e '.[bench]'`): ddl only.", "",
-                  "| model | batch | ddl |", "|---|---:|---:|"]
-        lines += [f"| {r['model']} | {r['batch']} | {r['ddl']:,.0f} |" for r in rows]
-    ref = next(r["ddl"] for r in rows if r["model"] == "ref-cnn" and r["batch"] == 64)
+                  "| model | batch | kernels | ddl |", "|---|---:|---|---:|"]
+    for r in rows:
+        for k in kernels.NAMES:
+            ddl = r[f"ddl {k}"]
+            line = f"| {r['model']} | {r['batch']} | {k} | {ddl:,.0f} |"
+            if torch_ver:
+                best = max(r["torch"], r["torch channels_last"])
+                line += (f" {r['torch']:,.0f} | {r['torch channels_last']:,.0f} | "
+                         f"{ddl / r['torch']:.2f}x | **{ddl / best:.2f}x** |")
+            lines.append(line)
+    imported, cold, cached = numba_costs
+    lines += ["", f"numba, in a fresh process: import {imported:.2f} s; compiling every kernel "
+              f"(float32) into an empty cache {cold:.1f} s (`make install` does it once); loading "
+              f"them all from the cache {cached:.2f} s (what a training run pays at start)."]
+    ref = next(r["ddl numba"] for r in rows if r["model"] == "ref-cnn" and r["batch"] == 64)
     roof = peak * 1e9 / flops
     lines += ["", "## Roofline (ref-cnn, batch 64)", "",
-              f"ref-cnn costs {flops / 1e6:.1f} MFLOP per training image (Conv2d and Linear; the "
-              f"first layer computes no input gradient). This core's sgemm speed, the median of "
-              f"1024x1024 products, is {peak:.0f} GFLOPS, so a perfect GEMM-only step would train "
-              f"{roof:,.0f} images/s. ddl reaches {ref:,.0f}: **{ref / roof:.0%} of the "
-              "roofline**.", ""]
+              f"ref-cnn costs {flops / 1e6:.1f} MFLOP per training image as direct convolutions "
+              f"and GEMMs (Conv2d and Linear; the first layer computes no input gradient). This "
+              f"core's sgemm speed, the median of 1024x1024 products, is {peak:.0f} GFLOPS, so a "
+              f"perfect GEMM-only step would train {roof:,.0f} images/s. ddl reaches {ref:,.0f}: "
+              f"**{ref / roof:.0%} of the roofline**. ddl's second convolution runs Winograd "
+              "F(2x2, 3x3), which needs 2.25x fewer multiplications than the FLOPs counted here, "
+              "so the share could pass 100%.", ""]
     if scale:
         lines += [f"## Data-parallel scaling ({SCALING_MODEL}, {SCALING_BATCH} images per rank, "
                   f"one BLAS thread per rank, {os.cpu_count()} cores)", "",
@@ -319,12 +348,20 @@ def report(args, torch_ver, rows, scale, layers, flops, peak, load):
                   "'all-reduce alone' times the same call on the flat gradient buffer with every "
                   "rank arriving together (after a barrier), median of 50 calls (or of 2 s of "
                   "them).", ""]
-    total = sum(f + b for _, f, b in layers)
-    lines += ["## Where the time goes (ddl, ref-cnn, batch 64, one step)", "",
-              "| layer | forward ms | backward ms | share |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {f:.2f} | {b:.2f} | {(f + b) / total:.0%} |" for name, f, b in layers]
-    lines += [f"| total | | | {total:.1f} ms |", ""]
+    for model_name, layers in breakdowns.items():
+        total = sum(f + b for _, f, b in layers)
+        lines += [f"## Where the time goes ({model_name}, batch 64, numba kernels, one step)", "",
+                  "One row per step that Sequential runs: fused groups are one row.", "",
+                  "| step | forward ms | backward ms | share |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {f:.2f} | {b:.2f} | {(f + b) / total:.0%} |"
+                  for name, f, b in layers]
+        lines += [f"| total | | | {total:.1f} ms |", ""]
     return "\n".join(lines)
+
+
+def numba_version():
+    import numba
+    return numba.__version__
 
 
 def main():
@@ -352,10 +389,12 @@ def main():
     if not args.no_scaling:
         print("data-parallel scaling", file=sys.stderr)
         scale = scaling(args.repeats, args.seconds)
-    layers = layer_breakdown("ref-cnn", 64, args.repeats)
+    breakdowns = {name: layer_breakdown(name, 64, args.repeats) for name in MODELS}
     flops, peak = training_flops(build("ref-cnn")), sgemm_gflops()
+    print("numba's compile and cache-load times", file=sys.stderr)
+    numba_costs = compile_times()
     load = (load_before, os.getloadavg()[0])
-    text = report(args, torch_ver, rows, scale, layers, flops, peak, load)
+    text = report(args, torch_ver, rows, numba_costs, scale, breakdowns, flops, peak, load)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)

@@ -24,6 +24,9 @@ class ConvPool:
     def backward(self, grad_y):
         return self.conv.backward(grad_y)
 
+    def __repr__(self):
+        return f"{self.conv!r} + max pool 2x2" + (" + ReLU" if self.relu else "")
+
 
 class PoolReLU:
     """MaxPool2d and ReLU, in either order: one pass."""
@@ -36,6 +39,9 @@ class PoolReLU:
 
     def backward(self, grad_y):
         return self.pool.backward(grad_y)
+
+    def __repr__(self):
+        return f"{self.pool!r} + ReLU"
 
 
 def plan(layers):
