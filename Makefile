@@ -26,9 +26,10 @@ data: $(DATA)
 $(DATA): | install
 	$(BIN)/python scripts/prepare_mnist.py --raw $(RAW) --out $@ $(if $(findstring shared,$(RAW)),,--download)
 
+# The demo recipe: each `make train` is a new run, replacing the last one's files in data/.
 train: install data
 	$(BIN)/ddl launch -n $(NP) -- train --data $(DATA) --checkpoint data/checkpoint.h5 \
-	    --metrics data/metrics.jsonl --plot data/curves.png
+	    --metrics data/metrics.jsonl --plot data/curves.png --overwrite
 	$(BIN)/ddl predict --data $(DATA) --checkpoint data/checkpoint.h5 --index 0 --out data/prediction.png
 
 bench: install

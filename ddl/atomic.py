@@ -1,18 +1,63 @@
-"""Files that appear whole or not at all: write to a temporary name, then rename into place."""
+"""Output files that never clobber an input or each other, and appear whole or not at all: write to
+a temporary name, flush it to the disk, then rename it into place."""
 import contextlib
 import os
+
+from ddl.errors import OutputError, UsageError
 
 
 @contextlib.contextmanager
 def replacing(path):
     """Yield a temporary path beside `path`; on success rename it to `path` (atomic on one file
     system), on any failure or interruption remove it. A crash mid-write thus never leaves a
-    half-written file that looks valid, nor clobbers the previous one."""
+    half-written file that looks valid, nor clobbers the previous one. An OSError (a full disk, a
+    quota, a vanished folder) becomes an OutputError naming `path`."""
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        kept = "; the previous file is kept" if os.path.exists(path) else ""
+        reason = e.strerror or " ".join(str(e).split())
+        raise OutputError(f"cannot write {path} ({reason}){kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes(path, data):
+    """`data` (bytes or a buffer) into `path` through `replacing`, synced to the disk before the
+    rename, so that even a power cut leaves the old file or the new one."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file, through symbolic links, `..` and hard links."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                      # one of them does not exist (yet)
+        return False
+
+
+def check_outputs(outputs, inputs=()):
+    """Raise UsageError unless every output can be written without touching an input or another
+    output. `outputs` and `inputs` are (option, path) pairs, e.g. ("--plot", "curves.png")."""
+    for i, (option, path) in enumerate(outputs):
+        for other, used in list(inputs) + list(outputs[:i]):
+            if same_file(path, used):
+                raise UsageError(f"{option} {path} is the same file as {other} {used}: "
+                                 f"choose another path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UsageError(f"{option} {path}: folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise UsageError(f"{option} {path} is a folder, not a file")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path)
+                                              and not os.access(path, os.W_OK)):
+            raise UsageError(f"{option} {path}: not writable")

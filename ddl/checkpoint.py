@@ -1,23 +1,27 @@
 """Atomic HDF5 checkpoints: nested dicts of arrays and plain values, one group per dict.
 
-A checkpoint holds `model` (the state_dict), `optimizer`, `schedule`, `epoch`, `config` and the
-metrics `history`. The sampler and the dropout generators need no state of their own: both are
-derived from (seed, epoch, rank) at the start of each epoch, so (config.seed, epoch) is their state.
+A checkpoint holds `model` (the state_dict), `optimizer`, `schedule`, `epoch`, `config`, `data`
+(what identifies the data set), `world_size` and the metrics `history`. The sampler and the dropout
+generators need no state of their own: both are derived from (seed, epoch, rank) at the start of
+each epoch, so (config.seed, epoch) is their state. The file carries its own marker attribute,
+`ddl_checkpoint` (the format version), so no other HDF5 file (a dataset) passes for one.
 """
+import fcntl
+import io
 import json
 import os
+import socket
 
 import h5py
 import numpy as np
 
-from ddl.atomic import replacing
+from ddl.atomic import write_bytes
+from ddl.errors import CheckpointError
 
+MARKER = "ddl_checkpoint"
 FORMAT_VERSION = 1
-_RESERVED = ("__int_keys__", "format_version")
-
-
-class CheckpointError(ValueError):
-    pass
+KEYS = ("model", "optimizer", "schedule", "epoch", "history", "config", "data", "world_size")
+_RESERVED = ("__int_keys__", MARKER)
 
 
 def _write(group, tree):
@@ -43,25 +47,109 @@ def _read(group):
 
 
 def save(path, tree):
-    """Write `tree` to `path` through a temporary file and a rename: a crash mid-write leaves the
-    previous checkpoint intact."""
-    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format_version"] = FORMAT_VERSION
+    """Write `tree` to `path` whole or not at all: the HDF5 image is built in memory (a few MB
+    for these models), then written and synced under a temporary name and renamed over the
+    previous checkpoint. A failed write (a full disk, a quota, a vanished folder) is an
+    OutputError, and the previous checkpoint stays as it was."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f.attrs[MARKER] = FORMAT_VERSION
         _write(f, tree)
+    write_bytes(path, image.getbuffer())
 
 
 def load(path):
-    """The tree written by `save`; CheckpointError (one line) if `path` is not such a checkpoint."""
+    """The tree written by `save`; CheckpointError (one line naming `path`) for a file that is
+    missing, unreadable, not a checkpoint, damaged, or holding NaN or inf weights."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint")
+    try:
+        with open(path, "rb") as f:
+            is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e.strerror})") from None
+    if not is_hdf5:
+        raise CheckpointError(f"{path}: not a ddl checkpoint (not an HDF5 file)")
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{path}: not a ddl checkpoint (format version "
-                    f"{f.attrs.get('format_version')!r}, expected {FORMAT_VERSION})")
-            return _read(f)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+            version = f.attrs.get(MARKER)
+            if version is None:
+                what = "a dataset" if "train" in f else f"no '{MARKER}' attribute"
+                raise CheckpointError(f"{path}: not a ddl checkpoint ({what})")
+            if version != FORMAT_VERSION:
+                raise CheckpointError(f"{path}: checkpoint format {version}, but this ddl reads "
+                                      f"format {FORMAT_VERSION}")
+            tree = _read(f)
+    except CheckpointError:
+        raise
+    except Exception as e:      # whatever a damaged file makes h5py or json raise
+        raise CheckpointError(f"{path}: damaged checkpoint ({_one_line(e)})") from None
+    missing = [k for k in KEYS if k not in tree]
+    if missing or not isinstance(tree["model"], dict):
+        raise CheckpointError(f"{path}: damaged checkpoint (no {', '.join(missing) or 'model'})")
+    if not all(np.isfinite(v).all() for v in tree["model"].values()):
+        raise CheckpointError(f"{path}: holds NaN or inf weights (saved by a run that diverged)")
+    return tree
 
+
+def _one_line(e):
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class Lock:
+    """An exclusive flock on `PATH.lock`, held while a job may write checkpoint PATH, so that a
+    second job is refused instead of overwriting the first one's checkpoint. The file names its
+    holder and is removed on release; one left behind by a killed job holds no lock (the kernel
+    drops a flock with its process). Use as a context manager, or call `release()`."""
+
+    def __init__(self, path):
+        self.path = f"{os.fspath(path)}.lock"
+        try:
+            self.fd = self._take(path)
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        except OSError as e:            # a full disk, a read-only folder
+            if hasattr(self, "fd"):
+                self.release()
+            raise CheckpointError(f"{path}: cannot create the lock file {self.path} "
+                                  f"({e.strerror})") from None
+
+    def _take(self, path):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CheckpointError(f"{path} is being written by another job ({holder}): "
+                                      f"wait for it to end, or choose another --checkpoint")
+            # The previous holder may have removed the file between our open and our flock:
+            # then we hold a lock nobody else can see, so start again on the current file.
+            if _names(fd, self.path):
+                return fd
+            os.close(fd)
+
+    def release(self):
+        try:
+            os.unlink(self.path)        # while still held: nobody can take the doomed file
+        except FileNotFoundError:       # its folder vanished; the training error says so
+            pass
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _names(fd, path):
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False

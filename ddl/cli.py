@@ -1,8 +1,8 @@
 """The `ddl` command: train, launch, prepare, evaluate, predict.
 
-Errors a user can fix print one line (once, from rank 0) and exit non-zero on every rank. Any
-other exception in a multi-rank job prints its traceback from the rank that raised it and aborts
-the whole job, so no rank is left waiting in a collective.
+Errors a user can fix (ddl.errors) print one line, once, and exit with their documented status on
+every rank. Any other exception in a multi-rank job prints its traceback from the rank that raised
+it and aborts the whole job, so no rank is left waiting in a collective.
 """
 import sys
 import traceback
@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
+from ddl.errors import DDLError
 from ddl.train import Config
 
 RECIPE = Config()
@@ -21,26 +22,25 @@ DATA = click.option("--data", default=RECIPE.data, show_default=True,
 
 def _job(comm, fn):
     """Run `fn()` on every rank of `comm`, turning failures into exit codes (see module doc)."""
-    from ddl.train import UsageError
     try:
         return fn()
-    except UsageError as e:                 # raised on every rank together: a clean exit
-        if comm.rank == 0:
-            click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
+    except DDLError as e:
+        if e.everywhere or comm.size == 1:  # every rank stops together: a clean exit
+            if comm.rank == 0:
+                click.echo(f"Error: {e}", err=True)
+            sys.exit(e.status)
+        click.echo(f"Error: rank {comm.rank}: {e}", err=True)
+        comm.abort(e.status)
     except KeyboardInterrupt:
         if comm.size > 1:
             comm.abort(130)
         sys.exit(130)
     except Exception as e:
-        from ddl.checkpoint import CheckpointError
-        from ddl.data import DataError
         from ddl.parallel import ReplicaDivergence
         where = f"rank {comm.rank}: " if comm.size > 1 else ""
-        # Failures of the data, the disk or the numbers explain themselves in one line; anything
-        # else is a bug and keeps its traceback.
-        if not isinstance(e, (DataError, CheckpointError, ReplicaDivergence, FloatingPointError,
-                              OSError)):
+        # Failures of the disk (reading data mid-run) or of the replicas explain themselves in one
+        # line; anything else is a bug and keeps its traceback.
+        if not isinstance(e, (ReplicaDivergence, OSError)):
             traceback.print_exc()
         click.echo(f"Error: {where}{type(e).__name__}: {e}", err=True)
         if comm.size > 1:
@@ -88,39 +88,37 @@ def cli():
 @click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
 @DATA
 @click.option("--subset", type=int, default=0, help="Train on the first N images only.")
-@click.option("--checkpoint", default="", help="Write a checkpoint here after every epoch.")
-@click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
+@click.option("--checkpoint", default="",
+              help="Write a checkpoint here after every epoch (an existing one needs --resume or "
+                   "--overwrite).")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing checkpoint, metrics file or plot with a new run's.")
 @click.option("--metrics", default="", help="Write per-epoch metrics here (JSON lines).")
-@click.option("--plot", default="", help="Write loss and accuracy curves here (PNG).")
-@click.option("--threads", type=int, default=0, help="BLAS threads per rank (0: auto).")
+@click.option("--plot", default="", help="Write loss and accuracy curves here (PNG, PDF, ...).")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="BLAS threads per rank (0: auto).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Name the first layer and step giving NaN or inf.")
 def train(threads, **options):
     """Train a model; under mpirun, one replica per rank."""
-    from ddl.train import check_options, run
-    cfg = Config(**options)
-    problem = check_options(cfg, launched_size())
-    if problem:
-        raise click.UsageError(problem)
+    from ddl.train import run
     _threads(threads)
     comm = world()
-    _job(comm, lambda: run(cfg, comm))
+    _job(comm, lambda: run(Config(**options), comm))
 
 
 @cli.command(context_settings=dict(ignore_unknown_options=True, allow_interspersed_args=False))
 @click.option("-n", "--np", "nprocs", type=click.IntRange(min=1), required=True,
               help="Number of ranks.")
-@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False),
+@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False, readable=True),
               help="Hosts to spread the ranks over (mpiexec's hostfile format).")
 @click.option("--mpiexec", default=None, help="The mpiexec to use (default: the project's).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
 def launch(nprocs, hostfile, mpiexec, args):
     """Run `ddl ARGS...` on N ranks through mpiexec, e.g. `ddl launch -n 4 -- train`."""
-    from ddl.launch import LaunchError, launch as run_launch
-    try:
-        sys.exit(run_launch(nprocs, args, mpiexec, hostfile))
-    except LaunchError as e:
-        raise click.ClickException(str(e)) from None
+    from ddl.launch import launch as run_launch
+    sys.exit(run_launch(nprocs, args, mpiexec, hostfile))
 
 
 @cli.command()
@@ -133,12 +131,9 @@ def launch(nprocs, hostfile, mpiexec, args):
 @click.option("--download", is_flag=True, help="Fetch missing files from the public mirrors.")
 def prepare(raw, out, dataset, no_verify, download):
     """Convert the raw MNIST IDX files into the HDF5 file that training reads."""
-    from ddl.prepare import PrepareError, prepare_dataset
-    try:
-        prepare_dataset(raw, out, dataset=dataset, verify=not no_verify, download=download,
-                        log=click.echo)
-    except PrepareError as e:
-        raise click.ClickException(str(e)) from None
+    from ddl.prepare import prepare_dataset
+    prepare_dataset(raw, out, dataset=dataset, verify=not no_verify, download=download,
+                    log=click.echo)
 
 
 @cli.command()
@@ -151,8 +146,8 @@ def evaluate(checkpoint, data):
     comm = world()
 
     def job():
-        test = agree(comm, lambda: open_split(data, "test"))
-        model, _ = restore(checkpoint, comm)
+        model, state = restore(checkpoint, comm)
+        test = agree(comm, lambda: open_split(data, "test", state["config"]["model"]))
         loss, accuracy = run_eval(model, eval_loader(test, comm), comm)
         if comm.rank == 0:
             click.echo(f"test loss {loss:.4f}, accuracy {100 * accuracy:.2f}% "
@@ -167,13 +162,19 @@ def evaluate(checkpoint, data):
 @click.option("--out", default="", help="Write the digit and its class probabilities here (PNG).")
 def predict(checkpoint, data, index, out):
     """Classify one test image and show the class probabilities."""
-    from ddl.train import UsageError, open_split, restore
+    from ddl.atomic import check_outputs
+    from ddl.errors import UsageError
+    from ddl.train import open_split, restore
 
     def job():
-        test = open_split(data, "test")
+        if out:
+            from ddl.plots import check_format
+            check_outputs([("--out", out)], [("--data", data), ("--checkpoint", checkpoint)])
+            check_format(out, "--out")
+        model, state = restore(checkpoint, SingleCommunicator())
+        test = open_split(data, "test", state["config"]["model"])
         if not 0 <= index < test.n:
             raise UsageError(f"--index {index} is outside the {test.n} test images")
-        model, _ = restore(checkpoint, SingleCommunicator())
         x, y = test.read(np.array([index]))
         logits = model.eval()(x)[0].astype(np.float64)
         probs = np.exp(logits - logits.max())
@@ -199,5 +200,8 @@ def main(argv=None):
         if launched_rank() == 0:
             click.echo(f"Error: {e.format_message()}", err=True)
         code = e.exit_code
+    except DDLError as e:                   # from the commands that start no ranks of their own
+        click.echo(f"Error: {e}", err=True)
+        code = e.status
     sys.exit(code or 0)
 

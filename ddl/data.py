@@ -8,13 +8,11 @@ import threading
 import h5py
 import numpy as np
 
+from ddl.errors import DataError
+
 # One HDF5 read covers at most this many bytes of rows: few calls, a bounded temporary buffer.
 READ_BLOCK_BYTES = 4 << 20
 PREFETCH_DEPTH = 2  # batches the loader's thread may run ahead of training
-
-
-class DataError(ValueError):
-    """A data file that cannot be used; the one-line message names the file and the problem."""
 
 
 class H5Dataset:

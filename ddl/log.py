@@ -8,13 +8,17 @@ import os
 import sys
 import time
 
+from ddl.atomic import write_bytes
+
 
 class Log:
-    def __init__(self, enabled, metrics_path=None, stream=sys.stderr):
-        self.enabled, self.metrics_path, self.stream = enabled, metrics_path, stream
+    def __init__(self, enabled, metrics_path=None, stream=None):
+        # sys.stderr as it is now, not as it was at import (a test may have replaced it since)
+        self.enabled, self.metrics_path = enabled, metrics_path
+        self.stream = stream or sys.stderr
         # A terminal gets a bar redrawn in place; a pipe or a file (mpirun's forwarding, CI logs)
         # gets a plain line now and then. `ddl launch` tells its ranks when a terminal is behind it.
-        self.tty = stream.isatty() or os.environ.get("DDL_TTY") == "1"
+        self.tty = self.stream.isatty() or os.environ.get("DDL_TTY") == "1"
         self.every = 0.25 if self.tty else 10.0
         self._last = time.perf_counter()
 
@@ -43,7 +47,8 @@ class Log:
 
     def metrics(self, history):
         """Rewrite the JSON-lines file from the whole history (one object per epoch), so a resumed
-        run's file matches its checkpoint whatever happened between the two writes."""
+        run's file matches its checkpoint whatever happened between the two writes; whole or not
+        at all, like the checkpoint."""
         if self.metrics_path:
-            with open(self.metrics_path, "w") as f:
-                f.writelines(json.dumps(record) + "\n" for record in history)
+            text = "".join(json.dumps(record) + "\n" for record in history)
+            write_bytes(self.metrics_path, text.encode())

@@ -36,6 +36,7 @@ def _mlp(rng):
 _BUILDERS = {"seed-cnn": _seed_cnn, "ref-cnn": _ref_cnn, "mlp": _mlp}
 MODELS = tuple(_BUILDERS)
 DEFAULT_MODEL = "seed-cnn"
+IMAGE_SHAPE, NUM_CLASSES = (1, 28, 28), 10     # what every named model takes and gives
 
 
 def build(name, seed=0, input_grad=True):

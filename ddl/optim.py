@@ -128,7 +128,7 @@ class Optimizer:
 
 def _nonneg(**values):
     for k, v in values.items():
-        if v < 0:
+        if not v >= 0:          # NaN too, as PyTorch's `not 0.0 <= v`
             raise ValueError(f"invalid {k}: {v} (must be >= 0)")
 
 

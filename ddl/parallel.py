@@ -3,8 +3,10 @@
 Every parameter's `data` and `grad` become views into two contiguous buffers, so the start-up
 broadcast, the per-step gradient all-reduce and the divergence check each cost one MPI call
 whatever the number of layers (Horovod's tensor fusion and PyTorch DDP's buckets, taken to the
-limit that these small models allow).
+limit that these small models allow). The loss rides in the gradients' buffer, and with it the
+check that nothing turned NaN or inf on any rank.
 """
+import math
 import zlib
 
 import numpy as np
@@ -14,10 +16,11 @@ class ReplicaDivergence(RuntimeError):
     pass
 
 
-def flatten(params, dtype=np.float32):
-    """Rebind each parameter's data and grad as views of two flat arrays of `sum(p.size)` floats."""
+def flatten(params, dtype=np.float32, spare=0):
+    """Rebind each parameter's data and grad as views of two flat arrays of `sum(p.size)` floats;
+    the gradients' array has `spare` more at its end, for values that travel with them."""
     total = sum(p.data.size for p in params)
-    data, grad = np.empty(total, dtype), np.empty(total, dtype)
+    data, grad = np.empty(total, dtype), np.empty(total + spare, dtype)
     offset = 0
     for p in params:
         n = p.data.size
@@ -34,7 +37,8 @@ class Replicas:
 
     def __init__(self, model, comm, root=0):
         self.model, self.comm = model, comm
-        self.data, self.grad = flatten(model.parameters())
+        self.data, self.reduced = flatten(model.parameters(), spare=1)
+        self.grad = self.reduced[:-1]           # and the last float carries the loss
         # Seeded init already agrees, but a user's own model or seed handling may not: rank 0 wins.
         comm.bcast(self.data, root=root)
         buffers = comm.bcast_obj(dict(model.named_buffers()), root=root)
@@ -44,12 +48,17 @@ class Replicas:
     def zero_grad(self):
         self.grad[...] = 0
 
-    def allreduce_grads(self):
-        """Average the gradients of all ranks (each rank's loss is a mean over equal local batches,
-        so the average is the gradient of the global batch mean)."""
+    def allreduce_grads(self, loss):
+        """Average the gradients of all ranks, and their `loss`es with them, in one all-reduce
+        (each rank's loss is a mean over equal local batches, so the averages are the global batch
+        mean's gradient and loss). Returns that loss, or NaN if it or any gradient is NaN or inf on
+        any rank: both survive the sum, so every rank gets the same answer with no collective of
+        its own, for one pass over the buffer."""
+        self.reduced[-1] = loss
         if self.comm.size > 1:
-            self.comm.allreduce(self.grad)
-            self.grad *= np.float32(1.0 / self.comm.size)
+            self.comm.allreduce(self.reduced)
+            self.reduced *= np.float32(1.0 / self.comm.size)
+        return float(self.reduced[-1]) if np.isfinite(self.reduced).all() else math.nan
 
     def average_buffers(self):
         """Running statistics (BatchNorm) saw only their rank's data: average them before eval."""

@@ -1,14 +1,42 @@
 """Pictures for people: training curves and a prediction (matplotlib, an optional extra)."""
+import os
+
+from ddl.atomic import replacing
+from ddl.errors import UsageError
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install 'ddl[plot]'") from None
+        raise UsageError("plots need matplotlib: pip install 'ddl[plot]'") from None
     matplotlib.use("Agg")          # files only; no display is needed or wanted
     import matplotlib.pyplot as plt
     return plt
+
+
+def _format(path):
+    return os.path.splitext(path)[1][1:].lower()
+
+
+def check_format(path, option):
+    """UsageError unless matplotlib is installed and writes `path`'s format (its extension), so
+    that a run does not train for an hour to fail on its last line."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+    known = FigureCanvasBase.get_supported_filetypes()
+    if _format(path) not in known:
+        raise UsageError(f"{option} {path}: matplotlib writes {', '.join(sorted(known))} files, "
+                         f"not {_format(path) or 'files without an extension'}")
+
+
+def _save(plt, fig, path):
+    """Write `fig` to `path` whole or not at all (the format from the name, as matplotlib does)."""
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=_format(path))
+    finally:
+        plt.close(fig)
 
 
 def curves(history, path):
@@ -25,8 +53,7 @@ def curves(history, path):
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def prediction(image, probs, label, path):
@@ -41,5 +68,4 @@ def prediction(image, probs, label, path):
     right.set(xticks=range(len(probs)), ylim=(0, 1), xlabel="class", ylabel="probability",
               title=f"predicted {probs.argmax()}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)

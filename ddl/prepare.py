@@ -12,6 +12,7 @@ never leaves a half-written file that a later training run would take for a good
 import gzip
 import hashlib
 import http.client
+import io
 import os
 import time
 import urllib.request
@@ -20,7 +21,8 @@ import zlib
 import h5py
 import numpy as np
 
-from ddl.atomic import replacing
+from ddl.atomic import write_bytes
+from ddl.errors import PrepareError
 
 FORMAT_VERSION = 1
 NUM_CLASSES = 10
@@ -57,10 +59,6 @@ DATASETS = {
         "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
     },
 }
-
-
-class PrepareError(ValueError):
-    """Raw files that cannot become a dataset; the one-line message names the file and problem."""
 
 
 def prepare_dataset(raw_dir, out_path, dataset="mnist", verify=True, download=False, log=print):
@@ -164,15 +162,21 @@ def _pixel_stats(images):
 
 
 def _write_h5(out_path, splits, attrs):
-    """Write {split: (images (N, H, W), labels (N,))} and `attrs` to `out_path`, atomically."""
+    """Write {split: (images (N, H, W), labels (N,))} and `attrs` to `out_path`, atomically (a
+    failed write is an OutputError and keeps any previous file)."""
+    folder = os.path.dirname(os.path.abspath(out_path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with replacing(out_path) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(attrs)
-            for split, (images, labels) in splits.items():
-                _write_split(f, split, images, labels)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise PrepareError(f"{out_path}: cannot write ({e})") from None
+        raise PrepareError(f"{out_path}: cannot create folder {folder} ({e.strerror})") from None
+    # Built in memory (~55 MB for MNIST) and written as plain bytes: HDF5 writing straight to a
+    # disk that fills gave a many-line error and then crashed the interpreter on closing.
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f.attrs.update(attrs)
+        for split, (images, labels) in splits.items():
+            _write_split(f, split, images, labels)
+    write_bytes(out_path, image.getbuffer())
 
 
 def _write_split(f, split, images, labels):

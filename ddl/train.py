@@ -4,17 +4,20 @@ Every rank runs this same code. The distributed part is set up once (the communi
 replicas' flat gradient buffer, the sampler's shard); from then on a world of one and a world of
 N differ only inside those objects.
 """
+import contextlib
 import dataclasses
-import importlib.util
+import math
 import os
 import time
 
 import numpy as np
 
 from ddl import checkpoint, kernels
+from ddl.atomic import check_outputs
 from ddl.comm import SingleCommunicator
-from ddl.data import DataError, DistributedSampler, H5Dataset, Loader
-from ddl.models import MODELS, build
+from ddl.data import DistributedSampler, H5Dataset, Loader
+from ddl.errors import CheckpointError, DataError, DDLError, Diverged, UsageError
+from ddl.models import IMAGE_SHAPE, MODELS, NUM_CLASSES, build
 from ddl.nn import CrossEntropyLoss, Dropout
 from ddl.log import Log
 from ddl.optim import OPTIMIZERS, make_optimizer
@@ -22,10 +25,13 @@ from ddl.schedules import SCHEDULES, make_schedule
 from ddl.parallel import Replicas
 
 EVAL_BATCH = 1000   # per rank; evaluation has no gradients, so bigger batches only save overhead
-
-
-class UsageError(ValueError):
-    """A bad option or input, found before training starts, identically on every rank."""
+OUTPUTS = ("checkpoint", "metrics", "plot")
+# What --resume may not change: the run's identity, which its weights, optimizer state and random
+# streams belong to (the data set too, compared by content). What it ignores: where files go and
+# what is shown. Any other change (epochs, lr, schedule, ...) it applies from the checkpoint's
+# iteration on, and says so; the README lists both.
+FIXED = ("model", "optimizer", "momentum", "batch_size", "seed", "subset")
+IGNORED = ("data", "resume", "overwrite", "quiet", "debug") + OUTPUTS
 
 
 @dataclasses.dataclass
@@ -48,93 +54,155 @@ class Config:
     subset: int = 0                # train on the first `subset` training images (0: all)
     checkpoint: str = ""
     resume: bool = False
+    overwrite: bool = False        # replace an existing checkpoint, metrics file or plot
     metrics: str = ""
     plot: str = ""
     quiet: bool = False
     debug: bool = False
 
 
+def _flag(name):
+    return f"--{name.replace('_', '-')}"
+
+
 def check_options(cfg, world_size):
-    """Problems visible from the options alone (same answer on every rank, no I/O)."""
+    """Raise UsageError for a problem visible from the options alone (no I/O)."""
     for name, known in (("model", MODELS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                         ("kernels", kernels.NAMES)):
         value = getattr(cfg, name)
         if value not in known:
-            return f"unknown {name} {value!r} (choose from {', '.join(known)})"
-    # Zero means "off" or "all" for the last three.
+            raise UsageError(f"unknown {name} {value!r} (choose from {', '.join(known)})")
+    # Zero means "off" or "all" for the micro-batch, warm-up and subset.
     for name, low in (("epochs", 1), ("batch_size", 1), ("micro_batch", 0), ("warmup", 0),
-                      ("subset", 0)):
+                      ("subset", 0), ("seed", 0)):
         value = getattr(cfg, name)
         if value < low:
-            return f"--{name.replace('_', '-')} must be at least {low}, got {value}"
+            raise UsageError(f"{_flag(name)} must be at least {low}, got {value}")
+    # What PyTorch's optimizers refuse, and NaN or inf besides, which would spoil every weight.
+    for name, low in (("lr", "> 0"), ("momentum", ">= 0"), ("weight_decay", ">= 0")):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+            raise UsageError(f"{_flag(name)} must be a finite number {low}, got {value}")
     if cfg.batch_size % world_size:
-        return (f"--batch-size {cfg.batch_size} (the global batch) does not divide by the "
-                f"{world_size} ranks")
-    if cfg.lr <= 0:
-        return f"--lr must be positive, got {cfg.lr}"
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide by "
+                         f"the {world_size} ranks")
     if cfg.resume and not cfg.checkpoint:
-        return "--resume needs --checkpoint PATH"
-    return None
+        raise UsageError("--resume needs --checkpoint PATH")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the checkpoint and --overwrite replaces it: "
+                         "choose one")
 
 
-def _check_writable(path, what):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{what} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{what} {path}: not writable")
+def claim_outputs(cfg):
+    """Rank 0's checks of the output paths (none is the data file or another output; each can be
+    written), then the checkpoint's lock: returned held, for a `with` around the run."""
+    outputs = [(_flag(name), getattr(cfg, name)) for name in OUTPUTS if getattr(cfg, name)]
+    check_outputs(outputs, [("--data", cfg.data)])
+    if cfg.plot:
+        from ddl.plots import check_format
+        check_format(cfg.plot, "--plot")
+    return checkpoint.Lock(cfg.checkpoint) if cfg.checkpoint else contextlib.nullcontext()
 
 
-def open_split(path, split):
-    try:
-        return H5Dataset(path, split)
-    except DataError as e:
-        raise UsageError(str(e)) from None
+def open_split(path, split, model):
+    """One split of the data file, refused (DataError) unless `model` can take it."""
+    data = H5Dataset(path, split)
+    if data.image_shape != IMAGE_SHAPE or data.num_classes != NUM_CLASSES:
+        data.close()
+        raise DataError(f"{path}: '{split}' holds {'x'.join(map(str, data.image_shape))} images "
+                        f"of {data.num_classes} classes, but {model} takes "
+                        f"{'x'.join(map(str, IMAGE_SHAPE))} images of {NUM_CLASSES} classes")
+    return data
 
 
-def check_inputs(cfg, rank0):
-    """Open the data and, on rank 0 (which alone writes and reads checkpoints), check the output
-    paths and the checkpoint to resume. Returns (train set, test set, images used, resume state
-    or None); raises UsageError."""
-    train, test = open_split(cfg.data, "train"), open_split(cfg.data, "test")
+def data_identity(train, test):
+    """What makes two data files the same data set, wherever they live: sizes, and the pixel
+    statistics that `ddl prepare` computed from every training image."""
+    return dict(train=train.n, test=test.n, classes=train.num_classes, mean=train.mean,
+                std=train.std)
+
+
+def check_inputs(cfg, comm):
+    """Open the data and check it against the model; on rank 0 (which alone writes and reads
+    checkpoints, and holds the checkpoint's lock by now) check that no earlier output would be
+    lost and read the checkpoint to resume. Returns (train set, test set, images used, resume
+    state or None, what the resume changes: a list of words for the log); raises UsageError."""
+    train, test = open_split(cfg.data, "train", cfg.model), open_split(cfg.data, "test", cfg.model)
     n = min(cfg.subset or train.n, train.n)
     if cfg.batch_size > n:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
-    state = None
-    if rank0:
-        for path, what in ((cfg.checkpoint, "checkpoint"), (cfg.metrics, "metrics file"),
-                           (cfg.plot, "plot")):
-            if path:
-                _check_writable(path, what)
-        if cfg.plot and not importlib.util.find_spec("matplotlib"):
-            raise UsageError("--plot needs matplotlib: pip install 'ddl[plot]'")
-        if cfg.resume:
-            state = _load(cfg.checkpoint)
-            if state["config"]["model"] != cfg.model:
-                raise UsageError(f"checkpoint {cfg.checkpoint} holds a "
-                                 f"{state['config']['model']} model, not {cfg.model}")
-    return train, test, n, state
+    state, changes = None, []
+    if comm.rank == 0 and cfg.resume:
+        state = checkpoint.load(cfg.checkpoint)
+        changes = resume_changes(cfg, state, data_identity(train, test), comm.size)
+    elif comm.rank == 0 and not cfg.overwrite:
+        for name in OUTPUTS:
+            path = getattr(cfg, name)
+            if path and os.path.exists(path):
+                also = " to continue that run" if name == "checkpoint" else ""
+                raise UsageError(f"{_flag(name)} {path} already exists: pass --resume{also} or "
+                                 f"--overwrite to replace it")
+    return train, test, n, state, changes
+
+
+def resume_changes(cfg, state, data_id, world_size):
+    """Compare the checkpoint's run with `cfg` (see FIXED): raise CheckpointError naming every
+    option that may not change, or fewer epochs than are done; return the applied changes."""
+    saved, path = state["config"], cfg.checkpoint
+    fixed = [f"{_flag(name)} ({saved.get(name)} -> {getattr(cfg, name)})" for name in FIXED
+             if saved.get(name) != getattr(cfg, name)]
+    if state["data"] != data_id:
+        fixed.append(f"--data (another data set than {saved.get('data')})")
+    if fixed:
+        raise CheckpointError(f"{path}: --resume cannot change {', '.join(fixed)}: give the "
+                              f"run's own options, or start a new run with --overwrite")
+    done = int(state["epoch"])
+    if cfg.epochs < done:
+        raise CheckpointError(f"{path} has already trained {done} epochs: --epochs must be at "
+                              f"least that, got {cfg.epochs}")
+    changes = [f"{_flag(f.name)} {getattr(cfg, f.name)} (was {saved.get(f.name)})"
+               for f in dataclasses.fields(cfg) if f.name not in FIXED + IGNORED
+               and saved.get(f.name) != getattr(cfg, f.name)]
+    if int(state["world_size"]) != world_size:
+        changes.append(f"{world_size} rank(s) (was {state['world_size']})")
+    return changes
 
 
 def agree(comm, fn):
-    """`fn()` on every rank; a UsageError on any rank is raised on every rank, so all stop
-    together and none waits in a collective for one that left."""
+    """`fn()` on every rank; a DDLError on any rank is raised on every rank (rank 0's, else the
+    first failing rank's, named), so all stop together and none waits in a collective for one
+    that left."""
     try:
         result, problem = fn(), None
-    except UsageError as e:
-        result, problem = None, str(e)
+    except DDLError as e:
+        result, problem = None, (type(e), str(e))
     problems = [(r, p) for r, p in enumerate(comm.allgather_obj(problem)) if p]
     if problems:
-        r, p = problems[0]
-        raise UsageError(p if comm.size == 1 else f"rank {r}: {p}")
+        r, (kind, message) = problems[0]
+        raise kind(message if r == 0 else f"rank {r}: {message}", everywhere=True)
     return result
 
 
-def _load(path):
+@contextlib.contextmanager
+def reading(path):
+    """Around loading the states of checkpoint `path`: whatever a state that does not fit makes
+    the loaders raise becomes one line naming the file."""
     try:
-        return checkpoint.load(path)
-    except checkpoint.CheckpointError as e:
-        raise UsageError(str(e)) from None
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint ({' '.join(str(e).split())})") from None
+
+
+def load_resumed(cfg, state, model, optimizer, schedule):
+    """Load the checkpoint's states. What --resume may change comes from `cfg`, not from the
+    checkpoint: the weight decay, and the lr on which the schedule (rebuilt for the epochs) goes
+    on from the saved iteration."""
+    with reading(cfg.checkpoint):
+        model.load_state_dict(state["model"])
+        saved = state["optimizer"]
+        optimizer.load_state_dict(dict(saved, hyper=dict(saved["hyper"],
+                                                         weight_decay=cfg.weight_decay)))
+        schedule.load_state_dict(dict(state["schedule"], base_lr=cfg.lr))
 
 
 def evaluate(model, loader, comm):
@@ -152,10 +220,14 @@ def evaluate(model, loader, comm):
 
 def restore(path, comm):
     """The model saved in checkpoint `path` (rank 0 reads it, every rank gets it) and the tree."""
-    state = comm.bcast_obj(agree(comm, lambda: _load(path) if comm.rank == 0 else None))
-    model = build(state["config"]["model"])
-    model.load_state_dict(state["model"])
-    return model, state
+    state = comm.bcast_obj(agree(comm, lambda: checkpoint.load(path) if comm.rank == 0 else None))
+
+    def rebuild():
+        with reading(path):
+            model = build(state["config"]["model"])
+            model.load_state_dict(state["model"])
+        return model
+    return agree(comm, rebuild), state
 
 
 def eval_loader(dataset, comm):
@@ -165,20 +237,21 @@ def eval_loader(dataset, comm):
 
 
 def propagate(model, direction, x, step=None):
-    """`model.forward(x)` or `model.backward(x)`. Given a step number (--debug), it runs layer by
-    layer and names the first layer whose output or parameter gradient is not finite."""
+    """`model.forward(x)` or `model.backward(x)`. Given where it is ("epoch 1, step 7": --debug),
+    it runs layer by layer and names the first layer whose output or parameter gradient is not
+    finite (a Diverged error of this rank alone)."""
     if step is None:
         return getattr(model, direction)(x)
     layers = list(enumerate(model))
     for i, layer in (reversed(layers) if direction == "backward" else layers):
         x = getattr(layer, direction)(x)
         if x is not None and not np.isfinite(x).all():
-            raise FloatingPointError(f"step {step}: {direction} of layer {i} ({layer!r}) produced "
-                                     f"{'NaN' if np.isnan(x).any() else 'inf'}")
+            raise Diverged(f"training diverged at {step}: {direction} of layer {i} ({layer!r}) "
+                           f"produced {'NaN' if np.isnan(x).any() else 'inf'}")
         for name, p in layer.named_parameters():
             if direction == "backward" and not np.isfinite(p.grad).all():
-                raise FloatingPointError(f"step {step}: gradient of layer {i} ({layer!r}) "
-                                         f"parameter {name} is not finite")
+                raise Diverged(f"training diverged at {step}: gradient of layer {i} "
+                               f"({layer!r}) parameter {name} is not finite")
     return x
 
 
@@ -192,8 +265,8 @@ def micro_batches(x, y, size):
 
 def train_step(model, criterion, x, y, micro_batch, check=None):
     """Forward and backward of one local batch (x (b, C, H, W), y (b,)) in micro-batches; adds the
-    gradients of the batch's mean loss into every p.grad and returns that loss. `check`: the step
-    number, for --debug (see `propagate`)."""
+    gradients of the batch's mean loss into every p.grad and returns that loss. `check`: where
+    training is, for --debug (see `propagate`)."""
     loss = 0.0
     for xs, ys in micro_batches(x, y, micro_batch):
         share = len(ys) / len(y)                   # the slices' gradients add up to the mean's
@@ -212,12 +285,32 @@ def seed_dropout(model, seed, epoch, rank):
 
 def run(cfg, comm=None, on_epoch_end=None):
     """Train with `cfg` on every rank of `comm`; returns (history, model), history holding one
-    dict per epoch. `on_epoch_end(epoch, model)` runs after each epoch's checkpoint."""
+    dict per epoch. `on_epoch_end(epoch, model)` runs after each epoch's checkpoint. A bad option
+    or input, a run that diverges and an output that cannot be written raise a DDLError on every
+    rank together (see ddl/errors.py)."""
     comm = comm or SingleCommunicator()
+    agree(comm, lambda: check_options(cfg, comm.size))
+    # Rank 0 holds the checkpoint's lock to the end, so that no second job writes it meanwhile.
+    # NumPy's warnings about NaN and inf stay quiet: the loop checks for those itself.
+    with agree(comm, lambda: claim_outputs(cfg) if comm.rank == 0 else contextlib.nullcontext()), \
+            np.errstate(all="ignore"):
+        return _train(cfg, comm, on_epoch_end)
+
+
+def _diverged(cfg, where, saved, what="the loss or a gradient"):
+    """The error for a run whose `what` turned NaN or inf at `where`; `saved`: the last epoch in
+    the checkpoint (0: none yet)."""
+    kept = (f"; {cfg.checkpoint} keeps epoch {saved}" if cfg.checkpoint and saved else
+            f"; {cfg.checkpoint} was not written" if cfg.checkpoint else "")
+    return Diverged(f"training diverged at {where}: {what} turned NaN or inf{kept} (lower --lr, "
+                    f"or find the layer with --debug)", everywhere=True)
+
+
+def _train(cfg, comm, on_epoch_end):
     rank0 = comm.rank == 0
     log = Log(rank0 and not cfg.quiet, cfg.metrics if rank0 else None)
 
-    train_set, test_set, n_train, state = agree(comm, lambda: check_inputs(cfg, rank0))
+    train_set, test_set, n_train, state, changes = agree(comm, lambda: check_inputs(cfg, comm))
     kernels.use(cfg.kernels)
     compile_seconds = kernels.warm(comm)
 
@@ -230,30 +323,47 @@ def run(cfg, comm=None, on_epoch_end=None):
                                cfg.weight_decay)
     schedule = make_schedule(cfg.schedule, optimizer, cfg.epochs, len(loader), cfg.warmup)
     criterion = CrossEntropyLoss()
+    data_id = data_identity(train_set, test_set)
     start, history = 0, []
     if cfg.resume:
         state = comm.bcast_obj(state)              # only rank 0 read it
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        agree(comm, lambda: load_resumed(cfg, state, model, optimizer, schedule))
         start, history = int(state["epoch"]), list(state["history"])
-        log.info(f"resuming {cfg.checkpoint} after epoch {start}")
+        log.info(f"resuming {cfg.checkpoint} after epoch {start}"
+                 + "".join(f", {change}" for change in changes)
+                 + (": nothing left to train (raise --epochs to go on)"
+                    if start == cfg.epochs else ""))
     log.info(f"{cfg.model}: {replicas.data.size:,} parameters on {comm.size} rank(s); global batch "
              f"{cfg.batch_size} = {cfg.batch_size // comm.size} per rank; {len(loader)} steps per "
              f"epoch over {n_train:,} images; {cfg.optimizer} lr {cfg.lr}, {cfg.schedule} schedule; "
              f"{cfg.kernels} kernels" + (f" (ready in {compile_seconds:.1f} s)"
                                          if cfg.kernels == "numba" else ""))
 
+    def save(epochs_done):
+        """Rank 0's files after an epoch: the checkpoint, then the metrics."""
+        if cfg.checkpoint:
+            checkpoint.save(cfg.checkpoint, dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(),
+                schedule=schedule.state_dict(), epoch=epochs_done, history=history,
+                config=dataclasses.asdict(cfg), data=data_id, world_size=comm.size))
+        log.metrics(history)
+
     # --- epochs
+    saved = start
     for epoch in range(start, cfg.epochs):
         loader.set_epoch(epoch)
         seed_dropout(model, cfg.seed, epoch, comm.rank)
         model.train()
         loss_sum, started = 0.0, time.perf_counter()
         for step, (x, y) in enumerate(loader, 1):
+            where = f"epoch {epoch + 1}, step {step}"
             replicas.zero_grad()
-            loss = train_step(model, criterion, x, y, cfg.micro_batch, step if cfg.debug else None)
-            replicas.allreduce_grads()
+            loss = train_step(model, criterion, x, y, cfg.micro_batch, where if cfg.debug else None)
+            # The global batch's loss, or NaN on every rank if any rank's loss or gradient is not
+            # finite: then stop before the optimizer spreads it into the weights.
+            loss = replicas.allreduce_grads(loss)
+            if math.isnan(loss):
+                raise _diverged(cfg, where, saved)
             model.step(optimizer)
             schedule.step()
             loss_sum += loss
@@ -264,21 +374,24 @@ def run(cfg, comm=None, on_epoch_end=None):
         replicas.average_buffers()
         replicas.check()
         test_loss, test_accuracy = evaluate(model, test_loader, comm)
+        # The last step's finite gradient times a huge lr, or huge weights whose logits overflow:
+        # nothing the steps saw, and still nothing to save.
+        if not (math.isfinite(test_loss) and np.isfinite(replicas.data).all()):
+            raise _diverged(cfg, f"the end of epoch {epoch + 1}", saved,
+                            "the weights or the test loss")
         history.append(dict(
-            epoch=epoch + 1, train_loss=comm.allreduce_obj(loss_sum) / (len(loader) * comm.size),
+            epoch=epoch + 1, train_loss=loss_sum / len(loader),
             test_loss=float(test_loss), test_accuracy=float(test_accuracy),
             images_per_second=len(loader) * cfg.batch_size / seconds, seconds=seconds,
             world_size=comm.size, lr=float(optimizer.lr)))
         log.epoch(history[-1], cfg.epochs)
-        log.metrics(history)
-        if rank0 and cfg.checkpoint:
-            checkpoint.save(cfg.checkpoint, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(),
-                schedule=schedule.state_dict(), epoch=epoch + 1, history=history,
-                config=dataclasses.asdict(cfg), world_size=comm.size))
+        # Rank 0 alone writes, and every rank hears whether it could: a full disk ends the whole
+        # job with one line, the previous files kept.
+        agree(comm, lambda: rank0 and save(epoch + 1))
+        saved = epoch + 1
         if on_epoch_end:
             on_epoch_end(epoch + 1, model)
-    if rank0 and cfg.plot:
+    if cfg.plot:
         from ddl.plots import curves
-        curves(history, cfg.plot)
+        agree(comm, lambda: rank0 and curves(history, cfg.plot))
     return history, model

@@ -5,7 +5,7 @@ the roofline. Writes a markdown report (`make bench`).
 Every figure is the median of timed repeats after a warm-up, with one BLAS thread per process.
 The contestants' repeats alternate within one run, so the machine's noise hits all alike.
 A training step is what `ddl.train` does: zero the gradients, forward, cross-entropy, backward,
-(all-reduce), SGD with momentum 0.9.
+(all-reduce with the loss and the NaN/inf check), SGD with momentum 0.9.
 
     python scripts/benchmark.py [--out docs/benchmarks.md] [--repeats 7] [--quick]
 """
@@ -72,9 +72,9 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="num
         kernels.use(kernel_set)
         x, y = next(data)
         replicas.zero_grad()
-        train_step(model, criterion, x, y, MICRO_BATCH)
+        loss = train_step(model, criterion, x, y, MICRO_BATCH)
         started = time.perf_counter()
-        replicas.allreduce_grads()
+        replicas.allreduce_grads(loss)
         if allreduce_clock is not None:
             allreduce_clock[0] += time.perf_counter() - started
         model.step(optimizer)

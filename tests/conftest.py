@@ -1,9 +1,12 @@
-"""Shared fixtures: the real MNIST files, one HDF5 file made from them, and an mpiexec runner."""
+"""Shared fixtures: the real MNIST files, HDF5 files made from them, an mpiexec runner, and the
+checks that a refused command kept its promise (one line, its status, nothing touched)."""
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +36,47 @@ def mnist_h5(mnist_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "mnist.h5"
     prepare_dataset(mnist_raw, out, log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_h5(mnist_h5, tmp_path_factory):
+    """The first 512 training and 512 test images of mnist_h5, same schema: for runs that test
+    the machinery rather than the learning."""
+    out = tmp_path_factory.mktemp("small") / "small.h5"
+    with h5py.File(mnist_h5) as src, h5py.File(out, "w") as dst:
+        dst.attrs.update(src.attrs)
+        for name in ("train/images", "train/labels", "test/images", "test/labels"):
+            dst[name] = src[name][:512]
+    return out
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@contextlib.contextmanager
+def untouched(folder):
+    """Assert that the block leaves every file under `folder` byte-identical, and adds none."""
+    before = snapshot(folder)
+    yield
+    after = snapshot(folder)
+    assert sorted(after) == sorted(before), "files came or went"
+    assert [k for k in before if after[k] != before[k]] == [], "files changed"
+
+
+def refused(done, status, *words):
+    """`done`, a command's (exit status, output), is a user error as promised: exit `status`, no
+    traceback, at most 3 lines of output, the last one `Error: ...` holding each of `words`."""
+    code, output = done
+    lines = output.strip().splitlines()
+    assert code == status, (code, output)
+    assert "Traceback" not in output and 1 <= len(lines) <= 3, output
+    assert lines[-1].startswith("Error: "), output
+    for word in words:
+        assert word in lines[-1], lines[-1]
 
 
 def rank_env():

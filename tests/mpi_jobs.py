@@ -81,13 +81,39 @@ def job_fail(comm, out, pairs):
     calls = []
     original = parallel.Replicas.allreduce_grads
 
-    def flaky(self):
+    def flaky(self, loss):
         calls.append(1)
         if comm.rank == 1 and len(calls) == 3:
             raise ZeroDivisionError("injected failure on rank 1")
-        original(self)
+        return original(self, loss)
     parallel.Replicas.allreduce_grads = flaky
     cli.main(["train", "--quiet", *pairs])
+
+
+def job_nan(comm, out, args):
+    """`ddl train ARGS` with a NaN in rank 1's gradient at its second step, and only there."""
+    from ddl import cli, train
+    original, steps = train.train_step, []
+
+    def poisoned(model, *rest):
+        loss = original(model, *rest)
+        steps.append(1)
+        if comm.rank == 1 and len(steps) == 2:
+            model.parameters()[0].grad.flat[0] = np.nan
+        return loss
+    train.train_step = poisoned
+    cli.main(["train", *args])
+
+
+def job_quota(comm, out, args):
+    """`ddl train ARGS[1:]` with files limited to ARGS[0] bytes, as a quota would: a write past
+    that fails with EFBIG. Set only now, since MPI's start-up writes shared-memory files."""
+    import resource
+    import signal
+    from ddl import cli
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(args[0]), int(args[0])))
+    cli.main(["train", *args[1:]])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""HDF5 checkpoints: nested trees round-trip, a failed write keeps the previous file, bad files."""
+"""HDF5 checkpoints: nested trees round-trip, a failed write keeps the previous file, every bad
+file is one line naming it, and the lock keeps a second job out."""
+import h5py
 import numpy as np
 import pytest
 
 from ddl import checkpoint
+from ddl.errors import CheckpointError, OutputError
 from ddl.models import build
 from ddl.optim import SGD
 
@@ -13,8 +16,9 @@ def tree():
     for p in model.parameters():
         p.grad[...] = 1
     opt.step()
-    return dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=3,
-                history=[{"epoch": 1, "test_accuracy": 0.5}], config={"model": "mlp"})
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), schedule={"last_epoch": 3},
+                epoch=3, history=[{"epoch": 1, "test_accuracy": 0.5}], config={"model": "mlp"},
+                data={"train": 60000}, world_size=2)
 
 
 def test_round_trip(tmp_path):
@@ -22,7 +26,7 @@ def test_round_trip(tmp_path):
     checkpoint.save(tmp_path / "c.h5", saved)
     got = checkpoint.load(tmp_path / "c.h5")
     assert got["epoch"] == 3 and got["history"] == saved["history"]
-    assert got["config"] == {"model": "mlp"}
+    assert got["config"] == {"model": "mlp"} and got["world_size"] == 2
     for k, v in saved["model"].items():
         np.testing.assert_array_equal(got["model"][k], v)
     assert sorted(got["optimizer"]["state"]) == [0, 1, 2, 3]        # positions come back as ints
@@ -44,10 +48,61 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]          # no temporary left behind
 
 
-def test_bad_files(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="not found"):
-        checkpoint.load(tmp_path / "none.h5")
-    junk = tmp_path / "junk.h5"
-    junk.write_text("no")
-    with pytest.raises(checkpoint.CheckpointError, match="junk.h5"):
-        checkpoint.load(junk)
+def test_a_vanished_folder_is_one_line(tmp_path):
+    with pytest.raises(OutputError, match=r"cannot write .*gone/c\.h5 \(No such file or dir"):
+        checkpoint.save(tmp_path / "gone" / "c.h5", tree())
+
+
+def _rewrite(path, change):
+    with h5py.File(path, "a") as f:
+        change(f)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+BAD = {
+    "missing": (lambda p: p.unlink(), "checkpoint not found"),
+    "folder": (lambda p: (p.unlink(), p.mkdir()), "is a folder"),
+    "text": (lambda p: p.write_text("no"), "not an HDF5 file"),
+    "truncated": (_truncate, "damaged checkpoint"),
+    "a dataset": (lambda p: (p.unlink(), _rewrite(p, lambda f: f.create_group("train"))),
+                  "not a ddl checkpoint (a dataset)"),
+    "no marker": (lambda p: _rewrite(p, lambda f: f.attrs.__delitem__(checkpoint.MARKER)),
+                  "not a ddl checkpoint (no 'ddl_checkpoint' attribute)"),
+    "newer": (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__(checkpoint.MARKER, 9)),
+              "checkpoint format 9"),
+    "no optimizer": (lambda p: _rewrite(p, lambda f: f.__delitem__("optimizer")),
+                     "damaged checkpoint (no optimizer)"),
+    "bad json": (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__("epoch", "{")),
+                 "damaged checkpoint"),
+    "NaN weights": (lambda p: _rewrite(p, lambda f: f["model/1.bias"].__setitem__(0, np.nan)),
+                    "holds NaN or inf weights"),
+}
+
+
+@pytest.mark.parametrize("damage", BAD)
+def test_every_bad_file_is_one_line_naming_it(damage, tmp_path):
+    path = tmp_path / "c.h5"
+    checkpoint.save(path, tree())
+    breaker, words = BAD[damage]
+    breaker(path)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    assert str(err.value).startswith(str(path)) and words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_lock_keeps_a_second_job_out(tmp_path):
+    path = tmp_path / "c.h5"
+    with checkpoint.Lock(path):
+        with pytest.raises(CheckpointError, match=r"c\.h5 is being written by another job \(pid"):
+            checkpoint.Lock(path)
+        assert (tmp_path / "c.h5.lock").exists()
+    assert list(tmp_path.iterdir()) == []                       # released: the file is gone
+    (tmp_path / "c.h5.lock").write_text("pid 1 on a machine that crashed")
+    with checkpoint.Lock(path):                                 # a stale file holds no lock
+        assert "pid" in (tmp_path / "c.h5.lock").read_text()
+    assert list(tmp_path.iterdir()) == []

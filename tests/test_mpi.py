@@ -101,7 +101,8 @@ def test_resume_on_another_world_size(mnist_h5, tmp_path):
     pairs = [f"data={mnist_h5}", "subset=256", "batch_size=64", "epochs=2", "quiet=1",
              f"checkpoint={tmp_path / 'c.h5'}"]
     job(4, "interrupt", tmp_path / "a", *pairs)
-    job(2, "train", tmp_path / "b", *pairs, "resume=1")
+    done = job(2, "train", tmp_path / "b", *pairs, "resume=1", "quiet=0")
+    assert "resuming" in done.stderr and "2 rank(s) (was 4)" in done.stderr
     history = checkpoint.load(tmp_path / "c.h5")["history"]
     assert [(h["epoch"], h["world_size"]) for h in history] == [(1, 4), (2, 2)]
 

@@ -153,6 +153,8 @@ def test_updates_in_place_into_flat_buffers(cls, kw):
     (lambda ps: SGD(ps, lr=0.1, nesterov=True), "Nesterov"),
     (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), "Nesterov"),
     (lambda ps: Adam(ps, lr=-1e-3), "lr"),
+    (lambda ps: Adam(ps, lr=float("nan")), "invalid lr: nan"),             # as PyTorch refuses
+    (lambda ps: SGD(ps, lr=0.1, momentum=float("nan")), "invalid momentum: nan"),
     (lambda ps: Adam(ps, betas=(1.0, 0.999)), "beta at index 0"),
     (lambda ps: Adam(ps, betas=(0.9, -0.1)), "beta at index 1"),
     (lambda ps: Adam(ps, eps=-1e-8), "eps"),

@@ -1,4 +1,5 @@
 """ddl.prepare: the real MNIST conversion, and every refusal on synthetic IDX files."""
+import errno
 import functools
 import gzip
 import hashlib
@@ -15,6 +16,7 @@ import pytest
 
 from ddl import prepare
 from ddl.data import H5Dataset
+from ddl.errors import OutputError
 from ddl.prepare import DATASETS, PrepareError, prepare_dataset
 
 # From SOURCE.md, independent of ddl.prepare's table.
@@ -260,11 +262,12 @@ def test_failed_run_keeps_the_existing_good_file(tmp_path, monkeypatch):
     quiet_prepare(tmp_path / "raw", out)
     good = out.read_bytes()
 
-    def fail(*args):
-        raise OSError("disk full")
+    def fail(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prepare, "_write_split", fail)
-    with pytest.raises(PrepareError, match=r"data\.h5: cannot write \(disk full\)"):
+    monkeypatch.setattr(os, "fsync", fail)        # where a full disk may first show
+    with pytest.raises(OutputError, match=r"cannot write .*data\.h5 \(No space left on device\); "
+                                          r"the previous file is kept"):
         quiet_prepare(tmp_path / "raw", out)
     assert out.read_bytes() == good
     assert os.listdir(out.parent) == ["data.h5"]
