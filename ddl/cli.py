@@ -10,7 +10,7 @@ import traceback
 import click
 import numpy as np
 
-from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
+from ddl.comm import MPIUnavailable, SingleCommunicator, launched_rank, launched_size, world
 from ddl.train import Config
 
 RECIPE = Config()
@@ -46,6 +46,15 @@ def _job(comm, fn):
         if comm.size > 1:
             comm.abort(1)
         sys.exit(1)
+
+
+def _world():
+    """This process's communicator; a launcher with no matching MPI library is a usage error, so
+    it prints one line from rank 0 instead of MPI_Init's error stack from every rank."""
+    try:
+        return world()
+    except MPIUnavailable as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _threads(n):
@@ -101,7 +110,7 @@ def train(threads, **options):
     if problem:
         raise click.UsageError(problem)
     _threads(threads)
-    comm = world()
+    comm = _world()
     _job(comm, lambda: run(cfg, comm))
 
 
@@ -146,7 +155,7 @@ def evaluate(checkpoint, data):
     """Test loss and accuracy of a checkpoint (also under mpirun)."""
     from ddl.train import agree, eval_loader, evaluate as run_eval, open_split, restore
     _threads(0)
-    comm = world()
+    comm = _world()
 
     def job():
         test = agree(comm, lambda: open_split(data, "test"))
