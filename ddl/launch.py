@@ -1,13 +1,16 @@
 """`ddl launch`: find an mpiexec, start `python -m ddl ...` on N ranks, forward signals.
 
 The mpich wheel puts `mpiexec` beside this interpreter, so a fresh venv needs no system MPI;
-a system mpiexec on PATH (or one given with --mpiexec) works too.
+a system mpiexec on PATH (or one given with --mpiexec) works too, Hydra's or Open MPI's, each
+spoken to in its own dialect. Inside a Slurm allocation the ranks go through srun.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 
 class LaunchError(RuntimeError):
@@ -30,10 +33,44 @@ def find_mpiexec(given=None):
     return found
 
 
-def _hostfile_flag(mpiexec):
-    """Hydra (MPICH, Intel MPI) spells it -f; Open MPI's mpirun spells it --hostfile."""
-    out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout
-    return "-f" if "HYDRA" in out.upper() else "--hostfile"
+def flavor(mpiexec):
+    """'hydra' (MPICH, Intel MPI), 'openmpi', or None for an mpiexec of another kind."""
+    out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout.upper()
+    if "HYDRA" in out:
+        return "hydra"
+    return "openmpi" if "OPEN MPI" in out or "OPENRTE" in out else None
+
+
+_HOST_LINE = re.compile(r"(?P<host>[^\s:#]+)(?::(?P<n>\d+)|\s+slots=(?P<slots>\d+))?")
+
+
+def read_hostfile(path):
+    """[(host, slots or None)] from a hostfile in either spelling, Hydra's `host:N` or Open MPI's
+    `host slots=N`, so that one file serves every mpiexec; `#` starts a comment."""
+    hosts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            m = _HOST_LINE.fullmatch(line)
+            if not m:
+                raise LaunchError(f"{path}, line {number}: {line!r} is not `host`, `host:N` or "
+                                  "`host slots=N`")
+            slots = m["n"] or m["slots"]
+            hosts.append((m["host"], int(slots) if slots else None))
+    if not hosts:
+        raise LaunchError(f"{path} names no host")
+    return hosts
+
+
+def _in_spelling(hostfile, kind, workdir):
+    """A copy of `hostfile` in the spelling of an mpiexec of `kind`, written into `workdir`."""
+    spell = "{} slots={}" if kind == "openmpi" else "{}:{}"
+    path = os.path.join(workdir, "hosts")
+    with open(path, "w") as f:
+        f.writelines((spell.format(h, n) if n else h) + "\n" for h, n in read_hostfile(hostfile))
+    return path
 
 
 def rank_env(base=None):
@@ -47,25 +84,56 @@ def rank_env(base=None):
     return env
 
 
-def command(nprocs, args, mpiexec, hostfile=None):
+def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None):
+    """The command line that runs `ddl ARGS` on `nprocs` ranks: srun inside a Slurm allocation
+    unless an mpiexec is named, else mpiexec in its own dialect (the hostfile translated for
+    Hydra or Open MPI into `workdir`)."""
+    program = [sys.executable, "-m", "ddl", *args]
+    if mpiexec is None and "SLURM_JOB_ID" in os.environ:
+        srun = shutil.which("srun")
+        if srun and hostfile:
+            raise LaunchError("--hostfile: inside a Slurm allocation srun places the ranks on "
+                              "the allocated nodes; drop --hostfile, or name an --mpiexec")
+        if srun:
+            # PMI-2 is what the mpich wheel's library speaks, whatever the cluster's MpiDefault;
+            # without --quit-on-interrupt one Ctrl-C only makes srun print the step's status.
+            return [srun, "--mpi=pmi2", "--quit-on-interrupt", "-n", str(nprocs), *program]
+        print("ddl launch: in a Slurm job but srun is not on PATH: using mpiexec",
+              file=sys.stderr)
+    mpiexec = find_mpiexec(mpiexec)
+    kind = flavor(mpiexec)
     cmd = [mpiexec, "-n", str(nprocs)]
+    if kind == "openmpi":
+        # Hydra places more ranks than cores and runs as root without being asked; Open MPI's
+        # mpirun refuses both unless told, and `ddl launch` behaves the same over either.
+        cmd.append("--oversubscribe")
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
     if hostfile:
-        cmd += [_hostfile_flag(mpiexec), hostfile]
-    return cmd + [sys.executable, "-m", "ddl", *args]
+        if kind:
+            hostfile = _in_spelling(hostfile, kind, workdir)
+        cmd += ["-f" if kind == "hydra" else "--hostfile", hostfile]
+    return cmd + program
 
 
 def launch(nprocs, args, mpiexec=None, hostfile=None):
-    """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status (128+N for signal N)."""
-    cmd = command(nprocs, args, find_mpiexec(mpiexec), hostfile)
-    proc = subprocess.Popen(cmd, env=rank_env())
+    """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status, 128+N when it ended on
+    signal N, or on the signal N that was forwarded to it (srun reports such a job as killed)."""
+    forwarded = []
+    with tempfile.TemporaryDirectory(prefix="ddl-launch-") as workdir:
+        proc = subprocess.Popen(command(nprocs, args, mpiexec, hostfile, workdir),
+                                env=rank_env())
 
-    def forward(signum, _frame):
-        proc.send_signal(signum)
+        def forward(signum, _frame):
+            forwarded.append(signum)
+            proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if code and forwarded:
+        return 128 + forwarded[0]
     return 128 - code if code < 0 else code
