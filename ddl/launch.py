@@ -33,7 +33,7 @@ def find_mpiexec(given=None):
     return found
 
 
-def flavor(mpiexec):
+def _flavor(mpiexec):
     """'hydra' (MPICH, Intel MPI), 'openmpi', or None for an mpiexec of another kind."""
     out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout.upper()
     if "HYDRA" in out:
@@ -101,7 +101,7 @@ def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None):
         print("ddl launch: in a Slurm job but srun is not on PATH: using mpiexec",
               file=sys.stderr)
     mpiexec = find_mpiexec(mpiexec)
-    kind = flavor(mpiexec)
+    kind = _flavor(mpiexec)
     cmd = [mpiexec, "-n", str(nprocs)]
     if kind == "openmpi":
         # Hydra places more ranks than cores and runs as root without being asked; Open MPI's
