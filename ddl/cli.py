@@ -200,8 +200,9 @@ def main(argv=None):
         if launched_rank() == 0:
             click.echo(f"Error: {e.format_message()}", err=True)
         code = e.exit_code
-    except DDLError as e:                   # from the commands that start no ranks of their own
-        click.echo(f"Error: {e}", err=True)
+    except DDLError as e:   # raised before any collective, so by every rank alike: say it once
+        if launched_rank() == 0:
+            click.echo(f"Error: {e}", err=True)
         code = e.status
     sys.exit(code or 0)
 

@@ -7,11 +7,14 @@ pickle.
 import os
 import sys
 
+from ddl.errors import MPIUnavailable
+
 # Launchers export one of these to every rank; their presence (with a size > 1) is the only signal
-# we need, so a plain `ddl train` never pays for MPI_Init.
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
+# we need, so a plain `ddl train` never pays for MPI_Init. Slurm's are the job step's: a batch
+# script or an salloc shell has SLURM_NTASKS too, but is one process.
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE")
 # When ranks outnumber cores, a rank waiting in a collective must not spin on a core that a
 # computing rank needs: measured with 4 ranks on 2 cores, MPICH's default busy polling gave
 # 460 img/s, sleeping after each idle poll 8,000 (docs/benchmarks.md). Read at MPI_Init.
@@ -41,6 +44,68 @@ def launched_rank():
     """This process's rank as the launcher announced it (0 when not launched); lets a usage
     error print once, before MPI is even initialised."""
     return _from_env(_RANK_VARS, 0)
+
+
+# The MPI library that can talk to each kind of launcher, by soname, with what to do when it is
+# missing. Open MPI's mpirun (like any PMIx launcher) cannot start the mpich wheel's library: every
+# rank would die in MPI_Init with MPICH's error stack. Hydra (the mpich wheel's, Debian's or Intel
+# MPI's mpiexec) and Slurm's srun --mpi=pmi2 speak PMI, which Open MPI's library does not.
+_LIBRARIES = {
+    "openmpi": ("libmpi.so.40", "a PMIx launcher (Open MPI's mpirun, srun --mpi=pmix)",
+                "install Open MPI's library (Debian: apt-get install libopenmpi3), or launch "
+                "with `ddl launch`, the venv's mpiexec or srun --mpi=pmi2"),
+    "mpich": ("libmpi.so.12", "an MPICH launcher (Hydra's mpiexec, srun --mpi=pmi2)",
+              "pip install mpich, or launch with Open MPI's mpirun"),
+}
+
+
+def _launcher_abi():
+    """'openmpi' or 'mpich': the ABI of the MPI library the launcher can start; None without PMI."""
+    if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMIX_RANK" in os.environ:
+        return "openmpi"
+    return "mpich" if "PMI_RANK" in os.environ else None
+
+
+def _normal_abi(name):
+    """mpi4py's spelling of an ABI name; Intel MPI is MPICH's ABI."""
+    name = name.lower().translate({ord(c): None for c in " -_"})
+    return "mpich" if name == "impi" else name
+
+
+def choose_mpi_library():
+    """Point mpi4py (MPI4PY_LIBMPI) at the MPI library that matches the launcher, before
+    mpi4py.MPI is imported: the venv's own (the mpich wheel, or Open MPI's wheel), else the
+    system's. A library named in MPI4PY_LIBMPI or MPI4PY_MPIABI is checked, not replaced.
+    Raises MPIUnavailable saying what to install or which launcher to use."""
+    import ctypes
+    want = _launcher_abi()
+    if want is None:
+        raise MPIUnavailable(f"srun started {launched_size()} tasks without a PMI for MPI to "
+                             "connect them: run `srun --mpi=pmi2` (or set MpiDefault=pmi2)")
+    soname, launcher, remedy = _LIBRARIES[want]
+    asked = os.environ.get("MPI4PY_MPIABI")
+    if asked:
+        if _normal_abi(asked) != want:
+            raise MPIUnavailable(f"MPI4PY_MPIABI={asked} does not match {launcher}, which "
+                                 f"started this rank: unset it")
+        return
+    given = os.environ.get("MPI4PY_LIBMPI")
+    if given and os.pathsep in given:           # a search path: mpi4py's business
+        return
+    for name in [given] if given else [os.path.join(sys.prefix, "lib", soname), soname]:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        if ("openmpi" if hasattr(lib, "ompi_mpi_comm_self") else "mpich") != want:
+            raise MPIUnavailable(f"MPI4PY_LIBMPI={given} is not the MPI of {launcher}, which "
+                                 f"started this rank: unset it")
+        os.environ["MPI4PY_LIBMPI"] = name
+        return
+    if given:
+        raise MPIUnavailable(f"MPI4PY_LIBMPI={given} cannot be loaded")
+    raise MPIUnavailable(f"{launcher} started this rank, but its MPI library ({soname}) is not "
+                         f"installed: {remedy}")
 
 
 class SingleCommunicator:
@@ -83,6 +148,7 @@ class MPICommunicator:
     """COMM_WORLD through mpi4py; array verbs use the buffer interface (no pickling)."""
 
     def __init__(self):
+        choose_mpi_library()
         if oversubscribed():
             for var, value in _YIELD_WHEN_IDLE.items():
                 os.environ.setdefault(var, value)

@@ -31,6 +31,11 @@ class LaunchError(UsageError):
     """An mpiexec or hostfile that `ddl launch` cannot use."""
 
 
+class MPIUnavailable(UsageError):
+    """No MPI library here can talk to the launcher that started this rank (found before
+    MPI_Init, whose own error would be a stack from every rank)."""
+
+
 class PrepareError(UsageError):
     """Raw files that cannot become a dataset; the message names the file and the problem."""
 

@@ -1,7 +1,8 @@
 """`ddl launch`: find an mpiexec, start `python -m ddl ...` on N ranks, forward signals.
 
 The mpich wheel puts `mpiexec` beside this interpreter, so a fresh venv needs no system MPI;
-a system mpiexec on PATH (or one given with --mpiexec) works too.
+a system mpiexec on PATH (or one given with --mpiexec) works too, Hydra's or Open MPI's, each
+spoken to in its own dialect. Inside a Slurm allocation the ranks go through srun.
 """
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 from ddl.errors import LaunchError
 
@@ -45,44 +47,54 @@ def probe(mpiexec):
     return version
 
 
-_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SLOTS = ("slots", "max_slots", "max-slots")
+def _flavor(version):
+    """'hydra' (MPICH, Intel MPI), 'openmpi', or None, from `mpiexec --version`'s output."""
+    version = version.upper()
+    if "HYDRA" in version:
+        return "hydra"
+    return "openmpi" if "OPEN MPI" in version or "OPENRTE" in version else None
 
 
-def check_hostfile(path, hydra):
-    """Raise LaunchError unless `path` names at least one host and every other line is blank, a
-    comment, or `host[:slots] [key=value ...]` (Hydra knows the keys binding and user; Open MPI
-    slots, max_slots and more). Hydra's own parser prints an internal trace for a bad line, runs
-    locally for an empty file, and spins for ever on `host:-1`."""
+_LINE = re.compile(r"(?P<host>[A-Za-z0-9][A-Za-z0-9._-]*)(?::(?P<n>\S+)|\s+slots=(?P<slots>\S+))?")
+
+
+def read_hostfile(path):
+    """[(host, slots or None)] from a hostfile in either spelling, Hydra's `host:N` or Open MPI's
+    `host slots=N` (`#` starts a comment), so that one file serves every mpiexec. LaunchError
+    names the first bad line: Hydra's own parser prints an internal trace for one, runs locally
+    for an empty file, and spins for ever on `host:-1`."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LaunchError(f"--hostfile {path}: cannot read it ({e})") from None
-    hosts = 0
+    hosts = []
     for number, line in enumerate(lines, 1):
-        words = line.split()
-        if not words or words[0].startswith("#"):
+        line = line.split("#", 1)[0].strip()
+        if not line:
             continue
-        host, colon, slots = words[0].partition(":")
-        settings = [word.partition("=") for word in words[1:]]
-        if not _HOST.match(host):
-            problem = f"{host!r} is not a host name"
-        elif colon and not (slots.isdigit() and int(slots) > 0):
+        m = _LINE.fullmatch(line)
+        slots = m and (m["n"] or m["slots"])
+        if not m:
+            problem = f"{line!r} is not `host`, `host:N` or `host slots=N`"
+        elif slots is not None and not (slots.isdigit() and int(slots) > 0):
             problem = f"slots {slots!r} is not a positive number"
-        elif any(not eq or not key or not value for key, eq, value in settings):
-            problem = "words after the host must be key=value"
-        elif hydra and any(key not in ("binding", "user") for key, _, _ in settings):
-            problem = "MPICH's mpiexec takes only binding= and user= after the host"
-        elif any(key in _SLOTS and not (value.isdigit() and int(value) > 0)
-                 for key, _, value in settings):
-            problem = "slots must be a positive number"
         else:
-            hosts += 1
+            hosts.append((m["host"], int(slots) if slots else None))
             continue
-        raise LaunchError(f"--hostfile {path} line {number}: {problem} (in {line.strip()!r})")
+        raise LaunchError(f"--hostfile {path} line {number}: {problem}")
     if not hosts:
         raise LaunchError(f"--hostfile {path} lists no hosts")
+    return hosts
+
+
+def _in_spelling(hostfile, kind, workdir):
+    """A copy of `hostfile` in the spelling of an mpiexec of `kind`, written into `workdir`."""
+    spell = "{} slots={}" if kind == "openmpi" else "{}:{}"
+    path = os.path.join(workdir, "hosts")
+    with open(path, "w") as f:
+        f.writelines((spell.format(h, n) if n else h) + "\n" for h, n in read_hostfile(hostfile))
+    return path
 
 
 def rank_env(base=None):
@@ -96,30 +108,56 @@ def rank_env(base=None):
     return env
 
 
-def command(nprocs, args, mpiexec, hostfile=None):
-    """The command line of the job; LaunchError if `mpiexec` or the hostfile will not do."""
-    version = probe(mpiexec)
+def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None):
+    """The command line that runs `ddl ARGS` on `nprocs` ranks: srun inside a Slurm allocation
+    unless an mpiexec is named, else mpiexec in its own dialect (the hostfile translated for
+    Hydra or Open MPI into `workdir`)."""
+    program = [sys.executable, "-m", "ddl", *args]
+    if mpiexec is None and "SLURM_JOB_ID" in os.environ:
+        srun = shutil.which("srun")
+        if srun and hostfile:
+            raise LaunchError("--hostfile: inside a Slurm allocation srun places the ranks on "
+                              "the allocated nodes; drop --hostfile, or name an --mpiexec")
+        if srun:
+            # PMI-2 is what the mpich wheel's library speaks, whatever the cluster's MpiDefault;
+            # without --quit-on-interrupt one Ctrl-C only makes srun print the step's status.
+            return [srun, "--mpi=pmi2", "--quit-on-interrupt", "-n", str(nprocs), *program]
+        print("ddl launch: in a Slurm job but srun is not on PATH: using mpiexec",
+              file=sys.stderr)
+    mpiexec = find_mpiexec(mpiexec)
+    kind = _flavor(probe(mpiexec))
     cmd = [mpiexec, "-n", str(nprocs)]
+    if kind == "openmpi":
+        # Hydra places more ranks than cores and runs as root without being asked; Open MPI's
+        # mpirun refuses both unless told, and `ddl launch` behaves the same over either.
+        cmd.append("--oversubscribe")
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
     if hostfile:
-        # Hydra (MPICH, Intel MPI) spells it -f; Open MPI's mpirun spells it --hostfile.
-        hydra = "HYDRA" in version.upper()
-        check_hostfile(hostfile, hydra)
-        cmd += ["-f" if hydra else "--hostfile", hostfile]
-    return cmd + [sys.executable, "-m", "ddl", *args]
+        if kind:
+            hostfile = _in_spelling(hostfile, kind, workdir)
+        cmd += ["-f" if kind == "hydra" else "--hostfile", hostfile]
+    return cmd + program
 
 
 def launch(nprocs, args, mpiexec=None, hostfile=None):
-    """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status (128+N for signal N)."""
-    cmd = command(nprocs, args, find_mpiexec(mpiexec), hostfile)
-    proc = subprocess.Popen(cmd, env=rank_env())
+    """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status, 128+N when it ended on
+    signal N, or on the signal N that was forwarded to it (srun reports such a job as killed)."""
+    forwarded = []
+    with tempfile.TemporaryDirectory(prefix="ddl-launch-") as workdir:
+        proc = subprocess.Popen(command(nprocs, args, mpiexec, hostfile, workdir),
+                                env=rank_env())
 
-    def forward(signum, _frame):
-        proc.send_signal(signum)
+        def forward(signum, _frame):
+            forwarded.append(signum)
+            proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if code and forwarded:
+        return 128 + forwarded[0]
     return 128 - code if code < 0 else code

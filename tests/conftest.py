@@ -84,12 +84,16 @@ def rank_env():
     return dict(env(), PYTHONPATH=str(ROOT))
 
 
-def run_mpi(n, args, timeout=120, **kwargs):
+def run(cmd, timeout=120, **env):
+    """CMD (a launcher's, say) in the ranks' environment plus ENV; returns the CompletedProcess."""
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout,
+                          env=dict(rank_env(), **env), stdin=subprocess.DEVNULL)
+
+
+def run_mpi(n, args, timeout=120, **env):
     """`mpiexec -n N python ARGS...` with the project's mpiexec; returns the CompletedProcess."""
     from ddl.launch import find_mpiexec
-    cmd = [find_mpiexec(), "-n", str(n), sys.executable, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=rank_env(),
-                          stdin=subprocess.DEVNULL, **kwargs)
+    return run([find_mpiexec(), "-n", n, sys.executable, *args], timeout, **env)
 
 
 def run_ddl(args, timeout=120, n=None):

@@ -62,12 +62,20 @@ def test_launch_runs_the_job_and_returns_its_code(mnist_h5, tmp_path):
 
 
 def test_launch_with_a_hostfile(mnist_h5, tmp_path):
+    """Open MPI's spelling, which Hydra's mpiexec cannot read: ddl launch translates it."""
     hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:2\n")
+    hosts.write_text("localhost slots=2\n")
     done = run_ddl(["launch", "-n", "2", "--hostfile", hosts, "--", "train", "--data", mnist_h5,
                     *QUICK, "--metrics", tmp_path / "m.jsonl"])
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "m.jsonl").read_text())["world_size"] == 2
+
+
+def test_hostfiles_in_either_spelling(tmp_path):
+    from ddl.launch import read_hostfile
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# rack 1\nnode1:4\nnode2 slots=2  # the small one\n\nnode3\n")
+    assert read_hostfile(hosts) == [("node1", 4), ("node2", 2), ("node3", None)]
 
 
 def test_launch_forwards_ctrl_c(mnist_h5, tmp_path):

@@ -277,9 +277,10 @@ def test_a_full_disk_keeps_the_checkpoint(ddl, work, tiny_disk):
 
 @pytest.mark.parametrize("lines, words", [
     ("localhost:-1\n", ["line 1: slots '-1' is not a positive number"]),
-    ("# hosts\nlocalhost:2\nnode one\n", ["line 3: words after the host must be key=value"]),
-    ("localhost slots=2\n", ["MPICH's mpiexec takes only binding= and user="]),
-    ("node_1;rm:2\n", ["'node_1;rm' is not a host name"]),
+    ("localhost slots=0\n", ["line 1: slots '0' is not a positive number"]),
+    ("# hosts\nlocalhost:2\nnode one\n", ["line 3: 'node one' is not `host`, `host:N`"]),
+    ("node1\nnode2 slots 2\n", ["line 2: 'node2 slots 2' is not"]),
+    ("node_1;rm:2\n", ["'node_1;rm:2' is not `host`"]),
     ("", ["lists no hosts"]),
     ("# nothing but a comment\n\n", ["lists no hosts"]),
 ])
