@@ -88,6 +88,8 @@ def cli():
 @click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
 @DATA
 @click.option("--subset", type=int, default=0, help="Train on the first N images only.")
+@click.option("--shift", type=int, default=RECIPE.shift, show_default=True,
+              help="Move each training image by up to N pixels (random; 0: off).")
 @click.option("--checkpoint", default="",
               help="Write a checkpoint here after every epoch (an existing one needs --resume or "
                    "--overwrite).")

@@ -52,6 +52,7 @@ class Config:
     seed: int = 0
     data: str = "data/mnist.h5"
     subset: int = 0                # train on the first `subset` training images (0: all)
+    shift: int = 0                 # random shifts of up to this many pixels (0: none)
     checkpoint: str = ""
     resume: bool = False
     overwrite: bool = False        # replace an existing checkpoint, metrics file or plot
@@ -74,7 +75,7 @@ def check_options(cfg, world_size):
             raise UsageError(f"unknown {name} {value!r} (choose from {', '.join(known)})")
     # Zero means "off" or "all" for the micro-batch, warm-up and subset.
     for name, low in (("epochs", 1), ("batch_size", 1), ("micro_batch", 0), ("warmup", 0),
-                      ("subset", 0), ("seed", 0)):
+                      ("subset", 0), ("seed", 0), ("shift", 0)):
         value = getattr(cfg, name)
         if value < low:
             raise UsageError(f"{_flag(name)} must be at least {low}, got {value}")
@@ -316,7 +317,7 @@ def _train(cfg, comm, on_epoch_end):
 
     # --- set up: the same model, optimizer and schedule on every rank
     sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
-    loader, test_loader = Loader(train_set, sampler), eval_loader(test_set, comm)
+    loader, test_loader = Loader(train_set, sampler, shift=cfg.shift), eval_loader(test_set, comm)
     model = build(cfg.model, seed=cfg.seed, input_grad=False)
     replicas = Replicas(model, comm)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,

@@ -1,15 +1,15 @@
-"""Direct convolution for stride-1 layers with few taps (C*kh*kw up to 32: a first layer).
+"""Direct convolution for stride-1 layers that Winograd does not take (few input channels, or
+kernels other than 3x3): a network's first layer, seed-cnn's 5x5 layers.
 
-The forward kernels are compiled for their layer's (C, kh, kw), which numba then treats as
-constants: the loops over the taps unroll, so one output accumulates all its taps in a register,
-for 16 images at a time in the vector lanes of the innermost loop over the batch. (Accumulating tap by
-tap in memory, one long multiply-add per tap, ran 3x slower for ref-cnn's first layer; with one
-input channel, im2col would copy the images 9 or 25 times to feed a GEMM whose inner dimension is
-only 9 or 25.) `pool=True` max-pools 2x2 (and applies ReLU) from the four outputs of a window, so
-the full-resolution output is never stored.
-
-Arrays are (C, H, W, N), the batch innermost; the backward kernels see them with the last two
-axes merged, (C, H, W*N), so that a row's taps are long unit-stride runs.
+Arrays are (C, H, W, N), the batch innermost, seen here with the last two axes merged,
+(C, H, W*N): one output row of one channel, y[o, r] (OW*N values), is then a sum of shifted
+input rows, y[o, r, m] = sum over c, i, j of w[o, c, i, j] * x[c, r + i, j*N + m], a long
+unit-stride loop. The forward kernel is compiled per kernel size, which numba then treats as
+constants: the kh*kw taps unroll inside that loop, so each output accumulates a channel's taps in
+a register (tap by tap through memory, it ran 2-3x slower; with one input channel, im2col would
+copy the images 9 or 25 times to feed a GEMM whose inner dimension is only 9 or 25). `pool=True`
+max-pools 2x2 (and applies ReLU) from two rows at a time, so the full-resolution output is never
+stored. The backward pass runs the same rows as dot products (weights) and multiply-adds (input).
 """
 import functools
 
@@ -19,7 +19,6 @@ from ddl.kernels.jit import helper, kernel
 from ddl.kernels.pool import first_max4, spread4
 
 X3, X4 = "T[:, :, ::1]", "T[:, :, :, ::1]"
-CODE = "uint8[:, :, :, ::1]"
 # Kernel sizes compiled ahead by `warm` (others on first use): ref-cnn's and seed-cnn's.
 COMMON = ((3, 3), (5, 5))
 
@@ -47,52 +46,42 @@ def row_grads(x, w, o, r, n, g, grad_w, gx, input_grad):
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(kh, kw):
-    """(conv, pooled_conv) compiled for kh x kw kernels. The kernels close over those two ints
-    and nothing else: numba's cache keys a closure by its contents, and a function among them
-    would pickle differently in every process (no cache hit ever)."""
+def forward_kernel(kh, kw):
+    """The forward kernel compiled for kh x kw kernels. It closes over those two ints and
+    nothing else: numba's cache keys a closure by its contents, and a function among them would
+    pickle differently in every process (no cache hit ever)."""
 
-    @kernel(f"({X4}, {X4}, T[::1], {X4})")
-    def conv(x, w, bias, y):
-        """y (O, OH, OW, N) = the convolution of x (C, H, W, N) with w (O, C, kh, kw) + bias."""
+    @kernel(f"({X3}, {X4}, T[::1], int64, boolean, boolean, T[:, ::1], {X3}, uint8[:, :, ::1])")
+    def conv(x, w, bias, n, pool, relu, rows, y, code):
+        """y (O, OH, OW*N) = the convolution of x (C, H, W*N) with w (O, C, kh, kw) plus bias;
+        with `pool`, y and code (O, OH//2, (OW//2)*N) hold it max-pooled 2x2 (ReLU'd if relu)
+        and each window's code (see pool.py), from two rows at a time in rows (2, OW*N)."""
+        # Unsigned offsets: numba checks signed indices for wrap-around, which kept LLVM from
+        # proving `j * n + m` contiguous and made every load a gather.
+        nu, width = np.uint64(n), np.uint64(rows.shape[1])
         for o in range(y.shape[0]):
-            for r in range(y.shape[1]):
-                for q in range(y.shape[2]):
-                    out = y[o, r, q]
+            for out_row in range(y.shape[1]):
+                for a in range(2 if pool else 1):
+                    r = 2 * out_row + a if pool else out_row
+                    out = rows[a] if pool else y[o, r]
                     out[:] = bias[o]
-                    for c in range(x.shape[0]):       # one input channel at a time: the taps
-                        for n in range(out.shape[0]):   # of one channel fill the registers
-                            total = out[n]
+                    for c in range(x.shape[0]):     # a channel's taps accumulate in registers
+                        for m in range(width):
+                            total = out[m]
                             for i in range(kh):
+                                xs = x[c, r + i]
                                 for j in range(kw):
-                                    total += w[o, c, i, j] * x[c, r + i, q + j, n]
-                            out[n] = total
+                                    total += w[o, c, i, j] * xs[np.uint64(j) * nu + m]
+                            out[m] = total
+                if pool:
+                    for pc in range(y.shape[2] // n):
+                        top, bottom = rows[0, 2 * pc * n:], rows[1, 2 * pc * n:]
+                        ys, codes = y[o, out_row, pc * n:], code[o, out_row, pc * n:]
+                        for k in range(n):
+                            ys[k], codes[k] = first_max4(top[k], top[n + k], bottom[k],
+                                                         bottom[n + k], relu)
 
-    @kernel(f"({X4}, {X4}, T[::1], boolean, T[:, ::1], {X4}, {CODE})")
-    def pooled_conv(x, w, bias, relu, acc, y, code):
-        """y, code (O, OH//2, OW//2, N): the convolution max-pooled 2x2 (ReLU'd if relu), with
-        each window's code (see pool.py); acc (4, N) is scratch for a window's four outputs."""
-        for o in range(y.shape[0]):
-            for pr in range(y.shape[1]):
-                for pc in range(y.shape[2]):
-                    r, q = 2 * pr, 2 * pc
-                    acc[:, :] = bias[o]
-                    for c in range(x.shape[0]):
-                        for n in range(acc.shape[1]):
-                            y00, y01, y10, y11 = acc[0, n], acc[1, n], acc[2, n], acc[3, n]
-                            for i in range(kh):
-                                for j in range(kw):
-                                    wv = w[o, c, i, j]
-                                    y00 += wv * x[c, r + i, q + j, n]
-                                    y01 += wv * x[c, r + i, q + j + 1, n]
-                                    y10 += wv * x[c, r + i + 1, q + j, n]
-                                    y11 += wv * x[c, r + i + 1, q + j + 1, n]
-                            acc[0, n], acc[1, n], acc[2, n], acc[3, n] = y00, y01, y10, y11
-                    for n in range(acc.shape[1]):
-                        y[o, pr, pc, n], code[o, pr, pc, n] = first_max4(
-                            acc[0, n], acc[1, n], acc[2, n], acc[3, n], relu)
-
-    return conv, pooled_conv
+    return conv
 
 
 @kernel(f"({X3}, {X4}, {X3}, int64, {X4}, T[::1], {X3}, boolean)")
@@ -123,23 +112,22 @@ def pooled_conv_grad(x, w, gy, code, n, rows, grad_w, grad_b, gx, input_grad):
 
 
 for _shape in COMMON:
-    kernels(*_shape)       # registers them with `warm`
+    forward_kernel(*_shape)       # registers it with `warm`
 
 
 def forward(x, weight, bias, padding, pool, relu, ws):
     """x (C, H, W, N) -> (y, ctx) as winograd.forward, for any kernel size."""
     o, c, kh, kw = weight.shape
-    conv, pooled_conv = kernels(kh, kw)
     xp = pad(x, padding, ws)
     oh, ow, n = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1, x.shape[3]
     b = np.zeros(o, x.dtype) if bias is None else bias
-    if pool:
-        y = np.empty((o, oh // 2, ow // 2, n), x.dtype)
-        code = np.empty(y.shape, np.uint8)
-        pooled_conv(xp, weight, b, relu, ws.empty("acc", (4, n), x.dtype), y, code)
-    else:
-        y, code = np.empty((o, oh, ow, n), x.dtype), None
-        conv(xp, weight, b, y)
+    rows = ws.empty("rows", (2, ow * n), x.dtype)
+    y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
+    y = np.empty((o, *y_hw, n), x.dtype)
+    code = np.empty(y.shape, np.uint8) if pool else None
+    forward_kernel(kh, kw)(xp.reshape(c, xp.shape[1], -1), weight, b, n, pool, relu, rows,
+                           y.reshape(o, y_hw[0], -1),
+                           code.reshape(o, y_hw[0], -1) if pool else np.empty((1, 1, 1), np.uint8))
     return y, (x.shape, xp, code)
 
 
