@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ddl import data
-from ddl.data import DataError, DistributedSampler, H5Dataset, Loader
+from ddl.data import DataError, DistributedSampler, H5Dataset, Loader, shifted
 
 N, SHAPE = 103, (1, 4, 5)  # a row is 20 bytes
 
@@ -269,3 +269,35 @@ def test_abandoned_epoch_leaves_no_thread(tmp_path):
         iterator.close()
         assert not _prefetch_threads()
         assert time.perf_counter() - start < 2
+
+
+# --- augmentation ---------------------------------------------------------------------------------
+def test_shifted_moves_each_image_and_fills_with_zeros():
+    rng = np.random.default_rng(3)
+    images = rng.integers(1, 256, size=(5, 2, 6, 7)).astype(np.uint8)
+    offsets = np.array([[0, 0], [2, -1], [-2, 2], [1, 0], [0, -2]])
+    out = shifted(images, offsets, 2)
+    for k, (dy, dx) in enumerate(offsets):
+        for r in range(6):
+            for q in range(7):
+                inside = 0 <= r - dy < 6 and 0 <= q - dx < 7
+                expected = images[k, :, r - dy, q - dx] if inside else 0
+                np.testing.assert_array_equal(out[k, :, r, q], expected)
+
+
+def test_shifts_are_the_same_for_any_world_size(tiny):
+    """Each image's offset depends on (seed, epoch, row) only: two ranks together see exactly
+    the images one process sees."""
+    with H5Dataset(tiny[0], "train") as ds:
+        def global_batches(world, epoch):
+            loaders = [Loader(ds, DistributedSampler(N, world, r, 20, seed=4), prefetch=False,
+                              shift=2) for r in range(world)]
+            for loader in loaders:
+                loader.set_epoch(epoch)
+            return [np.concatenate(xs) for xs in zip(*([x for x, _ in l] for l in loaders))]
+        one, two = global_batches(1, 0), global_batches(2, 0)
+        for a, b in zip(one, two):
+            np.testing.assert_array_equal(a, b)
+        unshifted = [x for x, _ in Loader(ds, DistributedSampler(N, 1, 0, 20, seed=4),
+                                          prefetch=False)]
+        assert any(not np.array_equal(a, b) for a, b in zip(one, unshifted))

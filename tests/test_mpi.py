@@ -15,7 +15,8 @@ from ddl import checkpoint
 from ddl.models import build
 
 JOBS = Path(__file__).with_name("mpi_jobs.py")
-SMALL = ["model=seed-cnn", "subset=512", "batch_size=64", "epochs=1", "quiet=1", "lr=0.05"]
+SMALL = ["model=seed-cnn", "subset=512", "batch_size=64", "epochs=1", "quiet=1", "lr=0.05",
+         "shift=1"]
 
 
 def job(n, name, out, *pairs, timeout=120):
