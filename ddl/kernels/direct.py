@@ -9,40 +9,19 @@ constants: the kh*kw taps unroll inside that loop, so each output accumulates a 
 a register (tap by tap through memory, it ran 2-3x slower; with one input channel, im2col would
 copy the images 9 or 25 times to feed a GEMM whose inner dimension is only 9 or 25). `pool=True`
 max-pools 2x2 (and applies ReLU) from two rows at a time, so the full-resolution output is never
-stored. The backward pass runs the same rows as dot products (weights) and multiply-adds (input).
+stored. The backward pass walks the same rows: dot products for the weights, and for the input
+a gather of the gradient row through the taps.
 """
 import functools
 
 import numpy as np
 
-from ddl.kernels.jit import helper, kernel
+from ddl.kernels.jit import kernel
 from ddl.kernels.pool import first_max4, spread4
 
 X3, X4 = "T[:, :, ::1]", "T[:, :, :, ::1]"
 # Kernel sizes compiled ahead by `warm` (others on first use): ref-cnn's and seed-cnn's.
 COMMON = ((3, 3), (5, 5))
-
-
-@helper
-def row_grads(x, w, o, r, n, g, grad_w, gx, input_grad):
-    """Back through output row r of channel o, given its gradient g (OW*N,): grad_w[o] +=
-    the row's weight gradient, gx += its input gradient if input_grad (x, gx as (C, H, W*N)
-    views); returns sum(g), the row's bias gradient. Long unit-stride dot products: the
-    pooled gradient is too sparse, per image, to gather in registers as the forward does."""
-    for c in range(w.shape[1]):
-        for i in range(w.shape[2]):
-            for j in range(w.shape[3]):
-                xs, dot = x[c, r + i, j * n:], x.dtype.type(0)
-                if input_grad:      # one pass for both: g is loaded once
-                    wv, gxs = w[o, c, i, j], gx[c, r + i, j * n:]
-                    for m in range(g.shape[0]):
-                        dot += g[m] * xs[m]
-                        gxs[m] += wv * g[m]
-                else:
-                    for m in range(g.shape[0]):
-                        dot += g[m] * xs[m]
-                grad_w[o, c, i, j] += dot
-    return g.sum()
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,35 +63,78 @@ def forward_kernel(kh, kw):
     return conv
 
 
-@kernel(f"({X3}, {X4}, {X3}, int64, {X4}, T[::1], {X3}, boolean)")
-def conv_grad(x, w, gy, n, grad_w, grad_b, gx, input_grad):
-    """From gy (O, OH, OW*N): grad_w, grad_b += the parameter gradients; gx (like x, zero
-    on entry) += the input gradient if input_grad. x, gx: (C, H, W*N) views."""
-    for o in range(gy.shape[0]):
-        for r in range(gy.shape[1]):
-            grad_b[o] += row_grads(x, w, o, r, n, gy[o, r], grad_w, gx, input_grad)
+@functools.lru_cache(maxsize=None)
+def backward_kernel(kh, kw):
+    """The backward kernel compiled for kh x kw kernels (closing over two ints only, as above).
+    """
 
-@kernel(f"({X3}, {X4}, {X3}, uint8[:, :, ::1], int64, T[:, ::1], {X4}, T[::1], {X3}, "
-        "boolean)")
-def pooled_conv_grad(x, w, gy, code, n, rows, grad_w, grad_b, gx, input_grad):
-    """`conv_grad` from the pooled gradient gy and code (O, OH//2, (OW//2)*N): each
-    window's gradient goes to its first maximum, in rows (2, OW*N) of scratch."""
-    for o in range(gy.shape[0]):
-        for pr in range(gy.shape[1]):
-            rows[:, :] = 0
-            for pc in range(gy.shape[2] // n):
-                # Slices first: indices computed from n inside the loop defeat vectorising.
-                top, bottom = rows[0, 2 * pc * n:], rows[1, 2 * pc * n:]
-                gys, codes = gy[o, pr, pc * n:], code[o, pr, pc * n:]
-                for k in range(n):
-                    top[k], top[n + k], bottom[k], bottom[n + k] = spread4(gys[k], codes[k])
-            for a in range(2):
-                grad_b[o] += row_grads(x, w, o, 2 * pr + a, n, rows[a], grad_w, gx,
-                                       input_grad)
+    @kernel(f"({X3}, {X4}, {X3}, uint8[:, :, ::1], int64, boolean, T[:, ::1], {X4}, T[::1], "
+            f"{X3}, boolean)")
+    def conv_grad(x, w, gy, code, n, pool, rows, grad_w, grad_b, gx, input_grad):
+        """From gy (O, OH, OW*N), or with `pool` from the pooled gradient gy and code
+        (O, OH//2, (OW//2)*N) (each window's gradient reaching its first maximum): grad_w and
+        grad_b += the parameter gradients; gx (like x, zero on entry) += the input gradient if
+        input_grad. rows (2, (OW + 2*(kw-1))*N) is scratch: gradient rows between kw-1 columns
+        of zeros on either side, so that the input gradient reads them without bounds checks."""
+        nu, side = np.uint64(n), (kw - 1) * n
+        width = rows.shape[1] - 2 * side                  # OW*N
+        rows[:, :] = 0
+        for o in range(gy.shape[0]):
+            for out_row in range(gy.shape[1]):
+                if pool:
+                    for pc in range(gy.shape[2] // n):
+                        top = rows[0, side + 2 * pc * n:]
+                        bottom = rows[1, side + 2 * pc * n:]
+                        gys, codes = gy[o, out_row, pc * n:], code[o, out_row, pc * n:]
+                        for k in range(n):
+                            top[k], top[n + k], bottom[k], bottom[n + k] = spread4(gys[k],
+                                                                                   codes[k])
+                else:
+                    rows[0, side:side + width] = gy[o, out_row]
+                for a in range(2 if pool else 1):
+                    r = 2 * out_row + a if pool else out_row
+                    padded = rows[a]
+                    g = padded[side:side + width]
+                    grad_b[o] += g.sum()
+                    for c in range(x.shape[0]):
+                        for i in range(kh):
+                            xs = x[c, r + i]
+                            # Up to five taps of a kernel row accumulate in registers at once
+                            # (numba cannot hold a variable number of scalars): 1.4-1.8x the
+                            # speed of one dot product per tap, which loads g every time.
+                            for j0 in range(0, kw, 5):
+                                a0 = a1 = a2 = a3 = a4 = x.dtype.type(0)
+                                for m in range(np.uint64(width)):
+                                    gv, at = g[m], np.uint64(j0) * nu + m
+                                    a0 += gv * xs[at]
+                                    if j0 + 1 < kw:
+                                        a1 += gv * xs[at + nu]
+                                    if j0 + 2 < kw:
+                                        a2 += gv * xs[at + np.uint64(2) * nu]
+                                    if j0 + 3 < kw:
+                                        a3 += gv * xs[at + np.uint64(3) * nu]
+                                    if j0 + 4 < kw:
+                                        a4 += gv * xs[at + np.uint64(4) * nu]
+                                for t, total in enumerate((a0, a1, a2, a3, a4)):
+                                    if j0 + t < kw:
+                                        grad_w[o, c, i, j0 + t] += total
+                            if input_grad:
+                                # gx[c, r + i, m] gathers g[m - j*N] over the taps, zero past
+                                # the row's ends: one store per kw multiply-adds.
+                                gxs = gx[c, r + i]
+                                for m in range(np.uint64(gxs.shape[0])):
+                                    total = gxs[m]
+                                    for j in range(kw):
+                                        total += w[o, c, i, j] * padded[
+                                            np.uint64(kw - 1 - j) * nu + m]
+                                    gxs[m] = total
+
+    return conv_grad
 
 
-for _shape in COMMON:
-    forward_kernel(*_shape)       # registers it with `warm`
+for _shape in COMMON:                  # registers them with `warm`
+    forward_kernel(*_shape)
+    backward_kernel(*_shape)
 
 
 def forward(x, weight, bias, padding, pool, relu, ws):
@@ -134,15 +156,14 @@ def forward(x, weight, bias, padding, pool, relu, ws):
 def backward(gy, ctx, weight, grad_w, grad_b, padding, input_grad, ws):
     """As winograd.backward."""
     x_shape, xp, code = ctx
-    kw, n = weight.shape[3], xp.shape[3]
+    kh, kw = weight.shape[2:]
+    n = xp.shape[3]
     gxp = np.zeros_like(xp) if input_grad else np.zeros((1, 1, 1, 1), xp.dtype)
     x3, gx3, gy3 = (a.reshape(a.shape[0], a.shape[1], -1) for a in (xp, gxp, gy))
-    if code is None:
-        conv_grad(x3, weight, gy3, n, grad_w, grad_b, gx3, input_grad)
-    else:
-        rows = ws.empty("rows", (2, (xp.shape[2] - kw + 1) * n), gy.dtype)
-        pooled_conv_grad(x3, weight, gy3, code.reshape(gy3.shape), n, rows, grad_w, grad_b,
-                         gx3, input_grad)
+    rows = ws.empty("grad_rows", (2, (xp.shape[2] + kw - 1) * n), gy.dtype)
+    code3 = np.empty((1, 1, 1), np.uint8) if code is None else code.reshape(gy3.shape)
+    backward_kernel(kh, kw)(x3, weight, gy3, code3, n, code is not None, rows, grad_w, grad_b,
+                            gx3, input_grad)
     if not input_grad:
         return None
     (ph, pw), (_, h, w, _) = padding, x_shape
