@@ -50,6 +50,16 @@ def job_interrupt(comm, out, pairs):
     job_train(comm, out, pairs, stop_after=1)
 
 
+def job_warm(comm, out, _):
+    """Each rank's kernels.warm (rank 0 first): when its compiling or loading ended, and how
+    long it took."""
+    import time
+    from ddl import kernels
+    seconds = kernels.warm(comm)
+    (out / f"warm{comm.rank}.json").write_text(json.dumps(dict(end=time.time(),
+                                                               seconds=seconds)))
+
+
 def job_evaluate(comm, out, pairs):
     from ddl.data import H5Dataset
     opts = dict(p.split("=", 1) for p in pairs)

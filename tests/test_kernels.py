@@ -1,5 +1,6 @@
 """The compiled kernels against the NumPy reference and finite differences, on odd shapes; the
 fused layer groups; numba's cache and the ahead-of-time compilation."""
+import json
 import os
 import shutil
 import subprocess
@@ -262,6 +263,21 @@ def test_warm_declares_every_signature_training_uses():
             model.step(optimizer)
             model.eval()(x)
     assert jit.signature_count() == before
+
+
+def test_rank_0_compiles_first_and_the_others_load(tmp_path):
+    """Two ranks starting together on an empty cache: rank 1 starts loading only once rank 0 has
+    compiled everything, and loads it far faster than compiling. (On 2 cores, both compiling at
+    once would take about twice as long.)"""
+    from conftest import run_mpi
+    folder = tmp_path / "cache"
+    done = run_mpi(2, [os.path.join(ROOT, "tests", "mpi_jobs.py"), "warm", tmp_path],
+                   NUMBA_CACHE_DIR=str(folder))
+    assert done.returncode == 0, done.stderr
+    first, second = (json.loads((tmp_path / f"warm{r}.json").read_text()) for r in (0, 1))
+    assert second["end"] - second["seconds"] >= first["end"] - 0.05     # one clock, one machine
+    assert first["seconds"] > 3 * second["seconds"], (first, second)
+    assert any(name.endswith(".nbi") for _, _, names in os.walk(folder) for name in names)
 
 
 def test_kernels_choice_is_checked():
