@@ -44,6 +44,10 @@ RANKS = ((1, {}, ""), (2, {}, ""), (4, {}, " (oversubscribed)"),
 SCALING_MODEL, SCALING_BATCH = "ref-cnn", 64
 LR, MOMENTUM = 0.01, 0.9
 MICRO_BATCH = Config.micro_batch  # what `ddl train` does with a rank's batch
+# On an AVX-512 machine the single-process table is measured again with every library held to
+# AVX2, read by each at start-up: the nearest this machine comes to an AVX2 CPU.
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "OPENBLAS_CORETYPE": "Haswell",
+             "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def synthetic(batch, count=4, seed=0):
@@ -130,6 +134,19 @@ def throughput(contestants, batch, repeats, seconds):
         for name, step in contestants.items():
             rates[name].append(batch * steps[name] / timed(step, steps[name]))
     return {name: float(np.median(r)) for name, r in rates.items()}
+
+
+def avx2_only(args):
+    """single_process's rows from a fresh process held to AVX2, or None on a CPU without
+    AVX-512 (where the main table already is AVX2)."""
+    with open("/proc/cpuinfo") as f:
+        if "avx512f" not in f.read():
+            return None
+    cmd = [sys.executable, os.path.abspath(__file__), "--single-json", "--repeats",
+           str(args.repeats), "--seconds", str(args.seconds)]
+    out = subprocess.run(cmd, env=dict(os.environ, **AVX2_ONLY), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def single_process(repeats, seconds, with_torch):
@@ -286,7 +303,26 @@ def blas():
                      for i in threadpool_info() if i.get("user_api") == "blas") or "unknown"
 
 
-def report(args, torch_ver, rows, numba_costs, scale, breakdowns, flops, peak, load):
+def throughput_table(rows, torch_ver):
+    if torch_ver:
+        lines = ["| model | batch | kernels | ddl | PyTorch | PyTorch channels_last | "
+                 "ddl / PyTorch | ddl / PyTorch's best |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    else:
+        lines = ["PyTorch is not installed (`pip install -e '.[bench]'`): ddl only.", "",
+                 "| model | batch | kernels | ddl |", "|---|---:|---|---:|"]
+    for r in rows:
+        for k in kernels.NAMES:
+            ddl = r[f"ddl {k}"]
+            line = f"| {r['model']} | {r['batch']} | {k} | {ddl:,.0f} |"
+            if torch_ver:
+                best = max(r["torch"], r["torch channels_last"])
+                line += (f" {r['torch']:,.0f} | {r['torch channels_last']:,.0f} | "
+                         f"{ddl / r['torch']:.2f}x | **{ddl / best:.2f}x** |")
+            lines.append(line)
+    return lines
+
+
+def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flops, peak, load):
     command = " ".join([os.path.relpath(sys.executable), "scripts/benchmark.py", *sys.argv[1:]])
     lines = [
         "# Benchmarks", "",
@@ -303,21 +339,12 @@ def report(args, torch_ver, rows, numba_costs, scale, breakdowns, flops, peak, l
         "", "## Single-process training throughput (images/s)", "",
         "One row per kernel set of ddl (`--kernels`): numba is the default, NumPy the "
         "reference.", ""]
-    if torch_ver:
-        lines += ["| model | batch | kernels | ddl | PyTorch | PyTorch channels_last | "
-                  "ddl / PyTorch | ddl / PyTorch's best |", "|---|---:|---|---:|---:|---:|---:|---:|"]
-    else:
-        lines += ["PyTorch is not installed (`pip install -e '.[bench]'`): ddl only.", "",
-                  "| model | batch | kernels | ddl |", "|---|---:|---|---:|"]
-    for r in rows:
-        for k in kernels.NAMES:
-            ddl = r[f"ddl {k}"]
-            line = f"| {r['model']} | {r['batch']} | {k} | {ddl:,.0f} |"
-            if torch_ver:
-                best = max(r["torch"], r["torch channels_last"])
-                line += (f" {r['torch']:,.0f} | {r['torch channels_last']:,.0f} | "
-                         f"{ddl / r['torch']:.2f}x | **{ddl / best:.2f}x** |")
-            lines.append(line)
+    lines += throughput_table(rows, torch_ver)
+    if rows_avx2:
+        lines += ["", "The same, in a process that holds numba, OpenBLAS and PyTorch to AVX2 "
+                  f"({', '.join(f'`{k}={v}`' for k, v in AVX2_ONLY.items())}): the instruction "
+                  "set of an AVX2 CPU on this machine's cores.", ""]
+        lines += throughput_table(rows_avx2, torch_ver)
     imported, cold, cached = numba_costs
     lines += ["", f"numba, in a fresh process: import {imported:.2f} s; compiling every kernel "
               f"(float32) into an empty cache {cold:.1f} s (`make install` does it once); loading "
@@ -373,18 +400,24 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short repeats: a smoke run")
     parser.add_argument("--no-scaling", action="store_true", help="skip the MPI runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--single-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.seconds = args.seconds or (0.1 if args.quick else 0.3)
     threadpool_limits(1)
     if args.worker:
         return worker(args.repeats, args.seconds)
+    if args.single_json:
+        return print(json.dumps(single_process(args.repeats, args.seconds,
+                                               torch_version() is not None)))
 
     load_before = os.getloadavg()[0]
     torch_ver = torch_version()
     print("single process" + ("" if torch_ver else " (PyTorch not installed: ddl only)"),
           file=sys.stderr)
     rows = single_process(args.repeats, args.seconds, torch_ver is not None)
+    print("single process, held to AVX2", file=sys.stderr)
+    rows_avx2 = avx2_only(args)
     scale = None
     if not args.no_scaling:
         print("data-parallel scaling", file=sys.stderr)
@@ -394,7 +427,8 @@ def main():
     print("numba's compile and cache-load times", file=sys.stderr)
     numba_costs = compile_times()
     load = (load_before, os.getloadavg()[0])
-    text = report(args, torch_ver, rows, numba_costs, scale, breakdowns, flops, peak, load)
+    text = report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flops, peak,
+                  load)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
