@@ -24,7 +24,10 @@ from ddl.optim import OPTIMIZERS, make_optimizer
 from ddl.schedules import SCHEDULES, make_schedule
 from ddl.parallel import Replicas
 
-EVAL_BATCH = 1000   # per rank; evaluation has no gradients, so bigger batches only save overhead
+EVAL_BATCH = 1000   # per rank and read: evaluation has no gradients, so bigger reads save overhead
+# ... but a forward pass over 128 images stays in cache: 10,000 test images took 1.5x less time
+# than in passes of 1,000 for seed-cnn (measured with the compiled kernels).
+EVAL_MICRO_BATCH = 128
 OUTPUTS = ("checkpoint", "metrics", "plot")
 # What --resume may not change: the run's identity, which its weights, optimizer state and random
 # streams belong to (the data set too, compared by content). What it ignores: where files go and
@@ -213,8 +216,9 @@ def evaluate(model, loader, comm):
     criterion = CrossEntropyLoss(reduction="sum")
     totals = np.zeros(3)                       # loss sum, correct, count
     for x, y in loader:
-        logits = model(x)
-        totals += (criterion(logits, y), np.count_nonzero(logits.argmax(1) == y), len(y))
+        for xs, ys in micro_batches(x, y, EVAL_MICRO_BATCH):
+            logits = model(xs)
+            totals += (criterion(logits, ys), np.count_nonzero(logits.argmax(1) == ys), len(ys))
     comm.allreduce(totals)
     return totals[0] / totals[2], totals[1] / totals[2]
 
