@@ -51,8 +51,10 @@ class Module:
         raise NotImplementedError
 
     def step(self, optimizer):
-        """One optimisation step on this module's own parameters."""
-        optimizer.step(self.parameters())
+        """One optimisation step on this module's own parameters (none: nothing to do)."""
+        params = self.parameters()
+        if params:
+            optimizer.step(params)
 
     def __call__(self, x):
         return self.forward(x)
@@ -90,10 +92,6 @@ class Module:
         for name, child in self.named_children():
             own.extend(child.named_buffers(f"{prefix}{name}."))
         return own
-
-    @property
-    def trainable(self):
-        return bool(self.parameters())
 
     # --- habits borrowed from PyTorch -----------------------------------------------------------
     def zero_grad(self):
@@ -202,5 +200,4 @@ class Sequential(Module):
 
     def step(self, optimizer):
         for m in self:
-            if m.trainable:
-                m.step(optimizer)
+            m.step(optimizer)
