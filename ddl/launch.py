@@ -98,12 +98,13 @@ def _in_spelling(hostfile, kind, workdir):
 
 
 def rank_env(base=None):
-    """The ranks' environment: one BLAS thread each (NumPy's elementwise work is single-threaded
-    anyway, and two single-threaded ranks beat one two-threaded process)."""
+    """The ranks' environment: one BLAS thread and one numba thread each (NumPy's elementwise work
+    and ddl's compiled kernels are single-threaded anyway, and two single-threaded ranks beat one
+    two-threaded process)."""
     env = dict(os.environ if base is None else base)
     if sys.stderr.isatty():
         env["DDL_TTY"] = "1"          # rank 0's stderr reaches a terminal through mpiexec's pipes
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env.setdefault(var, "1")
     return env
 

@@ -1,5 +1,6 @@
 """ddl against PyTorch, when torch is installed (`pip install torch==2.13.0`; CI runs without it):
-the same weights give the same logits, loss and gradients, and state dicts go both ways."""
+the same weights give the same logits, loss and gradients, with either kernel set, and state dicts
+go both ways."""
 import numpy as np
 import pytest
 
@@ -7,6 +8,7 @@ from ddl import nn
 from ddl.models import MODELS, build, to_torch
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("backend")  # NumPy and compiled kernels alike
 
 
 @pytest.mark.parametrize("name", MODELS)
