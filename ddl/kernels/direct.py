@@ -2,11 +2,11 @@
 
 The forward kernels are compiled for their layer's (C, kh, kw), which numba then treats as
 constants: the loops over the taps unroll, so one output accumulates all its taps in a register,
-for 16 images at a time in the vector lanes of the innermost loop over the batch. (Accumulating tap by
-tap in memory, one long multiply-add per tap, ran 3x slower for ref-cnn's first layer; with one
-input channel, im2col would copy the images 9 or 25 times to feed a GEMM whose inner dimension is
-only 9 or 25.) `pool=True` max-pools 2x2 (and applies ReLU) from the four outputs of a window, so
-the full-resolution output is never stored.
+for 16 images at a time in the vector lanes of the innermost loop over the batch. (Accumulating
+tap by tap in memory, one long multiply-add per tap, ran 3x slower for ref-cnn's first layer;
+with one input channel, im2col would copy the images 9 or 25 times to feed a GEMM whose inner
+dimension is only 9 or 25.) `pool=True` max-pools 2x2 (and applies ReLU) from the four outputs
+of a window, so the full-resolution output is never stored.
 
 Arrays are (C, H, W, N), the batch innermost; the backward kernels see them with the last two
 axes merged, (C, H, W*N), so that a row's taps are long unit-stride runs.
