@@ -115,7 +115,8 @@ class H5Dataset:
 
         Rows are grouped by aligned blocks of READ_BLOCK_BYTES; each touched block is one slice
         read, from its first to its last wanted row, and the wanted rows are picked in memory.
-        h5py fancy indexing instead makes one selection per row: ~50x slower for a scattered shard.
+        h5py fancy indexing instead makes one selection per row, far slower (the README says how
+        much).
         """
         rows = self._check_rows(rows)
         images = np.empty((len(rows),) + self.image_shape, np.uint8)
