@@ -7,7 +7,7 @@ RAW    ?= $(firstword $(wildcard ../shared/data/mnist) data/raw)
 DATA   := data/mnist.h5
 NP     ?= 4
 
-.PHONY: install test data train bench clean
+.PHONY: install test lint data train bench clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
 
 data: $(DATA)
 

@@ -1,6 +1,7 @@
 """Output files that never clobber an input or each other, and appear whole or not at all: write to
 a temporary name, flush it to the disk, then rename it into place."""
 import contextlib
+import io
 import os
 
 from ddl.errors import OutputError, UsageError
@@ -32,6 +33,85 @@ def write_bytes(path, data):
     with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
+        os.fsync(f.fileno())
+
+
+class Sink(io.RawIOBase):
+    """A binary file whose writes never fail, for a writer that must not see one fail: HDF5 (2.0,
+    under h5py 3.16) crashes the interpreter when it closes a file whose write failed, after a
+    many-line error (tried on a full tmpfs, writing to a path and to a Python file alike). The
+    first OSError (a full disk, a quota) is kept instead and raised by `check()`; later writes
+    are dropped, and reads past what was written give zeros, as HDF5's own POSIX driver gives
+    them."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.error = f, None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")
+        n = self.f.readinto(view)
+        view[n:] = bytes(len(view) - n)
+        self.f.seek(len(view) - n, io.SEEK_CUR)
+        return len(view)
+
+    def write(self, data):
+        size = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                return self.f.write(data)
+            except OSError as e:
+                self.error = e
+        self.f.seek(size, io.SEEK_CUR)
+        return size
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self.f.truncate(size)
+            except OSError as e:
+                self.error = e
+        return size
+
+    def flush(self):
+        if self.error is None:
+            try:
+                self.f.flush()
+            except OSError as e:
+                self.error = e
+
+    def check(self):
+        """Raise the first failed write's OSError, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def streaming(path):
+    """Yield a Sink on a temporary file beside `path`, for a writer that streams more than memory
+    holds (`write_bytes` needs it all at once); when the block ends the file is synced and renamed
+    to `path` (see `replacing`). The writer calls `check()` now and then to stop early; a write
+    that failed is an OutputError naming `path` at the latest when the block ends, and the previous
+    file is kept. Close the writer inside the block: its last writes come then."""
+    with replacing(path) as tmp, open(tmp, "w+b", buffering=0) as f:
+        sink = Sink(f)
+        yield sink
+        sink.check()
         os.fsync(f.fileno())
 
 

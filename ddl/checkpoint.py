@@ -1,7 +1,9 @@
 """Atomic HDF5 checkpoints: nested dicts of arrays and plain values, one group per dict.
 
-A checkpoint holds `model` (the state_dict), `optimizer`, `schedule`, `epoch`, `config`, `data`
-(what identifies the data set), `world_size` and the metrics `history`. The sampler and the dropout
+A checkpoint holds `model` (the state_dict), `architecture` (what rebuilds the model: the named
+model or the user's FILE.py:FUNCTION, the image shape and the number of classes), `optimizer`,
+`schedule`, `epoch`, `config`, `data` (what identifies the data set), `world_size` and the
+metrics `history`. The sampler and the dropout
 generators need no state of their own: both are derived from (seed, epoch, rank) at the start of
 each epoch, so (config.seed, epoch) is their state. The file carries its own marker attribute,
 `ddl_checkpoint` (the format version), so no other HDF5 file (a dataset) passes for one.
@@ -19,8 +21,11 @@ from ddl.atomic import write_bytes
 from ddl.errors import CheckpointError
 
 MARKER = "ddl_checkpoint"
-FORMAT_VERSION = 1
-KEYS = ("model", "optimizer", "schedule", "epoch", "history", "config", "data", "world_size")
+FORMAT_VERSION = 2
+KEYS = ("model", "architecture", "optimizer", "schedule", "epoch", "history", "config", "data",
+        "world_size")
+# Format 1 is format 2 from before ddl took images other than MNIST's: what it lacks, it implies.
+MNIST = dict(in_shape=[1, 28, 28], num_classes=10)
 _RESERVED = ("__int_keys__", MARKER)
 
 
@@ -79,10 +84,14 @@ def load(path):
             if version is None:
                 what = "a dataset" if "train" in f else f"no '{MARKER}' attribute"
                 raise CheckpointError(f"{path}: not a ddl checkpoint ({what})")
-            if version != FORMAT_VERSION:
+            if version not in (1, FORMAT_VERSION):
                 raise CheckpointError(f"{path}: checkpoint format {version}, but this ddl reads "
-                                      f"format {FORMAT_VERSION}")
+                                      f"formats 1 and {FORMAT_VERSION}")
             tree = _read(f)
+            if version == 1:
+                tree["architecture"] = dict(MNIST, model=tree["config"]["model"])
+                tree["data"] = dict(tree["data"], shape=MNIST["in_shape"],
+                                    mean=[tree["data"]["mean"]], std=[tree["data"]["std"]])
     except CheckpointError:
         raise
     except Exception as e:      # whatever a damaged file makes h5py or json raise
@@ -126,7 +135,8 @@ class Lock:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise CheckpointError(f"{path} is being written by another job ({holder}): "
-                                      f"wait for it to end, or choose another --checkpoint")
+                                      f"wait for it to end, or choose another --checkpoint"
+                                      ) from None
             # The previous holder may have removed the file between our open and our flock:
             # then we hold a lock nobody else can see, so start again on the current file.
             if _names(fd, self.path):

@@ -10,12 +10,17 @@ import traceback
 import click
 import numpy as np
 
+from ddl import kernels
 from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
-from ddl.errors import DDLError
+from ddl.errors import DDLError, UsageError
+from ddl.models import MODELS
+from ddl.optim import OPTIMIZERS
+from ddl.schedules import SCHEDULES
 from ddl.train import Config
 
 RECIPE = Config()
 
+SHOWN = 10          # `ddl predict` lists every class up to this many, else the most likely ones
 DATA = click.option("--data", default=RECIPE.data, show_default=True,
                     help="HDF5 file written by `ddl prepare`.")
 
@@ -68,28 +73,32 @@ def cli():
 
 
 @cli.command()
-@click.option("--model", default=RECIPE.model, show_default=True, help="seed-cnn or ref-cnn.")
+@click.option("--model", default=RECIPE.model, show_default=True,
+              help=f"{', '.join(MODELS)}, or your own: FILE.py:FUNCTION, where FUNCTION(in_shape, "
+                   f"num_classes) returns an nn.Module.")
 @click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True,
               help="Global batch, split evenly across ranks.")
 @click.option("--micro-batch", type=int, default=RECIPE.micro_batch, show_default=True,
               help="Images per forward/backward pass within a rank's batch (0: all at once).")
-@click.option("--kernels", default=RECIPE.kernels, show_default=True,
-              help="numba (compiled) or numpy (the reference).")
+@click.option("--kernels", type=click.Choice(kernels.NAMES), default=RECIPE.kernels,
+              show_default=True, help="Compiled (numba) or the reference (numpy).")
 @click.option("--lr", type=float, default=RECIPE.lr, show_default=True)
-@click.option("--optimizer", default=RECIPE.optimizer, show_default=True,
-              help="sgd, adam or rmsprop.")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=RECIPE.optimizer,
+              show_default=True)
 @click.option("--momentum", type=float, default=RECIPE.momentum, show_default=True)
 @click.option("--weight-decay", type=float, default=RECIPE.weight_decay, show_default=True)
-@click.option("--schedule", default=RECIPE.schedule, show_default=True,
-              help="constant, step or cosine.")
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=RECIPE.schedule,
+              show_default=True, help="Learning rate over the iterations.")
 @click.option("--warmup", type=int, default=RECIPE.warmup, show_default=True,
               help="Iterations of linear learning-rate warm-up.")
 @click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
 @DATA
 @click.option("--subset", type=int, default=0, help="Train on the first N images only.")
 @click.option("--shift", type=int, default=RECIPE.shift, show_default=True,
-              help="Move each training image by up to N pixels (random; 0: off).")
+              help="Augmentation: move each training image by up to N pixels each way.")
+@click.option("--flip", is_flag=True, help="Augmentation: mirror half the training images left "
+                                           "to right (not for digits or text).")
 @click.option("--checkpoint", default="",
               help="Write a checkpoint here after every epoch (an existing one needs --resume or "
                    "--overwrite).")
@@ -124,18 +133,48 @@ def launch(nprocs, hostfile, mpiexec, args):
 
 
 @cli.command()
-@click.option("--raw", default="../shared/data/mnist", show_default=True,
-              help="Folder with the four IDX gzip files.")
-@click.option("--out", default="data/mnist.h5", show_default=True, help="HDF5 file to write.")
-@click.option("--dataset", default="mnist", show_default=True,
-              help="mnist or fashion-mnist (checksums and mirrors); any name with --no-verify.")
-@click.option("--no-verify", is_flag=True, help="Accept files whose MD5 is not the canonical one.")
-@click.option("--download", is_flag=True, help="Fetch missing files from the public mirrors.")
-def prepare(raw, out, dataset, no_verify, download):
-    """Convert the raw MNIST IDX files into the HDF5 file that training reads."""
-    from ddl.prepare import prepare_dataset
-    prepare_dataset(raw, out, dataset=dataset, verify=not no_verify, download=download,
-                    log=click.echo)
+@click.option("--raw", type=click.Path(file_okay=False),
+              help="Folder of IDX gzip files in MNIST's names [default: ../shared/data/mnist].")
+@click.option("--npz", type=click.Path(dir_okay=False),
+              help="An .npz of x_train, y_train, x_test, y_test (Keras's layout; images "
+                   "channels-last or channels-first).")
+@click.option("--image-folder", type=click.Path(file_okay=False),
+              help="Images in DIR/train/<class>/ and DIR/test/<class>/ (PNG, JPEG, ...).")
+@click.option("--out", help="HDF5 file to write [default: data/DATASET.h5].")
+@click.option("--dataset", help="Its name: mnist or fashion-mnist for --raw (checksums, mirrors, "
+                                "class names; any name with --no-verify) [default: mnist, or the "
+                                "file or folder name].")
+@click.option("--no-verify", is_flag=True, help="--raw: accept files whose MD5 is not the "
+                                                "canonical one.")
+@click.option("--download", is_flag=True, help="--raw: fetch missing files from the public "
+                                               "mirrors.")
+def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
+    """Convert an image classification set into the HDF5 file that training reads."""
+    from ddl import sources
+    from ddl.atomic import same_file
+    from ddl.prepare import prepare as write
+
+    def job():
+        given = [(flag, value) for flag, value in (("--raw", raw), ("--npz", npz),
+                                                     ("--image-folder", image_folder)) if value]
+        if len(given) > 1:
+            raise UsageError(f"{' and '.join(flag for flag, _ in given)}: give one source")
+        if (no_verify or download) and (npz or image_folder):
+            raise UsageError("--no-verify and --download are for --raw (IDX files) only")
+        if npz:
+            source = sources.npz(npz, log=click.echo)
+        elif image_folder:
+            source = sources.image_folder(image_folder, log=click.echo)
+        else:
+            source = sources.idx(raw or "../shared/data/mnist", dataset or "mnist",
+                                 verify=not no_verify, download=download, log=click.echo)
+        if dataset:
+            source.attrs["dataset"] = dataset
+        path = out or f"data/{source.attrs['dataset']}.h5"
+        if npz and same_file(path, npz):
+            raise UsageError(f"--out {path} is the same file as --npz {npz}: choose another path")
+        write(source, path, log=click.echo)
+    _job(SingleCommunicator(), job)
 
 
 @cli.command()
@@ -148,8 +187,8 @@ def evaluate(checkpoint, data):
     comm = world()
 
     def job():
-        model, state = restore(checkpoint, comm)
-        test = agree(comm, lambda: open_split(data, "test", state["config"]["model"]))
+        model, _, takes = restore(checkpoint, comm)
+        test = agree(comm, lambda: open_split(data, "test", takes))
         loss, accuracy = run_eval(model, eval_loader(test, comm), comm)
         if comm.rank == 0:
             click.echo(f"test loss {loss:.4f}, accuracy {100 * accuracy:.2f}% "
@@ -161,11 +200,10 @@ def evaluate(checkpoint, data):
 @click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
 @DATA
 @click.option("--index", type=int, default=0, show_default=True, help="Test image to classify.")
-@click.option("--out", default="", help="Write the digit and its class probabilities here (PNG).")
+@click.option("--out", default="", help="Write the image and its class probabilities here (PNG).")
 def predict(checkpoint, data, index, out):
     """Classify one test image and show the class probabilities."""
     from ddl.atomic import check_outputs
-    from ddl.errors import UsageError
     from ddl.train import open_split, restore
 
     def job():
@@ -173,20 +211,23 @@ def predict(checkpoint, data, index, out):
             from ddl.plots import check_format
             check_outputs([("--out", out)], [("--data", data), ("--checkpoint", checkpoint)])
             check_format(out, "--out")
-        model, state = restore(checkpoint, SingleCommunicator())
-        test = open_split(data, "test", state["config"]["model"])
+        model, _, takes = restore(checkpoint, SingleCommunicator())
+        test = open_split(data, "test", takes)
         if not 0 <= index < test.n:
             raise UsageError(f"--index {index} is outside the {test.n} test images")
         x, y = test.read(np.array([index]))
         logits = model.eval()(x)[0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        click.echo(f"test image {index}: predicted {probs.argmax()} "
-                   f"(label {y[0]}, p={probs.max():.4f})")
-        click.echo("  " + "  ".join(f"{d}:{p:.3f}" for d, p in enumerate(probs)))
+        names = test.class_names
+        click.echo(f"test image {index}: predicted {names[probs.argmax()]} "
+                   f"(label {names[y[0]]}, p={probs.max():.4f})")
+        shown = np.argsort(-probs, kind="stable")[:SHOWN] if len(probs) > SHOWN else \
+            range(len(probs))
+        click.echo("  " + "  ".join(f"{names[k]}:{probs[k]:.3f}" for k in shown))
         if out:
             from ddl.plots import prediction
-            prediction(test.read_raw(np.array([index]))[0][0, 0], probs, int(y[0]), out)
+            prediction(test.read_raw(np.array([index]))[0][0], probs, names, int(y[0]), out)
             click.echo(f"wrote {out}")
     _job(SingleCommunicator(), job)
 

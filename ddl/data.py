@@ -13,13 +13,19 @@ from ddl.errors import DataError
 # One HDF5 read covers at most this many bytes of rows: few calls, a bounded temporary buffer.
 READ_BLOCK_BYTES = 4 << 20
 PREFETCH_DEPTH = 2  # batches the loader's thread may run ahead of training
+# What `ddl prepare` writes (the schema is in ddl/prepare.py), and what this reader takes: format 1,
+# MNIST's files from before ddl took other images, is format 2 with one channel, a scalar mean and
+# std, and no class names.
+FORMAT_VERSION = 2
+READS = (1, 2)
 
 
 class H5Dataset:
     """One split ("train" or "test") of a prepared HDF5 file, opened read-only and validated.
 
-    Attributes: n (rows), num_classes, mean and std (training pixels scaled to [0, 1]),
-    image_shape (C, H, W), labels int64 (n,) (all labels, read once to validate them).
+    Attributes: n (rows), image_shape (C, H, W), num_classes, class_names (num_classes strings),
+    mean and std float64 (C,) (each channel of the training pixels scaled to [0, 1]), labels int64
+    (n,) (all labels, read once to validate them).
     """
 
     def __init__(self, path, split):
@@ -39,15 +45,26 @@ class H5Dataset:
             raise
 
     def _validate(self):
+        version = self._file.attrs.get("format_version")
+        if version not in READS:
+            rebuild = "rebuild it with `ddl prepare`"
+            if version is None:
+                raise self._error(f"no 'format_version' attribute: not a file of `ddl prepare` "
+                                  f"({rebuild})")
+            newer = isinstance(version, (int, np.integer)) and version > FORMAT_VERSION
+            raise self._error(f"format_version {version}, but this ddl reads formats "
+                              f"{' and '.join(map(str, READS))} ("
+                              + ("upgrade ddl, or " if newer else "") + f"{rebuild})")
         group = self._file.get(self.split)
         if not isinstance(group, h5py.Group):
             raise self._error(f"no group '{self.split}'")
-        for name in ("images", "labels"):
+        for name, kinds, expected in (("images", "u", "uint8"), ("labels", "ui", "integers")):
             ds = group.get(name)
             if not isinstance(ds, h5py.Dataset):
                 raise self._error(f"no dataset '{self.split}/{name}'")
-            if ds.dtype != np.uint8:
-                raise self._error(f"'{self.split}/{name}' has dtype {ds.dtype}, expected uint8")
+            if ds.dtype.kind not in kinds or (name == "images" and ds.dtype != np.uint8):
+                raise self._error(f"'{self.split}/{name}' has dtype {ds.dtype}, expected "
+                                  f"{expected}")
         self._images, labels = group["images"], group["labels"]
         if self._images.ndim != 4:
             raise self._error(f"'{self.split}/images' has shape {self._images.shape}, "
@@ -55,14 +72,31 @@ class H5Dataset:
         if labels.ndim != 1 or len(labels) != len(self._images):
             raise self._error(f"'{self.split}/labels' has shape {labels.shape}, "
                               f"expected ({len(self._images)},) to match the images")
+        attrs = self._file.attrs
         for key in ("mean", "std", "num_classes"):
-            if key not in self._file.attrs:
+            if key not in attrs:
                 raise self._error(f"attribute '{key}' missing")
-        self.mean, self.std = float(self._file.attrs["mean"]), float(self._file.attrs["std"])
-        self.num_classes = int(self._file.attrs["num_classes"])
-        if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
-            raise self._error(f"bad normalisation attributes mean={self.mean} std={self.std}")
         self.n, self.image_shape = len(self._images), self._images.shape[1:]
+        channels = self.image_shape[0]
+        self.mean, self.std = (np.atleast_1d(np.asarray(attrs[k], np.float64)) for k in
+                               ("mean", "std"))
+        if self.mean.shape != (channels,) or self.std.shape != (channels,):
+            raise self._error(f"'{self.split}/images' have {channels} channel(s), but the "
+                              f"attributes mean and std hold {self.mean.size} and "
+                              f"{self.std.size} values (one per channel of the training images)")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all()
+                and (self.std > 0).all()):
+            raise self._error(f"bad normalisation attributes mean={self.mean.tolist()} "
+                              f"std={self.std.tolist()}")
+        # Per channel, as (C, 1, 1) factors: (x / 255 - mean) / std = x * scale - shift.
+        self._scale = (1.0 / (255.0 * self.std)).astype(np.float32)[:, None, None]
+        self._shift = (self.mean / self.std).astype(np.float32)[:, None, None]
+        self.num_classes = int(attrs["num_classes"])
+        self.class_names = [str(name) for name in
+                            attrs.get("class_names", range(self.num_classes))]
+        if len(self.class_names) != self.num_classes:
+            raise self._error(f"attribute 'class_names' holds {len(self.class_names)} names for "
+                              f"{self.num_classes} classes")
         self.labels = labels[...].astype(np.int64)
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
         if bad.size:
@@ -81,7 +115,8 @@ class H5Dataset:
 
         Rows are grouped by aligned blocks of READ_BLOCK_BYTES; each touched block is one slice
         read, from its first to its last wanted row, and the wanted rows are picked in memory.
-        h5py fancy indexing instead makes one selection per row: ~50x slower for a scattered shard.
+        h5py fancy indexing instead makes one selection per row, far slower (the README says how
+        much).
         """
         rows = self._check_rows(rows)
         images = np.empty((len(rows),) + self.image_shape, np.uint8)
@@ -98,10 +133,10 @@ class H5Dataset:
         return self.normalize(images), labels
 
     def normalize(self, images):
-        """uint8 (k, C, H, W) -> float32 (k, C, H, W): (x / 255 - mean) / std."""
+        """uint8 (k, C, H, W) -> float32 (k, C, H, W): (x / 255 - mean[c]) / std[c]."""
         out = images.astype(np.float32)
-        out *= np.float32(1.0 / (255.0 * self.std))
-        out -= np.float32(self.mean / self.std)
+        out *= self._scale
+        out -= self._shift
         return out
 
     def _check_rows(self, rows):
@@ -191,16 +226,17 @@ class Loader:
 
     Each epoch first reads the rank's whole shard (its sorted rows, in few block reads) into a
     uint8 array, so memory per rank is its shard, not the dataset, and HDF5 never sees a scattered
-    per-batch read. Batches are then gathered from it and normalised one at a time. With prefetch,
-    a daemon thread does that work up to PREFETCH_DEPTH batches ahead of training.
+    per-batch read. Batches are then gathered from it, augmented and normalised one at a time. With
+    prefetch, a daemon thread does that work up to PREFETCH_DEPTH batches ahead of training.
 
-    shift > 0 moves each image by up to `shift` pixels along each axis (zero-filled), a new random
-    offset per image and epoch: the cheapest augmentation that helps a CNN on MNIST. The offsets
-    depend on (seed, epoch, row) only, so any number of ranks sees the same images.
+    Augmentation (training): `shift` moves each image by up to that many pixels each way (the
+    uncovered border is black), `flip` mirrors half of them left to right. The draws come from
+    (sampler seed, epoch, row): the same on any number of ranks, and again on resume.
     """
 
-    def __init__(self, dataset, sampler, prefetch=True, shift=0):
-        self.dataset, self.sampler, self.prefetch, self.shift = dataset, sampler, prefetch, shift
+    def __init__(self, dataset, sampler, prefetch=True, shift=0, flip=False):
+        self.dataset, self.sampler, self.prefetch = dataset, sampler, prefetch
+        self.shift, self.flip = shift, flip
 
     def __len__(self):
         return len(self.sampler)
@@ -215,31 +251,30 @@ class Loader:
     def _epoch(self, batches):
         rows = np.unique(np.concatenate(batches or [np.empty(0, np.int64)]))
         images, labels = self.dataset.read_raw(rows)
-        if self.shift:
-            s = self.sampler
-            offsets = np.random.default_rng((s.seed, s.epoch, SHIFT_STREAM)).integers(
-                -self.shift, self.shift + 1, size=(s.n, 2))
+        # One draw per row of the whole set, so that a row's draw does not depend on the shard.
+        rng = np.random.default_rng((self.sampler.seed, self.sampler.epoch, 1))
+        n = self.sampler.n
+        shifts = rng.integers(-self.shift, self.shift + 1, (n, 2)) if self.shift else None
+        flips = rng.random(n) < 0.5 if self.flip else None
         for batch in batches:
             where = np.searchsorted(rows, batch)
             x = images[where]
-            if self.shift:
-                x = shifted(x, offsets[batch], self.shift)
+            if shifts is not None:
+                x = translate(x, shifts[batch], self.shift)
+            if flips is not None:
+                x[flips[batch]] = x[flips[batch], :, :, ::-1]
             yield self.dataset.normalize(x), labels[where]
 
 
-SHIFT_STREAM = 1   # keeps the offsets' random stream apart from the sampler's (seed, epoch) one
-
-
-def shifted(images, offsets, most):
-    """images (b, C, H, W) with image k moved down offsets[k, 0] and right offsets[k, 1] pixels
-    (|offset| <= most), zero-filled."""
-    b, c, h, w = images.shape
-    padded = np.zeros((b, c, h + 2 * most, w + 2 * most), images.dtype)
-    padded[:, :, most:most + h, most:most + w] = images
-    out = np.empty_like(images)
-    for k, (dy, dx) in enumerate(offsets):
-        out[k] = padded[k, :, most - dy:most - dy + h, most - dx:most - dx + w]
-    return out
+def translate(images, moves, reach):
+    """images (k, C, H, W) moved by `moves` (k, 2) pixels (down, right), each within
+    [-reach, reach]; the uncovered border is 0. A new array."""
+    k, c, h, w = images.shape
+    padded = np.zeros((k, c, h + 2 * reach, w + 2 * reach), images.dtype)
+    padded[:, :, reach:reach + h, reach:reach + w] = images
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))
+    # windows[i, :, r, q] is the (C, H, W) crop from (r, q): image i moved by (reach - r, reach - q)
+    return windows[np.arange(k), :, reach - moves[:, 0], reach - moves[:, 1]]
 
 
 def _prefetch(items):

@@ -27,6 +27,11 @@ class CheckpointError(UsageError):
     """A checkpoint that cannot be used (or continued); the message names the file."""
 
 
+class ModelError(UsageError):
+    """A model that cannot be built for the data: an unknown name, a model file or function that
+    is missing, a function that returns no nn.Module, images that a named model cannot take."""
+
+
 class LaunchError(UsageError):
     """An mpiexec or hostfile that `ddl launch` cannot use."""
 

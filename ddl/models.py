@@ -1,63 +1,190 @@
-"""Named models for MNIST: input (N, 1, 28, 28) float32, output logits (N, 10).
+"""Models built for the data: images (N, C, H, W) float32 of any shape in, logits (N, K) out.
 
-Layer indices in Sequential match the equivalent PyTorch nn.Sequential, so state_dict keys
-("0.weight", "3.bias", ...) line up with a PyTorch model built the same way.
+`build(name, in_shape, num_classes, seed)` makes a named model (a key of MODELS) or a user's:
+`name` is then a reference `path/to/file.py:function`, and `function(in_shape, num_classes)`
+(given `seed=` too if it takes a `seed` parameter) returns an nn.Module. The named models'
+Sequential indices match the equivalent PyTorch nn.Sequential, so state_dict keys ("0.weight",
+"3.bias", ...) line up with a PyTorch model built the same way (`to_torch`); for 1x28x28 images
+of 10 classes the seeded weights are what they were when the models took MNIST only.
 """
+import importlib.util
+import inspect
+import os
+import sys
+
 import numpy as np
 
 from ddl import nn
+from ddl.errors import ModelError
+from ddl.nn.functional import out_size
 
 
-def _seed_cnn(rng):
-    # 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4: 20 * 4 * 4 = 320 features
+def _side(size, *layers):
+    """One side of the image after `layers`, each the (kernel, stride, padding) of a conv or pool;
+    ValueError if it vanishes."""
+    for kernel, stride, padding in layers:
+        size = out_size(size, kernel, stride, padding)
+    return size
+
+
+def _seed_cnn(in_shape, num_classes, rng):
+    # conv5, pool, conv5, pool: 28x28 images leave 20 channels of 4x4, 320 features
+    c, h, w = in_shape
+    trunk = ((5, 1, 0), (2, 2, 0), (5, 1, 0), (2, 2, 0))
     return nn.Sequential(
-        nn.Conv2d(1, 10, 5, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(c, 10, 5, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(10, 20, 5, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(320, 120, rng=rng), nn.ReLU(), nn.Linear(120, 10, rng=rng))
+        nn.Flatten(), nn.Linear(20 * _side(h, *trunk) * _side(w, *trunk), 120, rng=rng), nn.ReLU(),
+        nn.Linear(120, num_classes, rng=rng))
 
 
-def _ref_cnn(rng):
-    # 28 -conv3-> 26 -pool-> 13 -conv3-> 11 -pool-> 5: 64 * 5 * 5 = 1600 features.
+def _ref_cnn(in_shape, num_classes, rng):
+    # conv3, pool, conv3, pool: 28x28 images leave 64 channels of 5x5, 1600 features.
     # Written Conv -> ReLU -> MaxPool, built Conv -> MaxPool -> ReLU: ReLU is monotone, so both
     # orders give the same outputs and gradients (tested), and ReLU then reads an array 4x smaller.
     # The layers keep their indices, so state_dict keys match PyTorch's model either way.
+    c, h, w = in_shape
+    trunk = ((3, 1, 0), (2, 2, 0), (3, 1, 0), (2, 2, 0))
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(c, 32, 3, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(32, 64, 3, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(1600, 128, rng=rng), nn.ReLU(), nn.Linear(128, 10, rng=rng))
+        nn.Flatten(), nn.Linear(64 * _side(h, *trunk) * _side(w, *trunk), 128, rng=rng),
+        nn.ReLU(), nn.Linear(128, num_classes, rng=rng))
 
 
-def _mlp(rng):
+def _mlp(in_shape, num_classes, rng):
     """Tiny and fast: for tests of the machinery rather than of learning."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128, rng=rng), nn.ReLU(),
-                         nn.Linear(128, 10, rng=rng))
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(in_shape)), 128, rng=rng), nn.ReLU(),
+                         nn.Linear(128, num_classes, rng=rng))
 
 
-_BUILDERS = {"seed-cnn": _seed_cnn, "ref-cnn": _ref_cnn, "mlp": _mlp}
-MODELS = tuple(_BUILDERS)
+def _resnet_mini(in_shape, num_classes, rng):
+    """A 3x3 stem of 16 channels, three stages of residual blocks (16, 32 and 64 channels, the
+    last two halving the image), global average pooling and a linear classifier: any image size
+    from 1x1 up."""
+    layers = [nn.Conv2d(in_shape[0], 16, 3, padding=1, bias=False, rng=rng), nn.BatchNorm2d(16),
+              nn.ReLU()]
+    channels = 16
+    for width, stride in ((16, 1), (32, 2), (64, 2)):
+        layers += [nn.ResidualBlock(channels, width, stride, rng=rng), nn.ReLU()]
+        channels = width
+    layers += [nn.GlobalAvgPool2d(), nn.Linear(channels, num_classes, rng=rng)]
+    return nn.Sequential(*layers)
+
+
+# name -> builder(in_shape, num_classes, rng): a new named model is one line here.
+MODELS = {"seed-cnn": _seed_cnn, "ref-cnn": _ref_cnn, "mlp": _mlp, "resnet-mini": _resnet_mini}
 DEFAULT_MODEL = "seed-cnn"
-IMAGE_SHAPE, NUM_CLASSES = (1, 28, 28), 10     # what every named model takes and gives
 
 
-def build(name, seed=0, input_grad=True):
-    """A freshly initialised model; the same (name, seed) gives the same weights.
+def _split(name):
+    """(path, function) of a model file reference "path.py:function", or None for other names."""
+    path, colon, function = name.rpartition(":")
+    if not colon and not name.endswith(".py"):
+        return None
+    if not (colon and path.endswith(".py") and function.isidentifier()):
+        raise ModelError(f"model {name!r}: name a model file and its function as "
+                         f"FILE.py:FUNCTION, e.g. models/net.py:make_model")
+    return path, function
 
-    input_grad=False tells the first layer that nothing consumes the gradient with respect to the
-    images (true of a training loop), so its backward may skip it and return None: for a first
-    convolution that is a whole GEMM and scatter per step.
+
+def check_name(name):
+    """ModelError unless `name` is a named model or a well-formed file reference (no I/O)."""
+    if name not in MODELS and _split(name) is None:
+        raise ModelError(f"unknown model {name!r} (choose from {', '.join(MODELS)}, or give "
+                         f"FILE.py:FUNCTION)")
+
+
+def resolve(name):
+    """`name` with a model file's path made absolute, so that the reference (which checkpoints
+    record) holds from any folder."""
+    check_name(name)
+    if name in MODELS:
+        return name
+    path, function = _split(name)
+    return f"{os.path.abspath(path)}:{function}"
+
+
+def build(name, in_shape, num_classes, seed=0, input_grad=True):
+    """A freshly initialised model in training mode for images `in_shape` (C, H, W) of
+    `num_classes` classes; the same arguments give the same weights (for a user's model, if its
+    function uses `seed` or seeds itself). ModelError (one line) for a model that cannot be built.
+
+    input_grad=False tells the model that nothing consumes the gradient with respect to the
+    images (true of a training loop), so its first layer may skip it and backward return None:
+    for a first convolution that is a whole GEMM and scatter per step.
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    model = _BUILDERS[name](np.random.default_rng(seed))
-    model[0].needs_input_grad = input_grad
+    in_shape = tuple(int(v) for v in in_shape)
+    check_name(name)
+    if name in MODELS:
+        try:
+            model = MODELS[name](in_shape, num_classes, np.random.default_rng(seed))
+        except ValueError as e:              # an image that the layers shrink to nothing
+            raise ModelError(f"{name} cannot take {_dims(in_shape)} images ({e})") from None
+    else:
+        model = _from_file(name, in_shape, num_classes, seed)
+    model.needs_input_grad = input_grad
+    return model
+
+
+def _dims(shape):
+    return "x".join(map(str, shape))
+
+
+def _from_file(name, in_shape, num_classes, seed):
+    """The model that a user's file makes, checked on a batch of two blank images. Their file's
+    folder goes on sys.path, as for `python file.py`; an exception inside their code keeps its
+    traceback (it is a bug there), every other problem is a ModelError."""
+    path, function = _split(name)
+    if not os.path.isfile(path):
+        raise ModelError(f"model {name}: no such file {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    # Registered under a name of its own, as an import would, for what looks itself up there
+    # (dataclasses, pickle).
+    spec = importlib.util.spec_from_file_location(f"ddl_model:{os.path.abspath(path)}", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    make = getattr(module, function, None)
+    if not callable(make):
+        defined = [k for k, v in vars(module).items() if inspect.isfunction(v)
+                   and v.__module__ == module.__name__]
+        raise ModelError(f"model {name}: {path} defines no function {function!r} (it defines "
+                         f"{', '.join(defined) or 'none'})")
+    takes_seed = "seed" in inspect.signature(make).parameters
+    model = make(in_shape, num_classes, **({"seed": seed} if takes_seed else {}))
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model {name} returned {type(model).__name__}, not an nn.Module")
+    x = np.zeros((2, *in_shape), np.float32)
+    try:
+        shape = model.eval().forward(x).shape
+    except Exception as e:      # whatever a model built for other images raises
+        raise ModelError(f"model {name} cannot take {_dims(in_shape)} images "
+                         f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    finally:
+        model.train()
+    if shape != (2, num_classes):
+        raise ModelError(f"model {name} maps images of {_dims(in_shape)} to outputs of shape "
+                         f"{shape[1:]} per image, not the ({num_classes},) logits of the "
+                         f"{num_classes} classes")
     return model
 
 
 def to_torch(model):
-    """The torch.nn.Sequential of the same layers with the same weights (torch imported here only:
-    the benchmark and the parity tests compare against it). Conv2d, Linear, MaxPool2d, ReLU and
-    Flatten, which is what the named models use."""
+    """The torch.nn twin of `model`, same weights and buffers (torch imported here only: the
+    benchmark and the parity tests compare against it). Conv2d, Linear, MaxPool2d, ReLU,
+    Flatten, BatchNorm2d and GlobalAvgPool2d, in Sequential and Residual containers."""
     import torch
+
+    class Residual(torch.nn.Module):
+        def __init__(self, body, shortcut):
+            super().__init__()
+            self.body, self.shortcut = body, shortcut
+
+        def forward(self, x):
+            return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+
     twins = {
         nn.Conv2d: lambda m: torch.nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size,
                                              m.stride, m.padding, bias=m.bias is not None),
@@ -65,7 +192,16 @@ def to_torch(model):
         nn.MaxPool2d: lambda m: torch.nn.MaxPool2d(m.kernel_size, m.stride),
         nn.ReLU: lambda m: torch.nn.ReLU(),
         nn.Flatten: lambda m: torch.nn.Flatten(),
+        nn.BatchNorm2d: lambda m: torch.nn.BatchNorm2d(m.num_features, m.eps, m.momentum),
+        nn.GlobalAvgPool2d: lambda m: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1),
+                                                          torch.nn.Flatten()),
+        nn.Sequential: lambda m: torch.nn.Sequential(*map(twin, m)),
     }
-    twin = torch.nn.Sequential(*(twins[type(m)](m) for m in model))
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
-    return twin
+
+    def twin(m):
+        if isinstance(m, nn.Residual):
+            return Residual(twin(m.body), None if m.shortcut is None else twin(m.shortcut))
+        return twins[type(m)](m)
+    result = twin(model)
+    result.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    return result

@@ -1,6 +1,8 @@
 """Pictures for people: training curves and a prediction (matplotlib, an optional extra)."""
 import os
 
+import numpy as np
+
 from ddl.atomic import replacing
 from ddl.errors import UsageError
 
@@ -56,16 +58,21 @@ def curves(history, path):
     _save(plt, fig, path)
 
 
-def prediction(image, probs, label, path):
-    """The digit (H, W uint8) beside a bar chart of the 10 class probabilities."""
+def prediction(image, probs, names, label, path):
+    """The image (C, H, W uint8) beside a bar chart of the class probabilities (the 10 likeliest
+    when there are more classes), titled with the class `names`."""
     plt = _pyplot()
+    shown = np.sort(np.argsort(-probs, kind="stable")[:10])
     fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3))
-    left.imshow(image, cmap="gray")
-    left.set_title(f"test digit (label {label})")
+    pixels = image[0] if len(image) not in (3, 4) else image.transpose(1, 2, 0)
+    left.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
+    left.set_title(f"test image (label {names[label]})")
     left.axis("off")
-    colors = ["C2" if d == probs.argmax() else "C0" for d in range(len(probs))]
-    right.bar(range(len(probs)), probs, color=colors)
-    right.set(xticks=range(len(probs)), ylim=(0, 1), xlabel="class", ylabel="probability",
-              title=f"predicted {probs.argmax()}")
+    best = probs.argmax()
+    right.bar(range(len(shown)), probs[shown], color=["C2" if k == best else "C0" for k in shown])
+    right.set(ylim=(0, 1), xlabel="class", ylabel="probability", title=f"predicted {names[best]}")
+    tilt = max(len(names[k]) for k in shown) > 2          # words, not digits: slanted
+    right.set_xticks(range(len(shown)), [names[k] for k in shown], rotation=45 if tilt else 0,
+                     ha="right" if tilt else "center")
     fig.tight_layout()
     _save(plt, fig, path)

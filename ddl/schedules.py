@@ -100,11 +100,17 @@ class LinearWarmup(LRScheduler):
         super().load_state_dict(sd)
 
 
-SCHEDULES = ("constant", "step", "cosine")
+# The CLI's schedules over T iterations: name -> make(optimizer, T). A new one is one line here.
+SCHEDULES = {
+    "constant": lambda optimizer, total: LRScheduler(optimizer),
+    "step": lambda optimizer, total: StepLR(optimizer, step_size=math.ceil(total / 3), gamma=0.1),
+    "cosine": lambda optimizer, total: CosineAnnealingLR(optimizer, T_max=total),
+}
 
 
 def make_schedule(name, optimizer, epochs, steps_per_epoch, warmup_steps=0):
-    """The CLI's schedule, to be stepped once per ITERATION (after each optimizer step).
+    """The CLI's schedule `name` (a key of SCHEDULES), to be stepped once per ITERATION (after
+    each optimizer step).
 
     With T = epochs * steps_per_epoch iterations and lr0 = optimizer.lr:
       "constant": lr0 throughout.
@@ -116,12 +122,7 @@ def make_schedule(name, optimizer, epochs, steps_per_epoch, warmup_steps=0):
     if total < 1:
         raise ValueError(f"need at least one iteration, got epochs={epochs}, "
                          f"steps_per_epoch={steps_per_epoch}")
-    if name == "constant":
-        schedule = LRScheduler(optimizer)
-    elif name == "step":
-        schedule = StepLR(optimizer, step_size=math.ceil(total / 3), gamma=0.1)
-    elif name == "cosine":
-        schedule = CosineAnnealingLR(optimizer, T_max=total)
-    else:
+    if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    schedule = SCHEDULES[name](optimizer, total)
     return LinearWarmup(schedule, warmup_steps) if warmup_steps else schedule

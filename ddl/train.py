@@ -17,7 +17,7 @@ from ddl.atomic import check_outputs
 from ddl.comm import SingleCommunicator
 from ddl.data import DistributedSampler, H5Dataset, Loader
 from ddl.errors import CheckpointError, DataError, DDLError, Diverged, UsageError
-from ddl.models import IMAGE_SHAPE, MODELS, NUM_CLASSES, build
+from ddl.models import build, check_name, resolve
 from ddl.nn import CrossEntropyLoss, Dropout
 from ddl.log import Log
 from ddl.optim import OPTIMIZERS, make_optimizer
@@ -39,9 +39,9 @@ IGNORED = ("data", "resume", "overwrite", "quiet", "debug") + OUTPUTS
 
 @dataclasses.dataclass
 class Config:
-    """Options of `ddl train`; the defaults are the tuned recipe (what each choice buys, measured,
-    is in the README's "The recipe")."""
-    model: str = "seed-cnn"
+    """Options of `ddl train`; the defaults are the tuned recipe for MNIST (what each choice buys,
+    measured, is in the README's "The recipe")."""
+    model: str = "seed-cnn"        # a name in ddl.models.MODELS, or a user's FILE.py:FUNCTION
     epochs: int = 6
     batch_size: int = 128          # global: split evenly across the ranks
     micro_batch: int = 64          # images per forward/backward within a rank's batch (0: all)
@@ -55,7 +55,8 @@ class Config:
     seed: int = 0
     data: str = "data/mnist.h5"
     subset: int = 0                # train on the first `subset` training images (0: all)
-    shift: int = 2                 # random shifts of up to this many pixels (0: none)
+    shift: int = 2                 # augmentation: move training images up to this many pixels
+    flip: bool = False             # augmentation: mirror half the training images left to right
     checkpoint: str = ""
     resume: bool = False
     overwrite: bool = False        # replace an existing checkpoint, metrics file or plot
@@ -71,12 +72,13 @@ def _flag(name):
 
 def check_options(cfg, world_size):
     """Raise UsageError for a problem visible from the options alone (no I/O)."""
-    for name, known in (("model", MODELS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+    check_name(cfg.model)
+    for name, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                         ("kernels", kernels.NAMES)):
         value = getattr(cfg, name)
         if value not in known:
             raise UsageError(f"unknown {name} {value!r} (choose from {', '.join(known)})")
-    # Zero means "off" or "all" for the micro-batch, warm-up and subset.
+    # Zero means "off" or "all" for the micro-batch, warm-up, subset and shift.
     for name, low in (("epochs", 1), ("batch_size", 1), ("micro_batch", 0), ("warmup", 0),
                       ("subset", 0), ("seed", 0), ("shift", 0)):
         value = getattr(cfg, name)
@@ -108,22 +110,27 @@ def claim_outputs(cfg):
     return checkpoint.Lock(cfg.checkpoint) if cfg.checkpoint else contextlib.nullcontext()
 
 
-def open_split(path, split, model):
-    """One split of the data file, refused (DataError) unless `model` can take it."""
+def open_split(path, split, expect=None):
+    """One split of the data file. `expect`, (in_shape, num_classes, who): refused (DataError)
+    unless its images and classes are those, e.g. ((1, 28, 28), 10, "'train' holds")."""
     data = H5Dataset(path, split)
-    if data.image_shape != IMAGE_SHAPE or data.num_classes != NUM_CLASSES:
+    if expect and (data.image_shape, data.num_classes) != (tuple(expect[0]), expect[1]):
         data.close()
-        raise DataError(f"{path}: '{split}' holds {'x'.join(map(str, data.image_shape))} images "
-                        f"of {data.num_classes} classes, but {model} takes "
-                        f"{'x'.join(map(str, IMAGE_SHAPE))} images of {NUM_CLASSES} classes")
+        raise DataError(f"{path}: '{split}' holds {_dims(data.image_shape)} images of "
+                        f"{data.num_classes} classes, but {expect[2]} {_dims(expect[0])} images "
+                        f"of {expect[1]} classes")
     return data
 
 
+def _dims(shape):
+    return "x".join(map(str, shape))
+
+
 def data_identity(train, test):
-    """What makes two data files the same data set, wherever they live: sizes, and the pixel
-    statistics that `ddl prepare` computed from every training image."""
-    return dict(train=train.n, test=test.n, classes=train.num_classes, mean=train.mean,
-                std=train.std)
+    """What makes two data files the same data set, wherever they live: sizes, image shape, and
+    the pixel statistics that `ddl prepare` computed from every training image."""
+    return dict(train=train.n, test=test.n, classes=train.num_classes,
+                shape=list(train.image_shape), mean=train.mean.tolist(), std=train.std.tolist())
 
 
 def check_inputs(cfg, comm):
@@ -131,7 +138,8 @@ def check_inputs(cfg, comm):
     checkpoints, and holds the checkpoint's lock by now) check that no earlier output would be
     lost and read the checkpoint to resume. Returns (train set, test set, images used, resume
     state or None, what the resume changes: a list of words for the log); raises UsageError."""
-    train, test = open_split(cfg.data, "train", cfg.model), open_split(cfg.data, "test", cfg.model)
+    train = open_split(cfg.data, "train")
+    test = open_split(cfg.data, "test", (train.image_shape, train.num_classes, "'train' holds"))
     n = min(cfg.subset or train.n, train.n)
     if cfg.batch_size > n:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
@@ -164,9 +172,10 @@ def resume_changes(cfg, state, data_id, world_size):
     if cfg.epochs < done:
         raise CheckpointError(f"{path} has already trained {done} epochs: --epochs must be at "
                               f"least that, got {cfg.epochs}")
-    changes = [f"{_flag(f.name)} {getattr(cfg, f.name)} (was {saved.get(f.name)})"
+    # An option that the checkpoint's ddl did not have yet had its default then.
+    changes = [f"{_flag(f.name)} {getattr(cfg, f.name)} (was {saved.get(f.name, f.default)})"
                for f in dataclasses.fields(cfg) if f.name not in FIXED + IGNORED
-               and saved.get(f.name) != getattr(cfg, f.name)]
+               and saved.get(f.name, f.default) != getattr(cfg, f.name)]
     if int(state["world_size"]) != world_size:
         changes.append(f"{world_size} rank(s) (was {state['world_size']})")
     return changes
@@ -224,15 +233,20 @@ def evaluate(model, loader, comm):
 
 
 def restore(path, comm):
-    """The model saved in checkpoint `path` (rank 0 reads it, every rank gets it) and the tree."""
+    """The model saved in checkpoint `path`, rebuilt from what the checkpoint records of it (rank
+    0 reads it, every rank gets it), the tree, and what the model takes: (in_shape, num_classes,
+    who) for `open_split`."""
     state = comm.bcast_obj(agree(comm, lambda: checkpoint.load(path) if comm.rank == 0 else None))
+    with reading(path):
+        arch = state["architecture"]
+        name, in_shape, classes = arch["model"], tuple(arch["in_shape"]), int(arch["num_classes"])
 
     def rebuild():
+        model = build(name, in_shape, classes)   # a user's model file may be gone: ModelError
         with reading(path):
-            model = build(state["config"]["model"])
             model.load_state_dict(state["model"])
         return model
-    return agree(comm, rebuild), state
+    return agree(comm, rebuild), state, (in_shape, classes, f"the model in {path} takes")
 
 
 def eval_loader(dataset, comm):
@@ -241,42 +255,61 @@ def eval_loader(dataset, comm):
     return Loader(dataset, sampler)
 
 
-def propagate(model, direction, x, step=None):
-    """`model.forward(x)` or `model.backward(x)`. Given where it is ("epoch 1, step 7": --debug),
-    it runs layer by layer and names the first layer whose output or parameter gradient is not
-    finite (a Diverged error of this rank alone)."""
-    if step is None:
-        return getattr(model, direction)(x)
-    layers = list(enumerate(model))
-    for i, layer in (reversed(layers) if direction == "backward" else layers):
-        x = getattr(layer, direction)(x)
-        if x is not None and not np.isfinite(x).all():
-            raise Diverged(f"training diverged at {step}: {direction} of layer {i} ({layer!r}) "
-                           f"produced {'NaN' if np.isnan(x).any() else 'inf'}")
-        for name, p in layer.named_parameters():
-            if direction == "backward" and not np.isfinite(p.grad).all():
-                raise Diverged(f"training diverged at {step}: gradient of layer {i} "
-                               f"({layer!r}) parameter {name} is not finite")
-    return x
+class FiniteCheck:
+    """--debug: hooks on every module of `model` (see Module.add_hook) that stop training at the
+    first module whose output, or whose own parameters' gradient, is not finite, naming it by its
+    state_dict prefix, and where training is (`where`, which the loop sets at each step): a
+    Diverged error of this rank alone. Innermost modules finish first, so they are named first."""
+
+    def __init__(self, model):
+        self.where = None
+        self.names = {id(m): name or "(the model)" for name, m in model.named_modules()}
+        model.add_hook(self)
+
+    def __call__(self, module, direction, out):
+        what = f"{type(module).__name__}({module.extra_repr()})"
+        if out is not None and not np.isfinite(out).all():
+            raise Diverged(f"training diverged at {self.where}: {direction} of layer "
+                           f"{self.names[id(module)]} ({what}) produced "
+                           f"{'NaN' if np.isnan(out).any() else 'inf'}")
+        for name, p in module.named_parameters():
+            if direction == "backward" and "." not in name and not np.isfinite(p.grad).all():
+                raise Diverged(f"training diverged at {self.where}: gradient of layer "
+                               f"{self.names[id(module)]} ({what}) parameter {name} is not "
+                               f"finite")
 
 
 def micro_batches(x, y, size):
     """(x, y) in slices of `size` images (0: whole). Small slices keep a step's activations in
-    cache: one process trained seed-cnn's batch of 128 at 7,813 img/s as 2 x 64 against 6,750
-    whole, and a batch of 256 at 8,194 against 6,711 (alternating runs, one BLAS thread)."""
+    cache (the README's Speed section has the measurements)."""
     size = size or len(y)
     return ((x[i:i + size], y[i:i + size]) for i in range(0, len(y), size))
 
 
-def train_step(model, criterion, x, y, micro_batch, check=None):
+def train_step(model, criterion, x, y, micro_batch):
     """Forward and backward of one local batch (x (b, C, H, W), y (b,)) in micro-batches; adds the
-    gradients of the batch's mean loss into every p.grad and returns that loss. `check`: where
-    training is, for --debug (see `propagate`)."""
+    gradients of the batch's mean loss into every p.grad and returns that loss.
+
+    The model's buffers (BatchNorm's running statistics) move as if the micro-batches were ranks
+    (see Replicas.average_buffers): each starts from the buffers the step found, and the step
+    ends with the mean of what they made. The running statistics, averages that each batch moves
+    linearly, thus come out as on N ranks whose micro-batches are these, with no dependence on
+    their order."""
+    slices = list(micro_batches(x, y, micro_batch))
+    buffers = [b for _, b in model.named_buffers()] if len(slices) > 1 else []
+    start = [b.copy() for b in buffers]
+    total = [np.zeros(b.shape) for b in buffers]
     loss = 0.0
-    for xs, ys in micro_batches(x, y, micro_batch):
+    for xs, ys in slices:
+        for b, b0 in zip(buffers, start):
+            b[...] = b0
         share = len(ys) / len(y)                   # the slices' gradients add up to the mean's
-        loss += share * criterion(propagate(model, "forward", xs, check), ys)
-        propagate(model, "backward", criterion.backward() * np.float32(share), check)
+        loss += share * criterion(model.forward(xs), ys)
+        model.backward(criterion.backward() * np.float32(share))
+        for t, b in zip(total, buffers):
+            t += b
+    for b, t in zip(buffers, total):
+        b[...] = t / len(slices) if b.dtype.kind == "f" else np.rint(t / len(slices))
     return loss
 
 
@@ -295,6 +328,7 @@ def run(cfg, comm=None, on_epoch_end=None):
     rank together (see ddl/errors.py)."""
     comm = comm or SingleCommunicator()
     agree(comm, lambda: check_options(cfg, comm.size))
+    cfg = dataclasses.replace(cfg, model=resolve(cfg.model))  # a model file's path, made absolute
     # Rank 0 holds the checkpoint's lock to the end, so that no second job writes it meanwhile.
     # NumPy's warnings about NaN and inf stay quiet: the loop checks for those itself.
     with agree(comm, lambda: claim_outputs(cfg) if comm.rank == 0 else contextlib.nullcontext()), \
@@ -317,12 +351,18 @@ def _train(cfg, comm, on_epoch_end):
 
     train_set, test_set, n_train, state, changes = agree(comm, lambda: check_inputs(cfg, comm))
     kernels.use(cfg.kernels)
-    compile_seconds = kernels.warm(comm)
+    compile_seconds = kernels.warm(comm)   # before any model runs, so rank 0 compiles first
+    # The model fits the data: its images and classes, recorded in the checkpoint to rebuild it.
+    architecture = dict(model=cfg.model, in_shape=list(train_set.image_shape),
+                        num_classes=train_set.num_classes)
+    model = agree(comm, lambda: build(cfg.model, train_set.image_shape, train_set.num_classes,
+                                      seed=cfg.seed, input_grad=False))
 
     # --- set up: the same model, optimizer and schedule on every rank
     sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
-    loader, test_loader = Loader(train_set, sampler, shift=cfg.shift), eval_loader(test_set, comm)
-    model = build(cfg.model, seed=cfg.seed, input_grad=False)
+    loader = Loader(train_set, sampler, shift=cfg.shift, flip=cfg.flip)
+    test_loader = eval_loader(test_set, comm)
+    finite_check = FiniteCheck(model) if cfg.debug else None
     replicas = Replicas(model, comm)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
@@ -338,9 +378,12 @@ def _train(cfg, comm, on_epoch_end):
                  + "".join(f", {change}" for change in changes)
                  + (": nothing left to train (raise --epochs to go on)"
                     if start == cfg.epochs else ""))
-    log.info(f"{cfg.model}: {replicas.data.size:,} parameters on {comm.size} rank(s); global batch "
+    log.info(f"{cfg.model} for {_dims(train_set.image_shape)} images of "
+             f"{train_set.num_classes} classes: {replicas.data.size:,} parameters on "
+             f"{comm.size} rank(s); global batch "
              f"{cfg.batch_size} = {cfg.batch_size // comm.size} per rank; {len(loader)} steps per "
-             f"epoch over {n_train:,} images; {cfg.optimizer} lr {cfg.lr}, {cfg.schedule} schedule; "
+             f"epoch over {n_train:,} images; {cfg.optimizer} lr {cfg.lr}, {cfg.schedule} "
+             f"schedule; "
              f"{cfg.kernels} kernels" + (f" (ready in {compile_seconds:.1f} s)"
                                          if cfg.kernels == "numba" else ""))
 
@@ -348,8 +391,9 @@ def _train(cfg, comm, on_epoch_end):
         """Rank 0's files after an epoch: the checkpoint, then the metrics."""
         if cfg.checkpoint:
             checkpoint.save(cfg.checkpoint, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(),
-                schedule=schedule.state_dict(), epoch=epochs_done, history=history,
+                model=model.state_dict(), architecture=architecture,
+                optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                epoch=epochs_done, history=history,
                 config=dataclasses.asdict(cfg), data=data_id, world_size=comm.size))
         log.metrics(history)
 
@@ -362,8 +406,10 @@ def _train(cfg, comm, on_epoch_end):
         loss_sum, started = 0.0, time.perf_counter()
         for step, (x, y) in enumerate(loader, 1):
             where = f"epoch {epoch + 1}, step {step}"
+            if finite_check:
+                finite_check.where = where
             replicas.zero_grad()
-            loss = train_step(model, criterion, x, y, cfg.micro_batch, where if cfg.debug else None)
+            loss = train_step(model, criterion, x, y, cfg.micro_batch)
             # The global batch's loss, or NaN on every rank if any rank's loss or gradient is not
             # finite: then stop before the optimizer spreads it into the weights.
             loss = replicas.allreduce_grads(loss)
@@ -392,7 +438,7 @@ def _train(cfg, comm, on_epoch_end):
         log.epoch(history[-1], cfg.epochs)
         # Rank 0 alone writes, and every rank hears whether it could: a full disk ends the whole
         # job with one line, the previous files kept.
-        agree(comm, lambda: rank0 and save(epoch + 1))
+        agree(comm, lambda done=epoch + 1: rank0 and save(done))
         saved = epoch + 1
         if on_epoch_end:
             on_epoch_end(epoch + 1, model)

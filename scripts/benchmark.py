@@ -36,6 +36,7 @@ from ddl.parallel import Replicas  # noqa: E402
 from ddl.train import Config, train_step  # noqa: E402
 
 MODELS = ("seed-cnn", "ref-cnn")
+MNIST = ((1, 28, 28), 10)  # in_shape and classes: what the synthetic batches are
 BATCHES = (64, 256)
 # (ranks, extra environment, label): the last run switches off the idle sleeping that ddl.comm
 # turns on when ranks outnumber cores, to show what MPICH's default busy polling costs.
@@ -66,7 +67,7 @@ def cycle(batches):
 def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="numba"):
     """One ddl training step as ddl.train runs it, with the kernels named. `allreduce_clock`, a
     one-element list, collects the seconds spent in the gradient all-reduce."""
-    model = build(model_name, seed=0, input_grad=False)
+    model = build(model_name, *MNIST, seed=0, input_grad=False)
     replicas = Replicas(model, comm or SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
@@ -88,7 +89,7 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="num
 def torch_step(model_name, batch, channels_last):
     import torch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = to_torch(build(model_name, seed=0)).to(memory_format=fmt)
+    model = to_torch(build(model_name, *MNIST, seed=0)).to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), LR, momentum=MOMENTUM)
     data = cycle([(torch.from_numpy(x).contiguous(memory_format=fmt), torch.from_numpy(y))
                   for x, y in synthetic(batch)])
@@ -183,7 +184,8 @@ def worker(repeats, seconds):
         shares.append(comm.allreduce_obj(clock[0] / elapsed) / comm.size)
     # The same all-reduce alone, every rank arriving together: its cost without the wait for a
     # slower rank that the in-step share above includes.
-    grads = np.zeros(sum(p.data.size for p in build(SCALING_MODEL).parameters()), np.float32)
+    grads = np.zeros(sum(p.data.size for p in build(SCALING_MODEL, *MNIST).parameters()),
+                     np.float32)
     transfer = []
     while len(transfer) < 50 and sum(transfer) < 2.0:   # the same max-reduced sum on every rank
         comm.barrier()
@@ -226,7 +228,7 @@ def layer_breakdown(model_name, batch, repeats):
     """[(step, forward ms, backward ms)] medians over `repeats` steps of the compiled kernels,
     one row per step that Sequential runs (fused groups included), plus loss and optimizer."""
     kernels.use("numba")
-    model = build(model_name, seed=0, input_grad=False)
+    model = build(model_name, *MNIST, seed=0, input_grad=False)
     replicas = Replicas(model, SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
@@ -423,7 +425,7 @@ def main():
         print("data-parallel scaling", file=sys.stderr)
         scale = scaling(args.repeats, args.seconds)
     breakdowns = {name: layer_breakdown(name, 64, args.repeats) for name in MODELS}
-    flops, peak = training_flops(build("ref-cnn")), sgemm_gflops()
+    flops, peak = training_flops(build("ref-cnn", *MNIST)), sgemm_gflops()
     print("numba's compile and cache-load times", file=sys.stderr)
     numba_costs = compile_times()
     load = (load_before, os.getloadavg()[0])

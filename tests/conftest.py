@@ -1,5 +1,6 @@
-"""Shared fixtures: the real MNIST files, HDF5 files made from them, an mpiexec runner, and the
-checks that a refused command kept its promise (one line, its status, nothing touched)."""
+"""Shared fixtures: the real MNIST files, HDF5 files made from them, a synthetic set of colour
+images as an .npz and as an image folder, an mpiexec runner, and the checks that a refused command
+kept its promise (one line, its status, nothing touched)."""
 import contextlib
 import os
 import subprocess
@@ -7,10 +8,17 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = Path(os.environ.get("DDL_MNIST_RAW", ROOT.parent / "shared" / "data" / "mnist"))
+MNIST = ((1, 28, 28), 10)          # what build() gets for MNIST: in_shape, num_classes
+COLOURS = ["cat", "dog", "frog", "ship"]      # the synthetic set's classes, sorted
+
+
+def quiet(_):
+    pass
 
 
 @pytest.fixture(params=["numba", "numpy"])
@@ -32,9 +40,10 @@ def mnist_raw():
 @pytest.fixture(scope="session")
 def mnist_h5(mnist_raw, tmp_path_factory):
     """data/mnist.h5 as `make data` writes it, made once per test session."""
-    from ddl.prepare import prepare_dataset
+    from ddl import sources
+    from ddl.prepare import prepare
     out = tmp_path_factory.mktemp("data") / "mnist.h5"
-    prepare_dataset(mnist_raw, out, log=lambda _: None)
+    prepare(sources.idx(mnist_raw, log=quiet), out, log=quiet)
     return out
 
 
@@ -48,6 +57,64 @@ def small_h5(mnist_h5, tmp_path_factory):
         for name in ("train/images", "train/labels", "test/images", "test/labels"):
             dst[name] = src[name][:512]
     return out
+
+
+def colour_images(n, seed):
+    """n synthetic 32x32 RGB images (n, 32, 32, 3) uint8, channels-last as Keras keeps them, and
+    their labels (n,) sorted by class: class k is a bright 12x12 square, red, green, blue or
+    yellow, in quadrant k, on noise. Easy to learn, and nothing like MNIST."""
+    rng = np.random.default_rng(seed)
+    labels = np.sort(rng.integers(0, len(COLOURS), n))
+    images = rng.integers(0, 90, (n, 32, 32, 3), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        r, c = 16 * (k // 2) + 2, 16 * (k % 2) + 2
+        images[i, r:r + 12, c:c + 12, [(0,), (1,), (2,), (0, 1)][k]] = 230
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def colour_npz(tmp_path_factory):
+    """colours.npz: 256 training and 128 test images of colour_images, as an .npz of x_train,
+    y_train (an (N, 1) column, as Keras's CIFAR), x_test, y_test."""
+    out = tmp_path_factory.mktemp("colours") / "colours.npz"
+    (x_train, y_train), (x_test, y_test) = colour_images(256, 0), colour_images(128, 1)
+    np.savez(out, x_train=x_train, y_train=y_train[:, None], x_test=x_test, y_test=y_test)
+    return out
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory):
+    """The images of colour_npz as PNG files in the ImageFolder layout, named by their row, so
+    that sorted they come in the .npz's order."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("folder") / "colours"
+    for split, (images, labels) in (("train", colour_images(256, 0)),
+                                    ("test", colour_images(128, 1))):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / COLOURS[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+def prepared(source, out):
+    """`ddl prepare`'s file for `source` (a ddl.sources.Source) at `out`."""
+    from ddl.prepare import prepare
+    prepare(source, out, log=quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
+def colour_h5(colour_npz):
+    from ddl import sources
+    return prepared(sources.npz(colour_npz, log=quiet), colour_npz.with_suffix(".h5"))
+
+
+@pytest.fixture(scope="session")
+def colour_folder_h5(colour_folder):
+    from ddl import sources
+    return prepared(sources.image_folder(colour_folder, log=quiet),
+                    colour_folder.with_suffix(".h5"))
 
 
 def snapshot(folder):

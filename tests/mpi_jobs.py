@@ -63,7 +63,7 @@ def job_warm(comm, out, _):
 def job_evaluate(comm, out, pairs):
     from ddl.data import H5Dataset
     opts = dict(p.split("=", 1) for p in pairs)
-    model, _ = restore(opts["checkpoint"], comm)
+    model, _, _ = restore(opts["checkpoint"], comm)
     loss, acc = evaluate(model, eval_loader(H5Dataset(opts["data"], "test"), comm), comm)
     if comm.rank == 0:
         (out / "eval.json").write_text(json.dumps(dict(loss=loss, accuracy=acc)))
@@ -72,7 +72,7 @@ def job_evaluate(comm, out, pairs):
 def job_diverge(comm, out, _):
     from ddl.models import build
     from ddl.parallel import ReplicaDivergence, Replicas
-    model = build("seed-cnn", seed=comm.rank)    # different seeds: the start broadcast fixes it
+    model = build("seed-cnn", (1, 28, 28), 10, seed=comm.rank)   # the start broadcast fixes it
     replicas = Replicas(model, comm)
     replicas.check()
     if comm.rank == 1:

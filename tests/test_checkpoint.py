@@ -4,6 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import MNIST
 from ddl import checkpoint
 from ddl.errors import CheckpointError, OutputError
 from ddl.models import build
@@ -11,13 +12,14 @@ from ddl.optim import SGD
 
 
 def tree():
-    model = build("mlp", seed=0)
+    model = build("mlp", *MNIST, seed=0)
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
     for p in model.parameters():
         p.grad[...] = 1
     opt.step()
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), schedule={"last_epoch": 3},
                 epoch=3, history=[{"epoch": 1, "test_accuracy": 0.5}], config={"model": "mlp"},
+                architecture={"model": "mlp", "in_shape": [1, 28, 28], "num_classes": 10},
                 data={"train": 60000}, world_size=2)
 
 
@@ -27,12 +29,27 @@ def test_round_trip(tmp_path):
     got = checkpoint.load(tmp_path / "c.h5")
     assert got["epoch"] == 3 and got["history"] == saved["history"]
     assert got["config"] == {"model": "mlp"} and got["world_size"] == 2
+    assert got["architecture"] == saved["architecture"]
     for k, v in saved["model"].items():
         np.testing.assert_array_equal(got["model"][k], v)
     assert sorted(got["optimizer"]["state"]) == [0, 1, 2, 3]        # positions come back as ints
-    fresh = SGD(build("mlp", seed=1).parameters(), lr=0.5)
+    fresh = SGD(build("mlp", *MNIST, seed=1).parameters(), lr=0.5)
     fresh.load_state_dict(got["optimizer"])
     assert fresh.momentum == 0.9 and fresh.lr == 0.1
+
+
+def test_format_1_reads_as_an_mnist_model(tmp_path, monkeypatch):
+    """Checkpoints from before ddl took other images: the model took MNIST's, and the data's
+    statistics were one number each."""
+    old = tree()
+    del old["architecture"]
+    old["data"] = {"train": 60000, "test": 10000, "classes": 10, "mean": 0.13, "std": 0.31}
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    checkpoint.save(tmp_path / "c.h5", old)
+    monkeypatch.undo()
+    got = checkpoint.load(tmp_path / "c.h5")
+    assert got["architecture"] == {"model": "mlp", "in_shape": [1, 28, 28], "num_classes": 10}
+    assert got["data"] == dict(old["data"], mean=[0.13], std=[0.31], shape=[1, 28, 28])
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -73,7 +90,9 @@ BAD = {
     "no marker": (lambda p: _rewrite(p, lambda f: f.attrs.__delitem__(checkpoint.MARKER)),
                   "not a ddl checkpoint (no 'ddl_checkpoint' attribute)"),
     "newer": (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__(checkpoint.MARKER, 9)),
-              "checkpoint format 9"),
+              "checkpoint format 9, but this ddl reads formats 1 and 2"),
+    "no architecture": (lambda p: _rewrite(p, lambda f: f.__delitem__("architecture")),
+                        "damaged checkpoint (no architecture)"),
     "no optimizer": (lambda p: _rewrite(p, lambda f: f.__delitem__("optimizer")),
                      "damaged checkpoint (no optimizer)"),
     "bad json": (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__("epoch", "{")),

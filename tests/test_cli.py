@@ -1,5 +1,5 @@
-"""The `ddl` command as a user meets it: debug mode, launch, evaluate, predict (its errors:
-test_errors.py)."""
+"""The `ddl` command as a user meets it: debug mode, launch, evaluate, predict, their own data and
+model, and the example script (their errors: test_errors.py)."""
 import json
 import signal
 import subprocess
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import rank_env, refused, run_ddl
+from conftest import ROOT, rank_env, refused, run_ddl, run_mpi
 from ddl.errors import Diverged
 from ddl.train import Config, run
 
@@ -20,6 +20,14 @@ def test_debug_names_the_first_non_finite_layer(mnist_h5):
     cfg = Config(data=str(mnist_h5), subset=256, batch_size=64, epochs=1, lr=1e12, momentum=0,
                  schedule="constant", quiet=True, debug=True)
     with pytest.raises(Diverged, match=r"epoch 1, step \d+: (forward|backward) of layer \d+ \("):
+        run(cfg)
+
+
+def test_debug_names_a_layer_inside_a_residual_block(colour_h5):
+    cfg = Config(model="resnet-mini", data=str(colour_h5), batch_size=64, epochs=1, lr=1e12,
+                 momentum=0, schedule="constant", quiet=True, debug=True)
+    with pytest.raises(Diverged, match=r"epoch 1, step \d+: (forward|backward) of layer "
+                                       r"\d+(\.\w+)* \(\w+\("):
         run(cfg)
 
 
@@ -110,3 +118,36 @@ def test_micro_batches_give_the_same_training(mnist_h5):
     (h0, w0), (h1, w1) = runs
     np.testing.assert_allclose(w1, w0, rtol=0, atol=1e-5 * np.abs(w0).max())
     assert h1["train_loss"] == pytest.approx(h0["train_loss"], rel=1e-5)
+
+
+EXAMPLE = ROOT / "examples" / "custom_model.py"
+
+
+def test_your_own_data_and_model(colour_folder, tmp_path):
+    """Images in class folders and a model file: prepare, train (the model recorded in the
+    checkpoint), then evaluate and predict with nothing but the checkpoint and the data, which
+    names the classes."""
+    data, ckpt = tmp_path / "colours.h5", tmp_path / "c.h5"
+    done = run_ddl(["prepare", "--image-folder", colour_folder, "--out", data])
+    assert done.returncode == 0 and "4 classes, 3x32x32 images" in done.stdout, done.stderr
+    done = run_ddl(["train", "--data", data, "--model", f"{EXAMPLE}:make_model", "--epochs", "3",
+                    "--batch-size", "32", "--shift", "2", "--flip", "--checkpoint", ckpt])
+    assert done.returncode == 0, done.stderr
+    assert "make_model for 3x32x32 images of 4 classes" in done.stderr
+    done = run_ddl(["evaluate", "--data", data, "--checkpoint", ckpt])
+    assert done.returncode == 0 and "(128 images, 1 rank(s))" in done.stdout, done.stderr
+    accuracy = float(done.stdout.split("accuracy ")[1].split("%")[0])
+    assert accuracy > 50, done.stdout
+    done = run_ddl(["predict", "--data", data, "--checkpoint", ckpt, "--index", "127",
+                    "--out", tmp_path / "p.png"])
+    assert done.returncode == 0, done.stderr
+    assert "(label ship, p=" in done.stdout and "cat:" in done.stdout and "frog:" in done.stdout
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_example_script_trains_under_mpi(colour_h5):
+    done = run_mpi(2, [EXAMPLE, colour_h5, "3"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert float(lines[-1].split("accuracy ")[1].rstrip("%")) > 50, lines

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run, run_ddl, run_mpi
+from conftest import MNIST, ROOT, run, run_ddl, run_mpi
 from ddl import checkpoint
 from ddl.models import build
 
@@ -54,7 +54,7 @@ def one_process(mnist_h5, tmp_path_factory):
     done = run_ddl(["train", "--data", mnist_h5, *TINY, "--checkpoint", ckpt])
     assert done.returncode == 0, done.stderr
     model = checkpoint.load(ckpt)["model"]
-    start = build("mlp", seed=0).state_dict()
+    start = build("mlp", *MNIST, seed=0).state_dict()
     assert max(np.abs(model[k] - start[k]).max() for k in model) > 1e-3   # training moved it
     return model
 

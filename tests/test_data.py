@@ -1,4 +1,5 @@
-"""ddl.data: H5Dataset reads and validation, DistributedSampler sharding, Loader batches."""
+"""ddl.data: H5Dataset reads and validation, DistributedSampler sharding, Loader batches and
+augmentation."""
 import threading
 import time
 
@@ -7,15 +8,17 @@ import numpy as np
 import pytest
 
 from ddl import data
-from ddl.data import DataError, DistributedSampler, H5Dataset, Loader, shifted
+from ddl.data import DataError, DistributedSampler, H5Dataset, Loader
 
 N, SHAPE = 103, (1, 4, 5)  # a row is 20 bytes
 
 
 def write_h5(path, images, labels, split="train", **attrs):
-    """A prepared-style file with one split; `attrs` override mean=0.5, std=0.25, num_classes=10."""
+    """A prepared-style file with one split; `attrs` override format_version=2, mean=[0.5],
+    std=[0.25], num_classes=10."""
     with h5py.File(path, "w") as f:
-        f.attrs.update({"mean": 0.5, "std": 0.25, "num_classes": 10, **attrs})
+        f.attrs.update({"format_version": 2, "mean": [0.5], "std": [0.25], "num_classes": 10,
+                        **attrs})
         f.create_dataset(f"{split}/images", data=images)
         f.create_dataset(f"{split}/labels", data=labels)
     return path
@@ -59,7 +62,8 @@ def test_attributes_and_close(tiny):
     path, _, labels = tiny
     with H5Dataset(path, "train") as ds:
         assert (ds.n, len(ds), ds.num_classes, ds.image_shape) == (N, N, 10, SHAPE)
-        assert (ds.mean, ds.std) == (0.5, 0.25)
+        assert (ds.mean.tolist(), ds.std.tolist()) == ([0.5], [0.25])
+        assert ds.class_names == [str(k) for k in range(10)]       # none in the file: numbers
         np.testing.assert_array_equal(ds.labels, labels)
         with pytest.raises(OSError, match="already open"):
             h5py.File(path, "a")
@@ -97,6 +101,8 @@ BAD_FILES = {  # name: (how to break the tiny file, words in the error)
                        "no dataset 'train/labels'"),
     "float images": (lambda p: _replace(p, "train/images", np.zeros((N,) + SHAPE, np.float32)),
                      "'train/images' has dtype float32, expected uint8"),
+    "float labels": (lambda p: _replace(p, "train/labels", np.zeros(N, np.float32)),
+                     "'train/labels' has dtype float32, expected integers"),
     "3-D images": (lambda p: _replace(p, "train/images", np.zeros((N, 4, 5), np.uint8)),
                    "'train/images' has shape (103, 4, 5), expected (N, C, H, W)"),
     "count mismatch": (lambda p: _replace(p, "train/labels", np.zeros(N - 1, np.uint8)),
@@ -105,6 +111,17 @@ BAD_FILES = {  # name: (how to break the tiny file, words in the error)
                            "'train/labels' row 10 is 10, outside 0..9"),
     "missing mean": (lambda p: _set_attr(p, "mean", None), "attribute 'mean' missing"),
     "zero std": (lambda p: _set_attr(p, "std", 0.0), "bad normalisation attributes"),
+    "std per channel": (lambda p: _set_attr(p, "std", [0.2, 0.3]),
+                        "'train/images' have 1 channel(s), but the attributes mean and std hold "
+                        "1 and 2 values"),
+    "class names": (lambda p: _set_attr(p, "class_names", ["a", "b"]),
+                    "'class_names' holds 2 names for 10 classes"),
+    "no version": (lambda p: _set_attr(p, "format_version", None),
+                   "no 'format_version' attribute: not a file of `ddl prepare` (rebuild it"),
+    "newer": (lambda p: _set_attr(p, "format_version", 3),
+              "format_version 3, but this ddl reads formats 1 and 2 (upgrade ddl, or rebuild"),
+    "older": (lambda p: _set_attr(p, "format_version", 0), "format_version 0, but this ddl reads "
+              "formats 1 and 2 (rebuild it with `ddl prepare`)"),
 }
 
 
@@ -117,6 +134,27 @@ def test_bad_file_is_refused(tiny, breakage):
     assert str(err.value).startswith(f"{tiny[0]}: ") and words in str(err.value)
     assert "\n" not in str(err.value)
     h5py.File(tiny[0], "a").close()  # the refused file was closed again
+
+
+def test_format_1_files_still_read(tmp_path):
+    """MNIST's files from before format 2: a scalar mean and std, no class names."""
+    path = write_h5(tmp_path / "v1.h5", np.full((3,) + SHAPE, 255, np.uint8),
+                    np.arange(3, dtype=np.uint8), format_version=1, mean=0.5, std=0.25)
+    with H5Dataset(path, "train") as ds:
+        assert (ds.mean.tolist(), ds.std.tolist()) == ([0.5], [0.25])
+        np.testing.assert_allclose(ds.read(np.arange(3))[0], 2.0)
+
+
+def test_each_channel_is_normalised_with_its_own_statistics(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 4, 4), dtype=np.uint8)
+    mean, std = np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.3, 0.4])
+    path = write_h5(tmp_path / "rgb.h5", images, np.zeros(5, np.uint16), mean=mean, std=std,
+                    num_classes=300, class_names=[f"c{k}" for k in range(300)])
+    with H5Dataset(path, "train") as ds:
+        x, _ = ds.read(np.arange(5))
+        assert ds.class_names[299] == "c299" and ds.labels.dtype == np.int64
+    expected = (images / 255 - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_and_non_hdf5_files_are_refused(tmp_path):
@@ -272,32 +310,46 @@ def test_abandoned_epoch_leaves_no_thread(tmp_path):
 
 
 # --- augmentation ---------------------------------------------------------------------------------
-def test_shifted_moves_each_image_and_fills_with_zeros():
-    rng = np.random.default_rng(3)
-    images = rng.integers(1, 256, size=(5, 2, 6, 7)).astype(np.uint8)
-    offsets = np.array([[0, 0], [2, -1], [-2, 2], [1, 0], [0, -2]])
-    out = shifted(images, offsets, 2)
-    for k, (dy, dx) in enumerate(offsets):
-        for r in range(6):
-            for q in range(7):
-                inside = 0 <= r - dy < 6 and 0 <= q - dx < 7
-                expected = images[k, :, r - dy, q - dx] if inside else 0
-                np.testing.assert_array_equal(out[k, :, r, q], expected)
+def test_translate_moves_each_image_and_fills_with_black():
+    images = np.arange(2 * 2 * 4 * 5, dtype=np.uint8).reshape(2, 2, 4, 5) + 1
+    moved = data.translate(images, np.array([[1, 0], [-2, 3]]), 3)
+    np.testing.assert_array_equal(moved[0, :, 1:], images[0, :, :-1])     # one row down
+    assert not moved[0, :, 0].any()
+    np.testing.assert_array_equal(moved[1, :, :2, 3:], images[1, :, 2:, :2])   # up 2, right 3
+    assert not moved[1, :, 2:].any() and not moved[1, :, :, :3].any()
 
 
-def test_shifts_are_the_same_for_any_world_size(tiny):
-    """Each image's offset depends on (seed, epoch, row) only: two ranks together see exactly
-    the images one process sees."""
-    with H5Dataset(tiny[0], "train") as ds:
-        def global_batches(world, epoch):
-            loaders = [Loader(ds, DistributedSampler(N, world, r, 20, seed=4), prefetch=False,
-                              shift=2) for r in range(world)]
-            for loader in loaders:
-                loader.set_epoch(epoch)
-            return [np.concatenate(xs) for xs in zip(*([x for x, _ in l] for l in loaders))]
-        one, two = global_batches(1, 0), global_batches(2, 0)
-        for a, b in zip(one, two):
-            np.testing.assert_array_equal(a, b)
-        unshifted = [x for x, _ in Loader(ds, DistributedSampler(N, 1, 0, 20, seed=4),
-                                          prefetch=False)]
-        assert any(not np.array_equal(a, b) for a, b in zip(one, unshifted))
+def augmented(path, world, rank, **options):
+    """Every batch of rank `rank` of `world` in epoch 1, as uint8 images, with the rows."""
+    with H5Dataset(path, "train") as ds:
+        sampler = DistributedSampler(N, world, rank, 20, seed=5)
+        loader = Loader(ds, sampler, prefetch=False, **options)
+        loader.set_epoch(1)
+        batches = [(np.rint((x * 0.25 + 0.5) * 255).astype(np.uint8), rows)
+                   for (x, _), rows in zip(loader, sampler.batches())]
+    return batches
+
+
+def test_augmentation_depends_on_the_row_not_the_rank(tiny):
+    """Shifts and flips are drawn per row from (seed, epoch): N ranks see what one process sees,
+    and a run resumed at this epoch sees it again. Each image is moved by up to 2 pixels, and
+    some, not all, are mirrored."""
+    path, images, _ = tiny
+    single = augmented(path, 1, 0, shift=2, flip=True)
+    again = augmented(path, 1, 0, shift=2, flip=True)
+    split = [augmented(path, 4, r, shift=2, flip=True) for r in range(4)]
+    for k, (x, _) in enumerate(single):
+        np.testing.assert_array_equal(again[k][0], x)
+        np.testing.assert_array_equal(np.concatenate([split[r][k][0] for r in range(4)]), x)
+    x, rows = single[0]
+    moves = [np.array([[dy, dx]]) for dy in range(-2, 3) for dx in range(-2, 3)]
+    mirrored = []
+    for a, b in zip(x, images[rows]):
+        plain, mirror = ([np.array_equal(a, data.translate(c[None], m, 2)[0]) for m in moves]
+                         for c in (b, b[..., ::-1]))
+        assert any(plain) or any(mirror)
+        mirrored.append(any(mirror))
+    assert 0 < sum(mirrored) < len(rows)
+    assert sum(not np.array_equal(a, b) for a, b in zip(x, images[rows])) > len(rows) // 2
+    for x, rows in augmented(path, 1, 0):                    # no augmentation: as stored
+        np.testing.assert_array_equal(x, images[rows])

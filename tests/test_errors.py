@@ -65,7 +65,11 @@ def train(*args):
     (["--epochs", "0"], ["--epochs"]),
     (["--epochs", "two"], ["--epochs", "two"]),
     (["--model", "resnet"], ["unknown model", "seed-cnn"]),
-    (["--optimizer", "lbfgs"], ["unknown optimizer"]),
+    (["--optimizer", "lbfgs"], ["--optimizer", "'lbfgs' is not one of 'sgd', 'adam', 'rmsprop'"]),
+    (["--schedule", "linear"], ["--schedule", "'linear' is not one of"]),
+    (["--model", "nets.py"], ["name a model file and its function as FILE.py:FUNCTION"]),
+    (["--model", "nope.py:make"], ["/nope.py:make: no such file ", "/nope.py"]),
+    (["--shift", "-1"], ["--shift must be at least 0"]),
     (["--micro-batch", "-1"], ["--micro-batch"]),
     (["--warmup", "-3"], ["--warmup"]),
     (["--seed", "-1"], ["--seed must be at least 0"]),
@@ -186,22 +190,56 @@ def _bad_data(small_h5, path, split="train", shape=None, classes=None):
             f[f"{split}/images"] = np.zeros((512,) + shape, np.uint8)
         if classes:
             f.attrs["num_classes"] = classes
+            f.attrs["class_names"] = [str(k) for k in range(classes)]
     return path
 
 
 def test_data_must_fit_the_model_before_any_work(ddl, work, small_h5):
+    """A model is built for the training images; the test images must match them, and a
+    checkpoint's model must take the images it is asked to evaluate."""
     with untouched(work):
         wide = _bad_data(small_h5, work / "sub" / "wide.h5", "train", (1, 32, 32))
-        refused(ddl(*train("--data", wide)), 2,
-                "'train' holds 1x32x32 images of 10 classes, but seed-cnn takes 1x28x28 images")
+        refused(ddl(*train("--data", wide)), 2, "'test' holds 1x28x28 images of 10 classes, "
+                "but 'train' holds 1x32x32 images of 10 classes")
         few = _bad_data(small_h5, work / "sub" / "few.h5", classes=12)
-        refused(ddl(*train("--data", few)), 2, "images of 12 classes")
+        for command in ("evaluate", "predict"):
+            refused(ddl(command, "--data", few, "--checkpoint", "c.h5"), 2,
+                    "'test' holds 1x28x28 images of 12 classes, but the model in c.h5 takes "
+                    "1x28x28 images of 10 classes")
         test_only = _bad_data(small_h5, work / "sub" / "test.h5", "test", (3, 28, 28))
-        refused(ddl(*train("--data", test_only)), 2, "'test' holds 3x28x28 images")
-        refused(ddl("evaluate", "--data", test_only, "--checkpoint", "c.h5"), 2, "3x28x28")
-        refused(ddl("predict", "--data", test_only, "--checkpoint", "c.h5"), 2, "3x28x28")
-        for path in (wide, few, test_only):
+        for args in (train("--data", test_only), ("evaluate", "--data", test_only, "--checkpoint",
+                                                    "c.h5")):
+            refused(ddl(*args), 2, "'test/images' have 3 channel(s), but the attributes mean and "
+                    "std hold 1 and 1 values")
+        test_only.unlink()
+        test_only = _bad_data(small_h5, work / "sub" / "test.h5", "test", (1, 32, 32))
+        refused(ddl(*train("--data", test_only)), 2, "'test' holds 1x32x32 images")
+        refused(ddl("predict", "--data", test_only, "--checkpoint", "c.h5"), 2,
+                "'test' holds 1x32x32 images of 10 classes, but the model in c.h5 takes 1x28x28")
+        tiny = _bad_data(small_h5, work / "sub" / "tiny.h5", "train", (1, 8, 8))
+        _bad_data(tiny, work / "sub" / "tiny8.h5", "test", (1, 8, 8))
+        refused(ddl(*train("--data", work / "sub" / "tiny8.h5")), 2,
+                "seed-cnn cannot take 1x8x8 images")
+        for path in (wide, few, test_only, tiny, work / "sub" / "tiny8.h5"):
             path.unlink()
+
+
+def test_a_model_file_that_goes_missing_is_one_line(ddl, work):
+    """The checkpoint records the user's model by its file: evaluate rebuilds it from there."""
+    (work / "sub" / "net.py").write_text(
+        "from ddl import nn\n\n\ndef make(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))\n")
+    assert ddl(*train("--model", "sub/net.py:make", "--epochs", "1", "--checkpoint",
+                      "sub/n.h5"))[0] == 0
+    code, output = ddl("evaluate", "--data", "data.h5", "--checkpoint", "sub/n.h5")
+    assert code == 0 and "accuracy" in output
+    (work / "sub" / "net.py").rename(work / "sub" / "moved.py")
+    with untouched(work):
+        refused(ddl("evaluate", "--data", "data.h5", "--checkpoint", "sub/n.h5"), 2,
+                f"model {work}/sub/net.py:make: no such file {work}/sub/net.py")
+        refused(ddl(*train("--model", "sub/moved.py:make", "--checkpoint", "sub/n.h5",
+                           "--resume", "--epochs", "2")), 2,
+                f"--model ({work}/sub/net.py:make -> {work}/sub/moved.py:make)")
 
 
 def test_checkpoint_commands_refuse_bad_files_and_paths(ddl, work):
@@ -273,6 +311,34 @@ def test_a_full_disk_keeps_the_checkpoint(ddl, work, tiny_disk):
     with untouched(tiny_disk):
         refused(ddl(*train("--checkpoint", tiny_disk / "c.h5", "--resume", "--epochs", "3")), 4,
                 "c.h5 (No space left on device); the previous file is kept")
+
+
+def test_a_full_disk_keeps_the_data_file(ddl, tmp_path, tiny_disk):
+    """The dataset streams into its file: HDF5 never sees the failed write (it would crash the
+    interpreter), the conversion stops at the next chunk, and the previous file is kept."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (1000, 3, 16, 16), dtype=np.uint8), np.arange(1000) % 5
+    np.savez(tmp_path / "small.npz", x_train=x[:50], y_train=y[:50], x_test=x[:10], y_test=y[:10])
+    np.savez(tmp_path / "big.npz", x_train=x, y_train=y, x_test=x[:100], y_test=y[:100])
+    assert ddl("prepare", "--npz", tmp_path / "small.npz", "--out", tiny_disk / "d.h5")[0] == 0
+    with untouched(tiny_disk):
+        refused(ddl("prepare", "--npz", tmp_path / "big.npz", "--out", tiny_disk / "d.h5"), 4,
+                "d.h5 (No space left on device); the previous file is kept")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--npz", "a.npz", "--raw", "raw"], ["--raw and --npz: give one source"]),
+    (["--npz", "a.npz", "--download"], ["--no-verify and --download are for --raw"]),
+    (["--npz", "nope.npz"], ["nope.npz: no such file"]),
+    (["--image-folder", "nowhere"], ["nowhere: no such folder"]),
+    (["--npz", "a.npz", "--out", "a.npz"], ["--out a.npz is the same file as --npz a.npz"]),
+])
+def test_prepare_refuses_bad_sources(args, words, ddl, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez("a.npz", x_train=np.zeros((2, 4, 4), np.uint8), y_train=[0, 1],
+             x_test=np.zeros((2, 4, 4), np.uint8), y_test=[0, 1])
+    with untouched(tmp_path):
+        refused(ddl("prepare", *args), 2, *words)
 
 
 @pytest.mark.parametrize("lines, words", [

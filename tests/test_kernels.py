@@ -11,6 +11,7 @@ import pytest
 
 from ddl import kernels, nn
 from ddl.kernels import compiled, jit
+from conftest import MNIST
 from ddl.models import MODELS, build
 from ddl.nn.fused import ConvPool, PoolReLU
 from gradcheck import check_module
@@ -132,9 +133,9 @@ def test_ties_go_to_the_first_maximum_in_fused_passes():
         assert_same(out)
 
 
-@pytest.mark.parametrize("kernel, stride, shape", [(2, None, (2, 3, 6, 8)), (2, None, (1, 2, 7, 5)),
-                                                   (3, 2, (2, 2, 9, 7)), ((3, 2), (1, 2), (1, 2, 5, 6)),
-                                                   (2, 3, (1, 2, 8, 7))])
+@pytest.mark.parametrize("kernel, stride, shape", [
+    (2, None, (2, 3, 6, 8)), (2, None, (1, 2, 7, 5)), (3, 2, (2, 2, 9, 7)),
+    ((3, 2), (1, 2), (1, 2, 5, 6)), (2, 3, (1, 2, 8, 7))])
 @pytest.mark.parametrize("relu", [False, True])
 def test_max_pool_with_ties_matches_numpy(kernel, stride, shape, relu):
     x = np.random.default_rng(6).integers(-1, 2, size=shape).astype(np.float64)
@@ -165,12 +166,13 @@ def test_non_finite_values_are_not_hidden():
 def test_named_models_fuse_and_match_numpy(name):
     x = randn(5, 1, 28, 28, seed=7)
     x[:, :, :6] = 0
-    assert_same(run_both(lambda: build(name, seed=2, input_grad=False), x, dtype=np.float32),
+    assert_same(run_both(lambda: build(name, *MNIST, seed=2, input_grad=False), x,
+                         dtype=np.float32),
                 tol=1e-5)
 
 
 def test_fusion_keeps_the_module_tree_and_state_dict():
-    model = build("ref-cnn", seed=0)
+    model = build("ref-cnn", *MNIST, seed=0)
     before = model.state_dict()
     with kernels.using("numba"):
         steps = model.steps()
@@ -245,7 +247,7 @@ def nn_optim():
     return optim
 
 
-# --- compilation -----------------------------------------------------------------------------------
+# --- compilation ----------------------------------------------------------------------------------
 def test_warm_declares_every_signature_training_uses():
     """After warm(), training steps of every named model (and evaluation) compile nothing new:
     the float32 signatures the kernels declare are the ones really called."""
@@ -254,7 +256,7 @@ def test_warm_declares_every_signature_training_uses():
     before = jit.signature_count()
     with kernels.using("numba"):
         for name in MODELS:
-            model = build(name, seed=0, input_grad=False)
+            model = build(name, *MNIST, seed=0, input_grad=False)
             optimizer = SGD(model.parameters(), 0.1, momentum=0.9)
             loss = nn.CrossEntropyLoss()
             x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)

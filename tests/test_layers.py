@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from ddl.nn import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, LeakyReLU, Linear, MaxPool2d,
-                    ReLU, Sequential, Sigmoid, Tanh)
+from ddl import kernels
+from ddl.nn import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, LeakyReLU,
+                    Linear, MaxPool2d, ReLU, Residual, ResidualBlock, Sequential, Sigmoid, Tanh)
 from gradcheck import check_module
 
 pytestmark = pytest.mark.usefixtures("backend")  # NumPy and compiled kernels alike
@@ -85,6 +86,41 @@ def test_dropout_gradient_with_fixed_mask():
 
     grad_x, _ = check_module(drop, randn(4, 10), before_forward=same_mask)
     assert 0 < np.count_nonzero(grad_x) < grad_x.size  # the mask really dropped something
+
+
+def test_global_average_pool_gradients():
+    check_module(GlobalAvgPool2d(), randn(3, 4, 5, 2))
+
+
+def test_residual_gradients_identity_shortcut():
+    rng = np.random.default_rng(5)
+    block = Residual(Sequential(Conv2d(3, 3, 3, padding=1, rng=rng), Tanh(),
+                                Conv2d(3, 3, 1, rng=rng)))
+    check_module(block, randn(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("cin, cout, stride", [(3, 3, 1), (3, 5, 1), (2, 4, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_block_gradients(cin, cout, stride, training):
+    """Both paths, BatchNorm2d in each, batch statistics or running ones; a shortcut projects
+    exactly when the shape changes."""
+    block = ResidualBlock(cin, cout, stride, rng=np.random.default_rng(6))
+    assert (block.shortcut is None) == (cin == cout and stride == 1)
+    for bn in (m for m in block.modules() if isinstance(m, BatchNorm2d)):
+        bn.running_mean[...] = 0.1
+        bn.running_var[...] = 1.5
+        bn.weight.data[...] = np.linspace(0.5, 1.5, bn.num_features)
+    block.train(training)
+    _, params = check_module(block, randn(3, cin, 5, 4))
+    names = [name for name, _ in params]
+    assert names[:3] == ["body.0.weight", "body.1.weight", "body.1.bias"]
+    assert ("shortcut.0.weight" in names) == (block.shortcut is not None)
+
+
+def test_residual_refuses_paths_of_different_shapes():
+    with pytest.raises(ValueError, match=r"the body gives \(2, 4, 3, 3\), the shortcut "
+                                         r"\(2, 2, 3, 3\)"):
+        Residual(Conv2d(2, 4, 1))(np.zeros((2, 2, 3, 3), np.float32))
 
 
 def test_small_network_gradients():
@@ -173,6 +209,7 @@ ALL_LAYERS = [
     lambda: Linear(12, 3), lambda: Conv2d(3, 2, 3, padding=1), lambda: MaxPool2d(2),
     lambda: AvgPool2d(2), lambda: ReLU(), lambda: LeakyReLU(), lambda: Tanh(), lambda: Sigmoid(),
     lambda: Flatten(), lambda: Dropout(0.5, rng=0), lambda: BatchNorm2d(3),
+    lambda: GlobalAvgPool2d(), lambda: ResidualBlock(3, 3), lambda: ResidualBlock(3, 4, 2),
 ]
 
 
@@ -346,13 +383,14 @@ def test_layers_keep_their_inputs_memory_order():
     output and each input gradient keeps its input's memory order (see functional.py)."""
     rng = np.random.default_rng(6)
     net = Sequential(Conv2d(1, 4, 3, rng=rng), ReLU(), MaxPool2d(2), Conv2d(4, 6, 3, rng=rng),
-                     MaxPool2d(2), ReLU(), Flatten(), Linear(6 * 2 * 2, 3, rng=rng))
-    h = randn(5, 1, 14, 14).astype(np.float32)
+                     ResidualBlock(6, 6, rng=rng), ResidualBlock(6, 8, 2, rng=rng), ReLU(),
+                     MaxPool2d(2), ReLU(), Flatten(), Linear(8 * 2 * 2, 3, rng=rng))
+    h = randn(5, 1, 22, 22).astype(np.float32)
     inputs = []
     for layer in net:
         inputs.append(h)
         h = layer(h)
-        if isinstance(layer, (ReLU, MaxPool2d)):
+        if isinstance(layer, (ReLU, MaxPool2d, ResidualBlock)):
             assert memory_order(h) == memory_order(inputs[-1]), layer
     assert np.shares_memory(inputs[-1], inputs[-2])  # Flatten of conv memory is a view
     g = np.ones_like(h)
@@ -371,3 +409,35 @@ def test_conv2d_without_input_gradient():
     assert full.backward(grad_y) is not None and first.backward(grad_y) is None
     for p, q in zip(full.parameters(), first.parameters()):
         np.testing.assert_array_equal(p.grad, q.grad)
+
+
+def test_global_average_pool_keeps_memory_order():
+    x = randn(5, 1, 6, 6).astype(np.float32)
+    h = Conv2d(1, 4, 3)(x)                              # (C, H, W, N) memory
+    pool = GlobalAvgPool2d()
+    pool(h)
+    assert memory_order(pool.backward(np.ones((5, 4), np.float32))) == memory_order(h)
+
+
+# --- hooks ----------------------------------------------------------------------------------------
+def test_hooks_see_every_module_fused_or_not():
+    """add_hook reports each module's forward and backward once, innermost first, whether the
+    compiled kernels fuse a group (ConvPool calls Conv2d.run; the pool and ReLU never run alone)."""
+    rng = np.random.default_rng(7)
+    net = Sequential(Conv2d(1, 4, 3, rng=rng), MaxPool2d(2), ReLU(), ResidualBlock(4, 4, rng=rng),
+                     Flatten(), Linear(4 * 3 * 3, 2, rng=rng))
+    names = {id(m): name for name, m in net.named_modules()}
+    seen = []
+    net.add_hook(lambda m, direction, out: seen.append((names[id(m)], direction, out.shape)))
+    x = randn(2, 1, 8, 8).astype(np.float32)
+    y = net(x)
+    forward = [(n, s) for n, d, s in seen if d == "forward"]
+    assert forward[0] == ("0", (2, 4, 3, 3) if kernels.active() == "numba" else (2, 4, 6, 6))
+    assert ("3.body.0", (2, 4, 3, 3)) in forward and ("3.body", (2, 4, 3, 3)) in forward
+    assert forward.index(("3.body.0", (2, 4, 3, 3))) < forward.index(("3", (2, 4, 3, 3)))
+    assert forward[-1] == ("", (2, 2)) and len(forward) == len(set(forward))
+    seen.clear()
+    net.backward(np.ones_like(y))
+    backward = [n for n, d, _ in seen if d == "backward"]
+    assert backward[0] == "5" and backward[-1] == "" and "3.shortcut" not in backward
+    assert {"3.body.4", "3.body", "3"} <= set(backward)

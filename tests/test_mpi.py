@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import rank_env, run_mpi
+from conftest import MNIST, rank_env, run_mpi
 from ddl import checkpoint
 from ddl.models import build
 
 JOBS = Path(__file__).with_name("mpi_jobs.py")
 SMALL = ["model=seed-cnn", "subset=512", "batch_size=64", "epochs=1", "quiet=1", "lr=0.05",
          "shift=1"]
+# resnet-mini on the synthetic colour images (conftest): 3 epochs of 4 steps learn them.
+COLOUR = ["model=resnet-mini", "batch_size=64", "epochs=3", "quiet=1", "lr=0.05", "shift=0"]
 
 
 def job(n, name, out, *pairs, timeout=120):
@@ -61,7 +63,8 @@ def test_n_ranks_follow_one_process(n, one_process, mnist_h5, tmp_path):
     for r in range(1, n):
         assert np.array_equal(ranks[0], ranks[r]), f"rank {r} differs from rank 0"
     single = np.load(one_process / "params0.npy")
-    start = np.concatenate([p.data.ravel() for p in build("seed-cnn", seed=0).parameters()])
+    start = np.concatenate([p.data.ravel()
+                            for p in build("seed-cnn", *MNIST, seed=0).parameters()])
     assert np.abs(single - start).max() > 1e-3            # training moved the weights
     np.testing.assert_allclose(ranks[0], single, rtol=0, atol=1e-5 * np.abs(single).max())
     h1 = json.loads((one_process / "history.json").read_text())[0]
@@ -71,19 +74,57 @@ def test_n_ranks_follow_one_process(n, one_process, mnist_h5, tmp_path):
     assert hn["test_accuracy"] == pytest.approx(h1["test_accuracy"], abs=2e-4)
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_distributed_evaluation_is_exact(n, one_process, mnist_h5, tmp_path):
-    ckpt = one_process / "ckpt.h5"
-    job(1, "evaluate", tmp_path / "1", f"checkpoint={ckpt}", f"data={mnist_h5}")
-    job(n, "evaluate", tmp_path / "n", f"checkpoint={ckpt}", f"data={mnist_h5}")
+@pytest.fixture(scope="module")
+def colour_one_process(colour_h5, tmp_path_factory):
+    """resnet-mini trained on the colour images by one process. BatchNorm normalises each
+    micro-batch: here the halves of each batch of 64 that two ranks take."""
+    out = tmp_path_factory.mktemp("colour1")
+    job(1, "train", out, f"data={colour_h5}", f"checkpoint={out / 'ckpt.h5'}", "micro_batch=32",
+        *COLOUR)
+    return out
+
+
+@pytest.mark.parametrize("source", ["npz", "image-folder"])
+def test_colour_images_on_two_ranks_follow_one_process(source, colour_one_process, colour_h5,
+                                                       colour_folder_h5, tmp_path):
+    """A user's 3-channel data set, brought in as an .npz or as an image folder, trains a
+    residual network with BatchNorm on 2 ranks to the weights, running statistics and figures
+    of one process, up to float rounding, and learns it."""
+    data = colour_h5 if source == "npz" else colour_folder_h5
+    job(2, "train", tmp_path, f"data={data}", f"checkpoint={tmp_path / 'ckpt.h5'}", *COLOUR)
+    ranks = [np.load(tmp_path / f"params{r}.npy") for r in range(2)]
+    assert np.array_equal(ranks[0], ranks[1])
+    single = np.load(colour_one_process / "params0.npy")
+    np.testing.assert_allclose(ranks[0], single, rtol=0, atol=1e-5 * np.abs(single).max())
+    one, two = (checkpoint.load(folder / "ckpt.h5") for folder in (colour_one_process, tmp_path))
+    assert one["architecture"] == two["architecture"] == dict(
+        model="resnet-mini", in_shape=[3, 32, 32], num_classes=4)
+    for key, value in one["model"].items():                  # the buffers too
+        np.testing.assert_allclose(two["model"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    for h1, h2 in zip(one["history"], two["history"]):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
+        assert h2["test_accuracy"] == pytest.approx(h1["test_accuracy"], abs=1e-9)
+    assert one["history"][-1]["test_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("n, trained, data", [(2, "one_process", "mnist_h5"),
+                                              (4, "one_process", "mnist_h5"),
+                                              (2, "colour_one_process", "colour_h5")])
+def test_distributed_evaluation_is_exact(n, trained, data, request, tmp_path):
+    ckpt, data = request.getfixturevalue(trained) / "ckpt.h5", request.getfixturevalue(data)
+    job(1, "evaluate", tmp_path / "1", f"checkpoint={ckpt}", f"data={data}")
+    job(n, "evaluate", tmp_path / "n", f"checkpoint={ckpt}", f"data={data}")
     single = json.loads((tmp_path / "1" / "eval.json").read_text())
     multi = json.loads((tmp_path / "n" / "eval.json").read_text())
     assert multi["accuracy"] == single["accuracy"]          # counts: exactly equal
     assert multi["loss"] == pytest.approx(single["loss"], rel=1e-6)
 
 
-def test_resume_is_bit_identical(mnist_h5, tmp_path):
-    pairs = [f"data={mnist_h5}", "subset=256", "batch_size=64", "epochs=2", "quiet=1"]
+@pytest.mark.parametrize("model, data, subset", [("seed-cnn", "mnist_h5", 256),
+                                                 ("resnet-mini", "colour_h5", 128)])
+def test_resume_is_bit_identical(model, data, subset, request, tmp_path):
+    pairs = [f"model={model}", f"data={request.getfixturevalue(data)}", f"subset={subset}",
+             "batch_size=64", "epochs=2", "quiet=1"]
     job(2, "train", tmp_path / "full", *pairs, f"checkpoint={tmp_path / 'full.h5'}")
     job(2, "interrupt", tmp_path / "cut", *pairs, f"checkpoint={tmp_path / 'cut.h5'}")
     assert checkpoint.load(tmp_path / "cut.h5")["epoch"] == 1

@@ -4,9 +4,9 @@ the 2x2 max pool and ReLU after it; max pooling with its ReLU).
 
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
 stride-1 layers with several input channels, a direct convolution for other stride-1 layers, and
-NumPy's im2col and one GEMM for strided and 1x1 layers, where GEMMs beat them. Activations keep the NumPy backend's memory order,
-(C, H, W, N) with the batch innermost, behind logically (N, C, H, W) arrays, so layers of either
-backend can follow one another.
+NumPy's im2col and one GEMM for strided and 1x1 layers, where GEMMs beat them. Activations keep
+the NumPy backend's memory order, (C, H, W, N) with the batch innermost, behind logically
+(N, C, H, W) arrays, so layers of either backend can follow one another.
 """
 import numpy as np
 

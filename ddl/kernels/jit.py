@@ -65,8 +65,8 @@ def kernel(*signatures):
 @functools.lru_cache(maxsize=None)
 def cache_dir():
     """The first writable of: $NUMBA_CACHE_DIR, ddl/kernels/__pycache__, ~/.cache/ddl and the
-    temporary folder, each with a subfolder ddl-kernels-<hash of ddl/kernels/*.py>. Subfolders of older
-    hashes beside it are removed."""
+    temporary folder, each with a subfolder ddl-kernels-<hash of ddl/kernels/*.py>. Subfolders
+    of older hashes beside it are removed."""
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(here, "*.py"))):

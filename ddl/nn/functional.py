@@ -233,4 +233,5 @@ def cross_entropy(logits, labels):
     rows = np.arange(len(labels))
     grad = np.exp(log_p)
     grad[rows, labels] -= 1
-    return float(-log_p[rows, labels].sum(dtype=np.float64)), grad  # float64: long sums stay accurate
+    # float64: long sums stay accurate
+    return float(-log_p[rows, labels].sum(dtype=np.float64)), grad

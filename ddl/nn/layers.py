@@ -10,7 +10,7 @@ import numpy as np
 
 from ddl import kernels
 from ddl.nn import functional as F
-from ddl.nn.module import Module, Parameter
+from ddl.nn.module import Module, Parameter, Residual, Sequential
 
 
 def _uniform(rng, bound, shape):
@@ -134,6 +134,20 @@ class AvgPool2d(_Pool2d):
 
     def backward(self, grad_y):
         return F.avgpool2d_backward(grad_y, self._x, self.kernel_size, self.stride)
+
+
+class GlobalAvgPool2d(Module):
+    """The mean of each channel over the whole image: (N, C, H, W) -> (N, C), what a classifier
+    head reads whatever the image size (PyTorch: AdaptiveAvgPool2d(1) and Flatten)."""
+
+    def forward(self, x):
+        self._x = x
+        return x.mean(axis=(2, 3))
+
+    def backward(self, grad_y):
+        grad_x = np.empty_like(self._x)     # x's memory order, for the layers before it
+        grad_x[...] = (grad_y / (grad_x.shape[2] * grad_x.shape[3]))[:, :, None, None]
+        return grad_x
 
 
 class ReLU(Module):
@@ -272,3 +286,23 @@ class BatchNorm2d(Module):
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ResidualBlock(Residual):
+    """ResNet's basic block without its final ReLU: y = f(x) + shortcut(x), f being a 3x3
+    convolution (with `stride`), BatchNorm2d, ReLU, a 3x3 convolution and BatchNorm2d, and the
+    shortcut the identity, or a 1x1 convolution (with `stride`) and BatchNorm2d where the shape
+    changes. (N, in_channels, H, W) -> (N, out_channels, OH, OW), OH = ceil(H / stride). The
+    convolutions have no bias: the BatchNorm2d after each has one. rng as for Linear."""
+
+    def __init__(self, in_channels, out_channels, stride=1, rng=None):
+        rng = np.random.default_rng(rng)
+        body = Sequential(Conv2d(in_channels, out_channels, 3, stride, 1, bias=False, rng=rng),
+                          BatchNorm2d(out_channels), ReLU(),
+                          Conv2d(out_channels, out_channels, 3, 1, 1, bias=False, rng=rng),
+                          BatchNorm2d(out_channels))
+        shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            shortcut = Sequential(Conv2d(in_channels, out_channels, 1, stride, bias=False, rng=rng),
+                                  BatchNorm2d(out_channels))
+        super().__init__(body, shortcut)

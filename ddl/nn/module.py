@@ -1,4 +1,4 @@
-"""The module paradigm: Parameter, Module, Sequential.
+"""The module paradigm: Parameter, Module, and the containers Sequential and Residual.
 
 A Parameter holds `data` and `grad` side by side. Both arrays are written in place, never rebound
 (outside `Module.to`): the data-parallel wrapper turns every `grad` into a view of one flat buffer,
@@ -71,12 +71,17 @@ class Module:
     def named_children(self):
         return [(k, v) for k, v in vars(self).items() if isinstance(v, Module)]
 
+    def named_modules(self, prefix=""):
+        """(name, module) for this module (named `prefix`, "" at the top) and every descendant,
+        depth first, parents before children; names are state_dict's prefixes ("3.body.0")."""
+        out = [(prefix, self)]
+        for name, child in self.named_children():
+            out.extend(child.named_modules(f"{prefix}.{name}" if prefix else name))
+        return out
+
     def modules(self):
         """This module and every descendant, depth first, parents before children."""
-        out = [self]
-        for _, child in self.named_children():
-            out.extend(child.modules())
-        return out
+        return [m for _, m in self.named_modules()]
 
     def named_parameters(self, prefix=""):
         own = [(prefix + k, v) for k, v in vars(self).items() if isinstance(v, Parameter)]
@@ -92,6 +97,18 @@ class Module:
         for name, child in self.named_children():
             own.extend(child.named_buffers(f"{prefix}{name}."))
         return own
+
+    def add_hook(self, hook):
+        """Call `hook(module, direction, output)` after every forward ("forward") and backward
+        ("backward") of this module and of each descendant; what the hook raises ends the pass.
+        The hook wraps each instance's own methods, so it sees the calls that a parent (or a
+        user's module) makes directly too. A layer with a `run` method (Conv2d, MaxPool2d) is
+        hooked there instead of in forward: its forward calls run, and so do the fused groups
+        of ddl/nn/fused.py, which never call the pool's or the ReLU's forward."""
+        for m in self.modules():
+            for method, direction in (("run" if hasattr(m, "run") else "forward", "forward"),
+                                      ("backward", "backward")):
+                setattr(m, method, _hooked(getattr(m, method), m, direction, hook))
 
     # --- habits borrowed from PyTorch -----------------------------------------------------------
     def zero_grad(self):
@@ -153,6 +170,14 @@ class Module:
         return f"{type(self).__name__}(\n{body}\n)"
 
 
+def _hooked(method, module, direction, hook):
+    def call(*args, **kwargs):
+        out = method(*args, **kwargs)
+        hook(module, direction, out)
+        return out
+    return call
+
+
 class Sequential(Module):
     """Modules applied in order; backward runs them in reverse; step steps each trainable child.
 
@@ -174,6 +199,16 @@ class Sequential(Module):
 
     def __getitem__(self, i):
         return list(self)[i]
+
+    # The first layer receives the container's input, and so decides what its gradient costs.
+    @property
+    def needs_input_grad(self):
+        return self[0].needs_input_grad if len(self) else True
+
+    @needs_input_grad.setter
+    def needs_input_grad(self, needed):
+        if len(self):
+            self[0].needs_input_grad = needed
 
     def steps(self):
         """The layers as the active kernels run them: fused groups with the compiled ones."""
@@ -201,3 +236,26 @@ class Sequential(Module):
     def step(self, optimizer):
         for m in self:
             m.step(optimizer)
+
+
+class Residual(Module):
+    """y = body(x) + shortcut(x), the shortcut being the identity when None (He et al.'s residual
+    connection). `body` and `shortcut` are modules, usually Sequentials, whose outputs have one
+    shape: a body that changes the shape (a strided convolution, more channels) needs a shortcut
+    that changes it alike (a strided 1x1 Conv2d and a BatchNorm2d, say). Backward adds the input
+    gradients of the two paths."""
+
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        self.body, self.shortcut = body, shortcut
+
+    def forward(self, x):
+        y = self.body.forward(x)
+        skip = x if self.shortcut is None else self.shortcut.forward(x)
+        if y.shape != skip.shape:   # NumPy would broadcast some mismatches without a word
+            raise ValueError(f"Residual: the body gives {y.shape}, the shortcut {skip.shape}")
+        return y + skip
+
+    def backward(self, grad_y):
+        skip = grad_y if self.shortcut is None else self.shortcut.backward(grad_y)
+        return self.body.backward(grad_y) + skip
