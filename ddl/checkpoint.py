@@ -1,10 +1,12 @@
 """Atomic HDF5 checkpoints: nested dicts of arrays and plain values, one group per dict.
 
-A checkpoint holds `model` (the state_dict), `optimizer`, `schedule`, `epoch`, `config`, `data`
-(what identifies the data set), `world_size` and the metrics `history`. The sampler and the dropout
-generators need no state of their own: both are derived from (seed, epoch, rank) at the start of
-each epoch, so (config.seed, epoch) is their state. The file carries its own marker attribute,
-`ddl_checkpoint` (the format version), so no other HDF5 file (a dataset) passes for one.
+A checkpoint holds `model` (the state_dict), `optimizer`, `schedule`, `epoch` (epochs done),
+`step` (steps done of the next epoch: a checkpoint taken mid-epoch), `partial` (that epoch's sums
+so far: `loss_sum`, `seconds`), `config`, `data` (what identifies the data set), `world_size` and
+the metrics `history`. The sampler and the dropout generators need no state of their own: both are
+derived from (seed, epoch, step, rank), so (config.seed, epoch, step) is their state. The file
+carries its own marker attribute, `ddl_checkpoint` (the format version), so no other HDF5 file (a
+dataset) passes for one. Format 1, from before checkpoints mid-epoch, reads as `step` 0.
 """
 import fcntl
 import io
@@ -19,8 +21,10 @@ from ddl.atomic import write_bytes
 from ddl.errors import CheckpointError
 
 MARKER = "ddl_checkpoint"
-FORMAT_VERSION = 1
-KEYS = ("model", "optimizer", "schedule", "epoch", "history", "config", "data", "world_size")
+FORMAT_VERSION = 2
+KEYS = ("model", "optimizer", "schedule", "epoch", "step", "partial", "history", "config", "data",
+        "world_size")
+_BEFORE_STEPS = dict(step=0, partial=dict(loss_sum=0.0, seconds=0.0))    # what format 1 lacks
 _RESERVED = ("__int_keys__", MARKER)
 
 
@@ -79,10 +83,10 @@ def load(path):
             if version is None:
                 what = "a dataset" if "train" in f else f"no '{MARKER}' attribute"
                 raise CheckpointError(f"{path}: not a ddl checkpoint ({what})")
-            if version != FORMAT_VERSION:
+            if version not in (1, FORMAT_VERSION):
                 raise CheckpointError(f"{path}: checkpoint format {version}, but this ddl reads "
-                                      f"format {FORMAT_VERSION}")
-            tree = _read(f)
+                                      f"formats 1 to {FORMAT_VERSION}")
+            tree = dict(_BEFORE_STEPS, **_read(f)) if version == 1 else _read(f)
     except CheckpointError:
         raise
     except Exception as e:      # whatever a damaged file makes h5py or json raise
