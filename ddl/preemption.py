@@ -27,8 +27,8 @@ class StopRequest:
         return self
 
     def _received(self, signum, _frame):
-        self.signum = self.signum or signum
-        self._restore()
+        self.signum = signum
+        self._restore()                 # the next signal gets the usual treatment
 
     def _restore(self):
         for s, handler in self._previous.items():

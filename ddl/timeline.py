@@ -80,18 +80,17 @@ def trace(ranks, first_step):
                         args=dict(name=f"rank {rank} ({host}, pid {pid})")),
                    dict(ph="M", name="thread_sort_index", pid=0, tid=rank,
                         args=dict(sort_index=rank))]
-        step, phases = first_step, []     # the phases of the step under way
+        step, begun, phases = first_step, None, []    # the step under way: data ... optimizer
         for index, start, end in laps.tolist():
             kind = KINDS[int(index)]
-            if kind == "data" or phases:
-                phases.append(_slice(kind, GROUPS[kind], rank, start, end))
-            else:
-                events.append(_slice(kind, GROUPS[kind], rank, start, end))
-            if kind == "optimizer":         # a step: data ... optimizer, its slice first
+            if kind == "data":
+                begun = start
+            (phases if begun is not None else events).append(
+                _slice(kind, GROUPS[kind], rank, start, end))
+            if kind == "optimizer":                       # the step's slice, then its phases
                 step += 1
-                events.append(_slice(f"step {step:,}", "step", rank, phases[0]["ts"] / 1e6, end))
-                events += phases
-                phases = []
+                events += [_slice(f"step {step:,}", "step", rank, begun, end)] + phases
+                begun, phases = None, []
         events += phases
     return dict(traceEvents=events, displayTimeUnit="ms")
 

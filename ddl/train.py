@@ -448,10 +448,9 @@ def _train(cfg, comm, on_epoch_end):
                 elapsed = time.perf_counter() - started
                 log.progress(epoch + 1, cfg.epochs, step, steps, loss,
                              (step - begin) * cfg.batch_size / elapsed)
+                due = due or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                 # The epoch's own checkpoint follows its last step within seconds.
-                due = due or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0
-                              and step < steps)
-                if cfg.checkpoint and (stopping or due):
+                if cfg.checkpoint and (stopping or (due and step < steps)):
                     save(epoch, step, dict(loss_sum=loss_sum, seconds=before + elapsed))
                     saved, last_save = _position(epoch, step), time.monotonic()
                     timeline.lap("checkpoint")

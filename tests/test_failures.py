@@ -225,3 +225,19 @@ def test_resume_with_no_checkpoint_yet_starts_afresh(small_h5, tmp_path, capfd):
     history, _ = run(cfg)
     assert "no checkpoint" in capfd.readouterr().err and len(history) == 1
     assert checkpoint.load(tmp_path / "c.h5")["epoch"] == 1
+
+
+@pytest.mark.parametrize("options, saved", [
+    (dict(checkpoint_every=3), [(0, 3), (1, 0), (1, 2), (2, 0)]),        # steps 3 and 6 of 8
+    (dict(checkpoint_seconds=1e-9), [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3),
+                                     (2, 0)]),
+])
+def test_checkpoints_during_an_epoch(options, saved, small_h5, tmp_path, monkeypatch):
+    """Every N steps of the run, or when the time has come; the epoch's last step is saved by
+    the epoch's own checkpoint."""
+    positions, save = [], checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, tree: (
+        positions.append((tree["epoch"], tree["step"])), save(path, tree)))
+    run(Config(data=str(small_h5), model="mlp", subset=256, batch_size=64, epochs=2, quiet=True,
+               checkpoint=str(tmp_path / "c.h5"), **options))
+    assert positions == saved
