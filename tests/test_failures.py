@@ -41,17 +41,12 @@ def wait_for(condition, proc, timeout=60):
         time.sleep(0.05)
 
 
-def ranks_of(folder, n):
-    """{rank: pid} of the n ranks of the job whose command line names `folder`."""
+def ranks_of(folder, n, proc):
+    """{rank: pid} of the n ranks of `proc`'s job, whose command line names `folder`."""
     found = {}
     wait_for(lambda: found.update({r: p for p, r in processes(str(folder)).items()
-                                   if r is not None}) or len(found) == n, _Running())
+                                   if r is not None}) or len(found) == n, proc)
     return found
-
-
-class _Running:
-    def poll(self):
-        return None
 
 
 @pytest.fixture
@@ -145,7 +140,7 @@ def test_a_killed_rank_is_restarted_from_the_checkpoint(uninterrupted, mnist_h5,
     proc = start(["launch", "-n", "2", "--max-restarts", "2", "--",
                   *train_args(mnist_h5, tmp_path / "c.h5")])
     wait_for(lambda: (tmp_path / "c.h5").exists(), proc)
-    os.kill(ranks_of(tmp_path, 2)[1], signal.SIGKILL)
+    os.kill(ranks_of(tmp_path, 2, proc)[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert err.count("ddl launch: the job failed (exit status") == 1, err
@@ -185,7 +180,7 @@ def test_a_stopped_rank_is_named_within_the_timeout(mnist_h5, tmp_path, reaper):
     proc = start(["launch", "-n", "4", "--", *train_args(mnist_h5, tmp_path / "c.h5",
                                                          "--epochs", "50", "--timeout", "10")])
     wait_for(lambda: (tmp_path / "c.h5").exists(), proc)
-    ranks = ranks_of(tmp_path, 4)
+    ranks = ranks_of(tmp_path, 4, proc)
     os.kill(ranks[3], signal.SIGSTOP)
     stopped = time.monotonic()
     time.sleep(1)
