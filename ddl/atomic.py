@@ -1,8 +1,9 @@
 """Output files that never clobber an input or each other, and appear whole or not at all: write to
-a temporary name, flush it to the disk, then rename it into place."""
+a temporary name, flush it to the disk, rename it into place, flush the folder."""
 import contextlib
 import io
 import os
+import re
 
 from ddl.errors import OutputError, UsageError
 
@@ -18,6 +19,7 @@ def replacing(path):
     try:
         yield tmp
         os.replace(tmp, path)
+        _sync_folder(path)
     except OSError as e:
         kept = "; the previous file is kept" if os.path.exists(path) else ""
         reason = e.strerror or " ".join(str(e).split())
@@ -113,6 +115,42 @@ def streaming(path):
         yield sink
         sink.check()
         os.fsync(f.fileno())
+
+
+def _sync_folder(path):
+    """Flush the folder of `path` to the disk, and with it the rename into that folder: until
+    then a power cut may bring the previous file back, or neither."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(path):
+    """Remove the temporary files of `path` that a process killed mid-write left behind
+    (`PATH.PID.tmp`, see `replacing`), those of processes no longer running here. Returns their
+    names."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.tmp")
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        found = pattern.fullmatch(entry)
+        if found and not _running(int(found[1])):
+            with contextlib.suppress(FileNotFoundError):    # another job's cleanup got there first
+                os.remove(os.path.join(folder, entry))
+                removed.append(entry)
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # another user's process
+        pass
+    return True
 
 
 def same_file(a, b):

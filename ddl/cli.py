@@ -32,9 +32,10 @@ def _job(comm, fn):
     except DDLError as e:
         if e.everywhere or comm.size == 1:  # every rank stops together: a clean exit
             if comm.rank == 0:
-                click.echo(f"Error: {e}", err=True)
+                click.echo(f"{e.prefix}{e}", err=True)
             sys.exit(e.status)
-        click.echo(f"Error: rank {comm.rank}: {e}", err=True)
+        who = "" if e.names_ranks else f"rank {comm.rank}: "
+        click.echo(f"{e.prefix}{who}{e}", err=True)
         comm.abort(e.status)
     except KeyboardInterrupt:
         if comm.size > 1:
@@ -100,13 +101,25 @@ def cli():
 @click.option("--flip", is_flag=True, help="Augmentation: mirror half the training images left "
                                            "to right (not for digits or text).")
 @click.option("--checkpoint", default="",
-              help="Write a checkpoint here after every epoch (an existing one needs --resume or "
-                   "--overwrite).")
-@click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint.")
+              help="Write a checkpoint here after every epoch, and where SIGTERM or Ctrl-C stops "
+                   "the run (an existing one needs --resume or --overwrite).")
+@click.option("--checkpoint-every", type=int, default=0,
+              help="Also write it every N steps (0: at epoch ends only).")
+@click.option("--checkpoint-seconds", type=float, default=0.0,
+              help="Also write it when this many seconds have passed since the last time.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run saved in --checkpoint (none yet: start afresh).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing checkpoint, metrics file or plot with a new run's.")
+              help="Replace an existing checkpoint, metrics file, plot or timeline with a new "
+                   "run's.")
 @click.option("--metrics", default="", help="Write per-epoch metrics here (JSON lines).")
 @click.option("--plot", default="", help="Write loss and accuracy curves here (PNG, PDF, ...).")
+@click.option("--timeline", default="",
+              help="Write every rank's phases here as a Chrome trace (Perfetto, "
+                   "chrome://tracing), and print where each rank's time went.")
+@click.option("--timeout", type=float, default=RECIPE.timeout, show_default=True,
+              help="Seconds a rank may wait for the others in a collective before the job ends "
+                   "naming those that did not arrive (0: wait for ever).")
 @click.option("--threads", type=click.IntRange(min=0), default=0,
               help="BLAS threads per rank (0: auto).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
@@ -125,11 +138,14 @@ def train(threads, **options):
 @click.option("--hostfile", type=click.Path(exists=True, dir_okay=False, readable=True),
               help="Hosts to spread the ranks over (mpiexec's hostfile format).")
 @click.option("--mpiexec", default=None, help="The mpiexec to use (default: the project's).")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0,
+              help="Run `train ... --checkpoint PATH` again from its checkpoint when it fails, "
+                   "up to N times.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
-def launch(nprocs, hostfile, mpiexec, args):
+def launch(nprocs, hostfile, mpiexec, max_restarts, args):
     """Run `ddl ARGS...` on N ranks through mpiexec, e.g. `ddl launch -n 4 -- train`."""
     from ddl.launch import launch as run_launch
-    sys.exit(run_launch(nprocs, args, mpiexec, hostfile))
+    sys.exit(run_launch(nprocs, args, mpiexec, hostfile, max_restarts))
 
 
 @cli.command()
@@ -245,7 +261,7 @@ def main(argv=None):
         code = e.exit_code
     except DDLError as e:   # raised before any collective, so by every rank alike: say it once
         if launched_rank() == 0:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"{e.prefix}{e}", err=True)
         code = e.status
     sys.exit(code or 0)
 

@@ -4,10 +4,16 @@ The training loop is written once against this interface; plain `ddl train` gets
 never initialises MPI. Array verbs work in place on contiguous NumPy buffers; the `_obj` verbs
 pickle.
 """
+import functools
+import operator
 import os
+import pickle
 import sys
 
+import numpy as np
+
 from ddl.errors import MPIUnavailable
+from ddl.watchdog import DEFAULT_TIMEOUT, Watchdog
 
 # Launchers export one of these to every rank; their presence (with a size > 1) is the only signal
 # we need, so a plain `ddl train` never pays for MPI_Init. Slurm's are the job step's: a batch
@@ -108,29 +114,40 @@ def choose_mpi_library():
 
 
 class SingleCommunicator:
-    """A world of one: every collective is the identity, so debug mode costs nothing."""
+    """A world of one: every collective is the identity, so debug mode costs nothing.
+
+    Both communicators carry `timeout` (seconds a rank may wait in a collective before the job
+    ends: ddl/watchdog.py; 0 waits for ever) and `where` (where the job is, e.g. "of step 1,204",
+    for that error's message); the verbs take `what`, the collective's name in it."""
 
     rank, size = 0, 1
+    where = ""
 
-    def allreduce(self, buf, op="sum"):
+    def __init__(self, timeout=DEFAULT_TIMEOUT):
+        self.timeout = timeout
+
+    def allreduce(self, buf, op="sum", what="all-reduce"):
         return buf
 
-    def iallreduce(self, buf, op="sum"):
+    def iallreduce(self, buf, op="sum", what="all-reduce"):
         return _Done()
 
-    def bcast(self, buf, root=0):
+    def bcast(self, buf, root=0, what="broadcast"):
         return buf
 
-    def barrier(self):
+    def barrier(self, what="barrier", at_least=0.0):
         pass
 
-    def allreduce_obj(self, obj, op="sum"):
+    def allreduce_obj(self, obj, op="sum", what="all-reduce"):
         return obj
 
-    def bcast_obj(self, obj, root=0):
+    def bcast_obj(self, obj, root=0, what="broadcast"):
         return obj
 
-    def allgather_obj(self, obj):
+    def allgather_obj(self, obj, what="all-gather"):
+        return [obj]
+
+    def gather_obj(self, obj, root=0, what="gather"):
         return [obj]
 
     def abort(self, code=1):
@@ -143,10 +160,27 @@ class _Done:
         pass
 
 
-class MPICommunicator:
-    """COMM_WORLD through mpi4py; array verbs use the buffer interface (no pickling)."""
+class _Pending:
+    """A started collective; `wait()` finishes it under the watchdog."""
 
-    def __init__(self):
+    def __init__(self, request, watchdog, what):
+        self.request, self.watchdog, self.what = request, watchdog, what
+
+    def wait(self):
+        self.watchdog.wait(self.request, self.what)
+
+
+_REDUCE = {"sum": operator.add, "max": max, "min": min}
+
+
+class MPICommunicator:
+    """COMM_WORLD through mpi4py; array verbs use the buffer interface (no pickling). Every verb
+    is a nonblocking collective finished by the watchdog (ddl/watchdog.py), so a rank that waits
+    neither spins on a core nor waits for ever."""
+
+    where = ""
+
+    def __init__(self, timeout=DEFAULT_TIMEOUT):
         choose_mpi_library()
         if oversubscribed():
             for var, value in _YIELD_WHEN_IDLE.items():
@@ -159,31 +193,62 @@ class MPICommunicator:
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.timeout = timeout
+        self.watchdog = Watchdog(MPI, self.comm, self)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
-    def allreduce(self, buf, op="sum"):
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+    def allreduce(self, buf, op="sum", what="all-reduce"):
+        self.iallreduce(buf, op, what).wait()
         return buf
 
-    def iallreduce(self, buf, op="sum"):
+    def iallreduce(self, buf, op="sum", what="all-reduce"):
         """Start an in-place all-reduce; call `.wait()` on the result before reading `buf`."""
-        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+        return _Pending(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op]),
+                        self.watchdog, what)
 
-    def bcast(self, buf, root=0):
-        self.comm.Bcast(buf, root=root)
+    def bcast(self, buf, root=0, what="broadcast"):
+        self.watchdog.wait(self.comm.Ibcast(buf, root=root), what)
         return buf
 
-    def barrier(self):
-        self.comm.Barrier()
+    def barrier(self, what="barrier", at_least=0.0):
+        """`at_least`: seconds this barrier may take whatever the timeout, for a wait on work of
+        unknown length (rank 0 compiling the kernels)."""
+        self.watchdog.wait(self.comm.Ibarrier(), what, at_least)
 
-    def allreduce_obj(self, obj, op="sum"):
-        return self.comm.allreduce(obj, op=self._ops[op])
+    def allreduce_obj(self, obj, op="sum", what="all-reduce"):
+        return functools.reduce(_REDUCE[op], self.allgather_obj(obj, what))
 
-    def bcast_obj(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+    def bcast_obj(self, obj, root=0, what="broadcast"):
+        data = _pickled(obj) if self.rank == root else None
+        size = self.bcast(np.array([0 if data is None else data.size], np.int64), root, what)
+        if data is None:
+            data = np.empty(size[0], np.uint8)
+        self.bcast(data, root, what)
+        return obj if self.rank == root else pickle.loads(data)
 
-    def allgather_obj(self, obj):
-        return self.comm.allgather(obj)
+    def allgather_obj(self, obj, what="all-gather"):
+        return self._gather(obj, None, what)
+
+    def gather_obj(self, obj, root=0, what="gather"):
+        """Every rank's `obj`, in rank order, on `root`; None elsewhere."""
+        return self._gather(obj, root, what)
+
+    def _gather(self, obj, root, what):
+        """Pickles gathered on `root`, or on every rank when root is None: their sizes first."""
+        data = _pickled(obj)
+        sizes = np.zeros(self.size, np.int64)
+        mine = np.array([data.size], np.int64)
+        self.watchdog.wait(self.comm.Iallgather(mine, sizes) if root is None else
+                           self.comm.Igather(mine, sizes, root), what)
+        if root is not None and self.rank != root:
+            self.watchdog.wait(self.comm.Igatherv(data, None, root), what)
+            return None
+        out = np.empty(sizes.sum(), np.uint8)
+        spec = [out, (sizes, np.cumsum(sizes) - sizes), self.MPI.BYTE]
+        self.watchdog.wait(self.comm.Iallgatherv(data, spec) if root is None else
+                           self.comm.Igatherv(data, spec, root), what)
+        ends = np.cumsum(sizes)
+        return [pickle.loads(out[end - size:end]) for size, end in zip(sizes, ends)]
 
     def abort(self, code=1):
         sys.stdout.flush()
@@ -191,6 +256,10 @@ class MPICommunicator:
         self.comm.Abort(code)
 
 
-def world():
+def _pickled(obj):
+    return np.frombuffer(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), np.uint8)
+
+
+def world(timeout=DEFAULT_TIMEOUT):
     """The communicator for this process: MPI when a launcher started several ranks."""
-    return MPICommunicator() if launched_size() > 1 else SingleCommunicator()
+    return MPICommunicator(timeout) if launched_size() > 1 else SingleCommunicator(timeout)

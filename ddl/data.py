@@ -190,25 +190,28 @@ class DistributedSampler:
         self.n, self.world_size, self.rank = n, world_size, rank
         self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch, start=0):
+        """Serve epoch `epoch` from its batch number `start` on (a run resumed mid-epoch): the
+        global batches, and so the trajectory, are those of an epoch served whole."""
+        self.epoch, self.start = int(epoch), int(start)
 
     def batches(self):
-        """This rank's batches for the current epoch: a list of row-index arrays, in order."""
+        """This rank's batches for the current epoch from `start` on: a list of row-index arrays,
+        in order (len(self) - start of them)."""
         order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
                  if self.shuffle else np.arange(self.n))
         b = self.local_batch_size
         if self.drop_last:
             steps = self.n // self.batch_size
             grid = order[:steps * self.batch_size].reshape(steps, self.world_size, b)
-            return list(grid[:, self.rank])
+            return list(grid[self.start:, self.rank])
         mine = np.array_split(order, self.world_size)[self.rank]
-        return [mine[i:i + b] for i in range(0, len(mine), b)]
+        return [mine[i:i + b] for i in range(0, len(mine), b)][self.start:]
 
     def indices(self):
-        """This rank's whole shard for the current epoch, (len(self) * b,) in batch order."""
+        """This rank's shard of the current epoch from `start` on, in batch order."""
         return np.concatenate(self.batches() or [np.empty(0, np.int64)])
 
     def __len__(self):
@@ -241,8 +244,8 @@ class Loader:
     def __len__(self):
         return len(self.sampler)
 
-    def set_epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch, start)
 
     def __iter__(self):
         batches = self._epoch(self.sampler.batches())  # fix the epoch now, not when first consumed

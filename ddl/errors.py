@@ -6,8 +6,12 @@ traceback.
 
 class DDLError(Exception):
     """An error the user can fix. `everywhere`: raised on every rank of the job at once (through
-    `train.agree`, or from numbers every rank shares), so the job can end without MPI_Abort."""
+    `train.agree`, or from numbers every rank shares), so the job can end without MPI_Abort.
+    `prefix` starts the line the CLI prints; `names_ranks`: the message already says which ranks
+    it is about, so the CLI does not prefix the rank that raised it."""
     status = 1
+    prefix = "Error: "
+    names_ranks = False
 
     def __init__(self, message, everywhere=False):
         super().__init__(message)
@@ -54,3 +58,20 @@ class OutputError(DDLError):
     """An output file could not be written (a full disk, a quota, a vanished folder); the
     previous version of the file is kept."""
     status = 4
+
+
+class Hung(DDLError):
+    """A rank did not reach a collective within --timeout (stopped, deadlocked, stuck in I/O):
+    raised on one rank that waited, which ends the whole job."""
+    status = 5
+    names_ranks = True
+
+
+class Stopped(DDLError):
+    """SIGTERM or SIGINT stopped the run after a step that every rank finished (and saved, with
+    --checkpoint). Its status is the shell's for that signal, 128 + N."""
+    prefix = ""
+
+    def __init__(self, signum, message):
+        super().__init__(message, everywhere=True)
+        self.status = 128 + signum

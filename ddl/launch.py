@@ -1,9 +1,16 @@
-"""`ddl launch`: find an mpiexec, start `python -m ddl ...` on N ranks, forward signals.
+"""`ddl launch`: find an mpiexec, start `python -m ddl ...` on N ranks, own the job, restart it.
 
 The mpich wheel puts `mpiexec` beside this interpreter, so a fresh venv needs no system MPI;
 a system mpiexec on PATH (or one given with --mpiexec) works too, Hydra's or Open MPI's, each
 spoken to in its own dialect. Inside a Slurm allocation the ranks go through srun.
+
+The job dies with `ddl launch`, however that dies: the launcher runs in a process group of its
+own, which `ddl launch` kills on its way out, and with a parent-death signal (Linux), which the
+kernel sends when `ddl launch` is killed outright; mpiexec's own process managers then end the
+ranks. SIGINT, SIGTERM and SIGHUP reach the ranks as SIGTERM, which stops training after the
+current step with a checkpoint; a second signal kills the job at once.
 """
+import ctypes
 import os
 import re
 import shutil
@@ -141,24 +148,88 @@ def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None):
     return cmd + program
 
 
-def launch(nprocs, args, mpiexec=None, hostfile=None):
+# After these statuses running the job again cannot help: success, a usage error, a run that
+# diverged (it would again, from the same checkpoint), an output that cannot be written, and a
+# stop by a signal (the user's or the scheduler's decision, not a failure).
+_FINAL = {0, 2, 3, 4} | {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
     """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status, 128+N when it ended on
-    signal N, or on the signal N that was forwarded to it (srun reports such a job as killed)."""
+    signal N, or on the signal N that was forwarded to it (srun reports such a job as killed).
+    With `max_restarts`, `ARGS` must be `train ... --checkpoint PATH`: a job that fails is run
+    again with --resume, up to that many times."""
+    args = list(args)
+    path = _checkpoint_of(args)
+    if max_restarts and not (args[:1] == ["train"] and path):
+        raise LaunchError("--max-restarts needs `train ... --checkpoint PATH`: a failed job "
+                          "restarts from its checkpoint")
+    for restart in range(max_restarts + 1):
+        code, stopped = _run(nprocs, args, mpiexec, hostfile)
+        if stopped or code in _FINAL:
+            return code
+        if restart < max_restarts:
+            print(f"ddl launch: the job failed (exit status {code}); restarting it from {path} "
+                  f"(restart {restart + 1} of {max_restarts})", file=sys.stderr, flush=True)
+            args = [a for a in args if a != "--overwrite"] + ["--resume"] * ("--resume" not in args)
+    if max_restarts:
+        print(f"ddl launch: the job failed {max_restarts + 1} times; giving up", file=sys.stderr)
+    return code
+
+
+def _run(nprocs, args, mpiexec, hostfile):
+    """Run the job once; returns (its exit status as `launch` gives it, whether a signal was
+    forwarded to it)."""
     forwarded = []
     with tempfile.TemporaryDirectory(prefix="ddl-launch-") as workdir:
-        proc = subprocess.Popen(command(nprocs, args, mpiexec, hostfile, workdir),
-                                env=rank_env())
+        cmd = command(nprocs, args, mpiexec, hostfile, workdir)
+        # No standard input: a launcher in a background process group that reads the terminal
+        # would be stopped (SIGTTIN), and no rank reads it.
+        proc = subprocess.Popen(cmd, env=rank_env(), stdin=subprocess.DEVNULL,
+                                preexec_fn=_owned_by(os.getpid()))
 
         def forward(signum, _frame):
             forwarded.append(signum)
-            proc.send_signal(signum)
+            if len(forwarded) == 1:
+                proc.send_signal(signal.SIGTERM)
+            else:
+                proc.kill()
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
         try:
             code = proc.wait()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if proc.poll() is None:             # this process is on its way out
+                os.killpg(proc.pid, signal.SIGKILL)
     if code and forwarded:
-        return 128 + forwarded[0]
-    return 128 - code if code < 0 else code
+        return 128 + forwarded[0], True
+    return (128 - code if code < 0 else code), bool(forwarded)
+
+
+def _owned_by(parent):
+    """What the launcher's child runs before exec: a process group of its own (one kill ends it
+    and its helpers, and the terminal's Ctrl-C goes to `ddl launch` alone), and on Linux SIGKILL
+    when `parent` dies, even by SIGKILL."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def own():
+        os.setpgid(0, 0)
+        if prctl:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:          # it died before the signal was asked for
+                os._exit(1)
+    return own
+
+
+def _checkpoint_of(args):
+    """The PATH of `--checkpoint PATH` (or `--checkpoint=PATH`) in `args`, or None."""
+    for i, arg in enumerate(args):
+        if arg == "--checkpoint" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--checkpoint="):
+            return arg.split("=", 1)[1]
+    return None

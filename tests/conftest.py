@@ -169,3 +169,21 @@ def run_ddl(args, timeout=120, n=None):
         return run_mpi(n, ["-m", "ddl", *args], timeout=timeout)
     return subprocess.run([sys.executable, "-m", "ddl", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=rank_env(), stdin=subprocess.DEVNULL)
+
+
+
+def processes(token):
+    """{pid: rank, or None for mpiexec and its helpers} of the running processes whose command
+    line holds `token` (a test's own folder, say). Hydra puts each rank in a session of its own;
+    its rank is in its environment (PMI_RANK)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if token not in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            env = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:                       # not a process, or one that just ended
+            continue
+        ranks = [int(v.split("=", 1)[1]) for v in env if v.startswith("PMI_RANK=")]
+        found[int(entry.name)] = ranks[0] if ranks else None
+    return found

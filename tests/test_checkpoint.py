@@ -1,5 +1,9 @@
 """HDF5 checkpoints: nested trees round-trip, a failed write keeps the previous file, every bad
 file is one line naming it, and the lock keeps a second job out."""
+import os
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -18,7 +22,8 @@ def tree():
         p.grad[...] = 1
     opt.step()
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), schedule={"last_epoch": 3},
-                epoch=3, history=[{"epoch": 1, "test_accuracy": 0.5}], config={"model": "mlp"},
+                epoch=3, step=7, partial={"loss_sum": 1.5, "seconds": 0.25},
+                history=[{"epoch": 1, "test_accuracy": 0.5}], config={"model": "mlp"},
                 architecture={"model": "mlp", "in_shape": [1, 28, 28], "num_classes": 10},
                 data={"train": 60000}, world_size=2)
 
@@ -27,7 +32,8 @@ def test_round_trip(tmp_path):
     saved = tree()
     checkpoint.save(tmp_path / "c.h5", saved)
     got = checkpoint.load(tmp_path / "c.h5")
-    assert got["epoch"] == 3 and got["history"] == saved["history"]
+    assert got["epoch"] == 3 and got["step"] == 7 and got["partial"] == saved["partial"]
+    assert got["history"] == saved["history"]
     assert got["config"] == {"model": "mlp"} and got["world_size"] == 2
     assert got["architecture"] == saved["architecture"]
     for k, v in saved["model"].items():
@@ -36,20 +42,6 @@ def test_round_trip(tmp_path):
     fresh = SGD(build("mlp", *MNIST, seed=1).parameters(), lr=0.5)
     fresh.load_state_dict(got["optimizer"])
     assert fresh.momentum == 0.9 and fresh.lr == 0.1
-
-
-def test_format_1_reads_as_an_mnist_model(tmp_path, monkeypatch):
-    """Checkpoints from before ddl took other images: the model took MNIST's, and the data's
-    statistics were one number each."""
-    old = tree()
-    del old["architecture"]
-    old["data"] = {"train": 60000, "test": 10000, "classes": 10, "mean": 0.13, "std": 0.31}
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
-    checkpoint.save(tmp_path / "c.h5", old)
-    monkeypatch.undo()
-    got = checkpoint.load(tmp_path / "c.h5")
-    assert got["architecture"] == {"model": "mlp", "in_shape": [1, 28, 28], "num_classes": 10}
-    assert got["data"] == dict(old["data"], mean=[0.13], std=[0.31], shape=[1, 28, 28])
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -63,6 +55,36 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         checkpoint.save(path, {"epoch": 4})
     assert checkpoint.load(path)["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]          # no temporary left behind
+
+
+def test_format_1_reads_as_an_mnist_model_at_the_start_of_an_epoch(tmp_path, monkeypatch):
+    """Checkpoints from before ddl took other images and checkpointed mid-epoch: the model took
+    MNIST's images, the data's statistics were one number each, and there was no step and no
+    partial sums."""
+    old = tree()
+    del old["architecture"], old["step"], old["partial"]
+    old["data"] = {"train": 60000, "test": 10000, "classes": 10, "mean": 0.13, "std": 0.31}
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    checkpoint.save(tmp_path / "c.h5", old)
+    monkeypatch.undo()
+    got = checkpoint.load(tmp_path / "c.h5")
+    assert got["architecture"] == {"model": "mlp", "in_shape": [1, 28, 28], "num_classes": 10}
+    assert got["data"] == dict(old["data"], mean=[0.13], std=[0.31], shape=[1, 28, 28])
+    assert got["epoch"] == 3 and got["step"] == 0 and got["partial"]["loss_sum"] == 0
+
+
+def test_leftovers_of_a_killed_write_are_removed(tmp_path):
+    """A write killed between creating its temporary file and the rename leaves PATH.PID.tmp;
+    the next job removes it, but not one of a process that still runs (a write under way)."""
+    from ddl.atomic import remove_leftovers
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"c.h5.{dead.pid}.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / f"c.h5.{os.getpid()}.tmp").write_bytes(b"being written")
+    (tmp_path / "c.h5.backup.tmp").write_bytes(b"the user's")
+    assert remove_leftovers(tmp_path / "c.h5") == [f"c.h5.{dead.pid}.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"c.h5.{os.getpid()}.tmp", "c.h5.backup.tmp"])
 
 
 def test_a_vanished_folder_is_one_line(tmp_path):
@@ -91,8 +113,8 @@ BAD = {
                   "not a ddl checkpoint (no 'ddl_checkpoint' attribute)"),
     "newer": (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__(checkpoint.MARKER, 9)),
               "checkpoint format 9, but this ddl reads formats 1 and 2"),
-    "no architecture": (lambda p: _rewrite(p, lambda f: f.__delitem__("architecture")),
-                        "damaged checkpoint (no architecture)"),
+    "no architecture": (lambda p: _rewrite(p, lambda f: f.attrs.__delitem__("architecture")),
+                        "damaged checkpoint (no architecture)"),     # plain values: one attribute
     "no optimizer": (lambda p: _rewrite(p, lambda f: f.__delitem__("optimizer")),
                      "damaged checkpoint (no optimizer)"),
     "bad json": (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__("epoch", "{")),

@@ -85,7 +85,13 @@ def train(*args):
     (["--checkpoint", "c.h5", "--resume", "--overwrite"], ["choose one"]),
     (["--data", "nope.h5"], ["nope.h5: no such file"]),
     (["--data", "m.jsonl"], ["m.jsonl: not an HDF5 file"]),
-    (["--checkpoint", "new.h5", "--resume"], ["new.h5: checkpoint not found"]),
+    (["--checkpoint-every", "-1", "--checkpoint", "x.h5"], ["--checkpoint-every must be at least"]),
+    (["--checkpoint-every", "5"], ["--checkpoint-every needs --checkpoint PATH"]),
+    (["--checkpoint-seconds", "60"], ["--checkpoint-seconds needs --checkpoint PATH"]),
+    (["--checkpoint-seconds", "inf", "--checkpoint", "x.h5"], ["--checkpoint-seconds", "got inf"]),
+    (["--timeout", "-1"], ["--timeout must be a finite number >= 0, got -1.0"]),
+    (["--timeout", "nan"], ["--timeout", "got nan"]),
+    (["--timeline", "data.h5"], ["--timeline data.h5 is the same file as --data"]),
 ])
 def test_bad_options(args, words, ddl, work):
     with untouched(work):
@@ -124,7 +130,7 @@ def test_overwrite_starts_afresh(ddl, work):
     (["--batch-size", "32"], ["--batch-size (64 -> 32)"]),
     (["--subset", "128"], ["--subset (256 -> 128)"]),
     (["--data", "other.h5"], ["--data (another data set than"]),
-    (["--epochs", "1"], ["c.h5 has already trained 2 epochs: --epochs must be at least that"]),
+    (["--epochs", "1"], ["c.h5 has already trained 2 epochs: --epochs must be at least 2"]),
 ])
 def test_resume_refuses_what_it_cannot_change(args, words, ddl, work):
     with h5py.File(work / "other.h5", "w") as f, h5py.File(work / "data.h5") as src:

@@ -57,8 +57,13 @@ def warm(comm=None):
         return 0.0
     from ddl.kernels import jit
     if comm is not None and comm.rank != 0:
-        comm.barrier()
+        comm.barrier(what="barrier after rank 0's kernel compile", at_least=COMPILING)
     seconds = jit.warm()
     if comm is not None and comm.rank == 0:
-        comm.barrier()
+        comm.barrier(what="barrier after rank 0's kernel compile", at_least=COMPILING)
     return seconds
+
+
+# Seconds the ranks may wait for one another's compile whatever --timeout says: a cold compile took
+# 15 s here, and a slower or busier machine may take minutes; --timeout is for ranks that hang.
+COMPILING = 600.0

@@ -1,0 +1,133 @@
+"""Waiting in a collective: promptly while the others are arriving, asleep while they are not, and
+never for ever.
+
+Every collective of `ddl.comm.MPICommunicator` starts nonblocking and ends in `Watchdog.wait`.
+MPICH moves a nonblocking collective on only inside MPI calls, and a transfer takes several rounds
+once the last rank is there, so a wait first polls, yielding the core between polls, for up to
+SPIN seconds: in training the ranks arrive within a few milliseconds of each other, and nearly
+every wait ends there, as fast as MPI's blocking call (measured in docs/benchmarks.md). A longer
+wait sleeps between polls, a twentieth of the time waited so far (NAP_MIN to NAP_MAX), and polls
+again for RESPIN seconds after each sleep, so a rank waiting for a hung one costs no core, and a
+transfer that starts while it sleeps still runs its rounds without a sleep between each.
+
+After `timeout` seconds the rank asks every other rank, on a communicator of its own, how many
+collectives it has entered; a rank answers from within its own waits. Those that do not answer
+within GRACE seconds, or answer from an earlier collective, did not arrive. The lowest rank among
+those that did raises Hung naming the others, which ends the job; the rest keep waiting (and
+answering) until it does.
+"""
+import os
+import time
+
+import numpy as np
+
+from ddl.errors import Hung
+
+DEFAULT_TIMEOUT = 300.0
+SPIN = 0.02
+RESPIN = 0.0002
+NAP_MIN, NAP_MAX = 0.0002, 0.05
+GRACE = 0.5
+_QUERY, _ANSWER = 1, 2
+
+
+class Watchdog:
+    """Waits on the requests of the collectives of `owner` (an MPICommunicator, whose `timeout`
+    and `where` it reads when it needs them) over `comm`, an mpi4py communicator."""
+
+    def __init__(self, MPI, comm, owner):
+        self.MPI, self.owner = MPI, owner
+        self.comm = comm.Dup()             # its messages never meet the job's
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.entered = 0                   # collectives this rank has started
+        self.what = ""
+        self._sends = []                   # (request, buffer) of answers and questions in flight
+
+    def wait(self, request, what, at_least=0.0):
+        """Return when `request` (this rank's part of the collective `what`, a noun phrase such
+        as "gradient all-reduce") has completed. Raises Hung when it has waited longer than the
+        owner's timeout (0: never), or `at_least` seconds if that is longer, and the ranks that
+        did not arrive are known."""
+        self.entered += 1
+        self.what = what
+        if request.Test():
+            return
+        started = time.perf_counter()
+        until = started + SPIN
+        while time.perf_counter() < until:
+            if request.Test():
+                return
+            os.sched_yield()
+        self._sleep_until_done(request, started, self.owner.timeout and
+                               max(self.owner.timeout, at_least))
+
+    def _sleep_until_done(self, request, started, timeout):
+        verdict, give_up = None, None
+        while True:
+            now = time.perf_counter()
+            self._answer()
+            if timeout and verdict is None and now - started > timeout:
+                verdict = self._ask(request)
+                if verdict is None:        # it completed while the others answered
+                    return
+                missing, reporter = verdict
+                if reporter == self.rank:
+                    raise Hung(self._message(missing, timeout))
+                # The reporter ends the job; should it fail to, this rank does.
+                give_up = now + 3 * GRACE
+            if give_up and now > give_up:
+                raise Hung(self._message(verdict[0], timeout))
+            time.sleep(min(NAP_MAX, max(NAP_MIN, (now - started) / 20)))
+            until = time.perf_counter() + RESPIN
+            while True:
+                if request.Test():
+                    return
+                if time.perf_counter() > until:
+                    break
+                os.sched_yield()
+
+    def _send(self, value, dest, tag):
+        self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+        buf = np.array([value], np.int64)
+        self._sends.append((self.comm.Isend(buf, dest, tag), buf))
+
+    def _answer(self):
+        """Tell each rank that asked how many collectives this rank has entered."""
+        status, scratch = self.MPI.Status(), np.empty(1, np.int64)
+        while self.comm.Iprobe(self.MPI.ANY_SOURCE, _QUERY, status):
+            asker = status.Get_source()
+            self.comm.Recv(scratch, asker, _QUERY)
+            self._send(self.entered, asker, _ANSWER)
+
+    def _ask(self, request):
+        """Ask every other rank where it is. Returns None if `request` completed meanwhile, else
+        (the ranks that did not arrive, the lowest rank that did)."""
+        for r in range(self.size):
+            if r != self.rank:
+                self._send(self.entered, r, _QUERY)
+        heard = {self.rank: self.entered}
+        status, answer = self.MPI.Status(), np.empty(1, np.int64)
+        until = time.perf_counter() + GRACE
+        while len(heard) < self.size and time.perf_counter() < until:
+            if request.Test():
+                return None
+            self._answer()
+            while self.comm.Iprobe(self.MPI.ANY_SOURCE, _ANSWER, status):
+                source = status.Get_source()
+                self.comm.Recv(answer, source, _ANSWER)
+                # an answer to an earlier question may come first: the latest count wins
+                heard[source] = max(heard.get(source, -1), int(answer[0]))
+            time.sleep(0.005)
+        if request.Test():
+            return None
+        arrived = [r for r in range(self.size) if heard.get(r, -1) >= self.entered]
+        return [r for r in range(self.size) if r not in arrived], arrived[0]
+
+    def _message(self, missing, timeout):
+        where = self.owner.where
+        what = f"the {self.what}" + (f" {where}" if where else "")
+        if not missing:
+            return f"{what} did not complete within {timeout:g} s, though every rank reached it"
+        who = (f"rank {missing[0]}" if len(missing) == 1 else
+               f"ranks {', '.join(map(str, missing))}")
+        return f"{who} did not reach {what} within {timeout:g} s"
