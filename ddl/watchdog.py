@@ -12,9 +12,11 @@ transfer that starts while it sleeps still runs its rounds without a sleep betwe
 
 After `timeout` seconds the rank asks every other rank, on a communicator of its own, how many
 collectives it has entered; a rank answers from within its own waits. Those that do not answer
-within GRACE seconds, or answer from an earlier collective, did not arrive. The lowest rank among
-those that did raises Hung naming the others, which ends the job; the rest keep waiting (and
-answering) until it does.
+within GRACE seconds did not arrive. One that answers from an earlier collective is waiting there
+for them: a collective can complete on some ranks before others have their share (recursive
+doubling: a rank's partner sent its part, then stopped), so it is named only when every rank
+answered. The lowest rank that answered raises Hung, which ends the job; the rest keep waiting
+(and answering) until it does.
 """
 import os
 import time
@@ -101,7 +103,7 @@ class Watchdog:
 
     def _ask(self, request):
         """Ask every other rank where it is. Returns None if `request` completed meanwhile, else
-        (the ranks that did not arrive, the lowest rank that did)."""
+        (the ranks that did not arrive, the lowest rank that answered)."""
         for r in range(self.size):
             if r != self.rank:
                 self._send(self.entered, r, _QUERY)
@@ -120,8 +122,9 @@ class Watchdog:
             time.sleep(0.005)
         if request.Test():
             return None
-        arrived = [r for r in range(self.size) if heard.get(r, -1) >= self.entered]
-        return [r for r in range(self.size) if r not in arrived], arrived[0]
+        silent = [r for r in range(self.size) if r not in heard]
+        behind = [r for r, entered in sorted(heard.items()) if entered < self.entered]
+        return silent or behind, min(heard)
 
     def _message(self, missing, timeout):
         where = self.owner.where

@@ -126,6 +126,33 @@ def job_quota(comm, out, args):
     cli.main(["train", *args[1:]])
 
 
+def job_behind(comm, out, args):
+    """Ranks 0 and 1 finish a first wait and hang in a second; rank 2 hangs in its first, as a
+    rank does whose collective completed on the others but not on it; rank 3 makes no MPI call
+    for 10 s ("silent"), or hangs in its first wait too. The watchdog's verdict, timeout 1 s,
+    goes to rank{reporter}.txt."""
+    import time
+    from ddl.errors import Hung
+    MPI, raw, dog = comm.MPI, comm.comm, comm.watchdog
+    comm.timeout = 1
+    never = np.empty(1)
+    try:
+        if comm.rank < 2:
+            other = 1 - comm.rank
+            got = np.empty(1)
+            done = [raw.Isend(np.ones(1), other), raw.Irecv(got, other)]
+            MPI.Request.Waitall(done)
+            dog.wait(MPI.REQUEST_NULL, "first wait")
+            dog.wait(raw.Irecv(never, 3), "second wait")
+        elif comm.rank == 2 or args[0] != "silent":
+            dog.wait(raw.Irecv(never, 3 if comm.rank == 2 else 2), "first wait")
+        else:
+            time.sleep(10)
+    except Hung as e:
+        (out / f"rank{comm.rank}.txt").write_text(str(e))
+        comm.abort(5)
+
+
 if __name__ == "__main__":
     name, folder, *rest = sys.argv[1:]
     out = Path(folder)

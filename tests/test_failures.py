@@ -3,6 +3,7 @@ within the timeout, SIGTERM stops every rank after one step with a checkpoint th
 gives the uninterrupted run's weights bit for bit, a rank killed outright is restarted from the
 last checkpoint to the same weights, and a killed launcher leaves nothing running."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,9 +195,10 @@ def test_a_stopped_rank_is_named_within_the_timeout(mnist_h5, tmp_path, reaper):
     assert proc.returncode == 5, err
     assert took < 15, took
     errors = [line for line in err.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and errors[0].startswith(
-        "Error: rank 3 did not reach the gradient all-reduce of step "), err
-    assert errors[0].endswith(" within 10 s"), err
+    # Stopped at a checkpoint step, the others wait in the checkpoint write's collective instead.
+    assert len(errors) == 1 and re.fullmatch(
+        r"Error: rank 3 did not reach the (gradient all-reduce|checkpoint write) of step \d+"
+        r" within 10 s", errors[0]), err
 
 
 def test_dropout_masks_follow_the_step_not_the_history():

@@ -47,6 +47,16 @@ def test_divergence_is_detected(tmp_path):
         assert "diverged" in (tmp_path / f"rank{r}.txt").read_text()
 
 
+@pytest.mark.parametrize("rank3, named", [("silent", "rank 3"), ("waiting", "ranks 2, 3")])
+def test_the_watchdog_names_the_ranks_that_did_not_arrive(rank3, named, tmp_path):
+    """A rank that answers from an earlier collective waits there for a silent one, and is named
+    only when no rank is silent."""
+    done = run_mpi(4, [JOBS, "behind", tmp_path, rank3], timeout=60)
+    assert done.returncode == 5, done.stderr
+    said = (tmp_path / "rank0.txt").read_text()
+    assert said == f"{named} did not reach the second wait within 1 s"
+
+
 @pytest.fixture(scope="module")
 def one_process(mnist_h5, tmp_path_factory):
     out = tmp_path_factory.mktemp("n1")
