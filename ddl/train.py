@@ -51,7 +51,7 @@ class Config:
     """Options of `ddl train`; the defaults are the tuned recipe for MNIST (what each choice buys,
     measured, is in the README's "The recipe")."""
     model: str = "seed-cnn"        # a name in ddl.models.MODELS, or a user's FILE.py:FUNCTION
-    epochs: int = 6
+    epochs: int = 7
     batch_size: int = 128          # global: split evenly across the ranks
     micro_batch: int = 64          # images per forward/backward within a rank's batch (0: all)
     kernels: str = "numba"         # or "numpy", the reference (ddl/kernels/__init__.py)
@@ -64,7 +64,7 @@ class Config:
     seed: int = 0
     data: str = "data/mnist.h5"
     subset: int = 0                # train on the first `subset` training images (0: all)
-    shift: int = 2                 # augmentation: move training images up to this many pixels
+    shift: int = 1                 # augmentation: move training images up to this many pixels
     flip: bool = False             # augmentation: mirror half the training images left to right
     checkpoint: str = ""
     checkpoint_every: int = 0      # also save every this many steps (0: at epoch ends only)

@@ -40,7 +40,10 @@ MNIST = ((1, 28, 28), 10)  # in_shape and classes: what the synthetic batches ar
 BATCHES = (64, 256)
 # (ranks, extra environment, label). (MPICH's busy polling, which once made 4 ranks on 2 cores
 # 15x slower, no longer shows: ddl's collectives wait in the watchdog's sleeping loop.)
-RANKS = ((1, {}, ""), (2, {}, ""), (4, {}, " (oversubscribed)"))
+# The row of ranks that train alone (no all-reduce) is what sharing the machine costs by itself.
+ALONE = "DDL_BENCH_ALONE"
+RANKS = ((1, {}, ""), (2, {}, ""), (2, {ALONE: "1"}, " (each trains alone: no all-reduce)"),
+         (4, {}, " (oversubscribed)"))
 SCALING_MODEL, SCALING_BATCH = "ref-cnn", 64
 LR, MOMENTUM = 0.01, 0.9
 MICRO_BATCH = Config.micro_batch  # what `ddl train` does with a rank's batch
@@ -168,9 +171,9 @@ def single_process(repeats, seconds, with_torch):
 # --- data-parallel scaling: this script re-run under mpiexec -------------------------------------
 def worker(repeats, seconds):
     """Rank side of the scaling run: prints (rank 0) aggregate images/s and the all-reduce share."""
-    comm = world()
+    comm, alone = world(), os.environ.get(ALONE) == "1"
     clock = [0.0]
-    step = ddl_step(SCALING_MODEL, SCALING_BATCH, comm, clock)
+    step = ddl_step(SCALING_MODEL, SCALING_BATCH, None if alone else comm, clock)
     steps = comm.bcast_obj(calibrate(step, seconds))  # equal step counts: no rank waits forever
     rates, shares = [], []
     for _ in range(repeats):
@@ -185,7 +188,7 @@ def worker(repeats, seconds):
     # slower rank that the in-step share above includes.
     grads = np.zeros(sum(p.data.size for p in build(SCALING_MODEL, *MNIST).parameters()),
                      np.float32)
-    transfer = []
+    transfer = [0.0] if alone else []
     while len(transfer) < 50 and sum(transfer) < 2.0:   # the same max-reduced sum on every rank
         comm.barrier()
         started = time.perf_counter()
@@ -376,7 +379,9 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
                   "in turn. The in-step all-reduce share includes waiting for the slowest rank; "
                   "'all-reduce alone' times the same call on the flat gradient buffer with every "
                   "rank arriving together (after a barrier), median of 50 calls (or of 2 s of "
-                  "them).", ""]
+                  "them). Ranks that train alone, each on its own model, lose only what sharing "
+                  "the machine costs (memory bandwidth, the shared L3 cache, other jobs): no "
+                  "way of communicating wins that back.", ""]
     for model_name, layers in breakdowns.items():
         total = sum(f + b for _, f, b in layers)
         lines += [f"## Where the time goes ({model_name}, batch 64, numba kernels, one step)", "",
