@@ -27,9 +27,11 @@ MARKER = "ddl_checkpoint"
 FORMAT_VERSION = 2
 KEYS = ("model", "architecture", "optimizer", "schedule", "epoch", "step", "partial", "history",
         "config", "data", "world_size")
-# What format 1 lacks, it implies: MNIST's images, and checkpoints only at the ends of epochs.
+# What format 1 lacks, it implies: MNIST's images, checkpoints only at the ends of epochs, and
+# runs without the options that came later (so that --resume says it when it now applies them).
 MNIST = dict(in_shape=[1, 28, 28], num_classes=10)
 _BEFORE_STEPS = dict(step=0, partial=dict(loss_sum=0.0, seconds=0.0))
+_BEFORE_OPTIONS = dict(kernels="numpy", shift=0, flip=False)
 _RESERVED = ("__int_keys__", MARKER)
 
 
@@ -103,6 +105,7 @@ def load(path):
             if version == 1:
                 tree = dict(_BEFORE_STEPS, **tree)
                 tree["architecture"] = dict(MNIST, model=tree["config"]["model"])
+                tree["config"] = dict(_BEFORE_OPTIONS, **tree["config"])
                 tree["data"] = dict(tree["data"], shape=MNIST["in_shape"],
                                     mean=[tree["data"]["mean"]], std=[tree["data"]["std"]])
     except CheckpointError:

@@ -193,7 +193,7 @@ def resume_changes(cfg, state, data_id, world_size):
         trained = f"{done} epochs" + (f" and {steps} steps" if steps else "")
         raise CheckpointError(f"{path} has already trained {trained}: --epochs must be at least "
                               f"{done + (steps > 0)}, got {cfg.epochs}")
-    # An option that the checkpoint's ddl did not have yet had its default then.
+    # (checkpoint.load fills in what a format 1 run did without the options that came later)
     changes = [f"{_flag(f.name)} {getattr(cfg, f.name)} (was {saved.get(f.name, f.default)})"
                for f in dataclasses.fields(cfg) if f.name not in FIXED + IGNORED
                and saved.get(f.name, f.default) != getattr(cfg, f.name)]

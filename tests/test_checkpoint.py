@@ -59,8 +59,8 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_format_1_reads_as_an_mnist_model_at_the_start_of_an_epoch(tmp_path, monkeypatch):
     """Checkpoints from before ddl took other images and checkpointed mid-epoch: the model took
-    MNIST's images, the data's statistics were one number each, and there was no step and no
-    partial sums."""
+    MNIST's images, the data's statistics were one number each, there was no step and no partial
+    sums, and the run had no compiled kernels and no augmentation."""
     old = tree()
     del old["architecture"], old["step"], old["partial"]
     old["data"] = {"train": 60000, "test": 10000, "classes": 10, "mean": 0.13, "std": 0.31}
@@ -71,6 +71,7 @@ def test_format_1_reads_as_an_mnist_model_at_the_start_of_an_epoch(tmp_path, mon
     assert got["architecture"] == {"model": "mlp", "in_shape": [1, 28, 28], "num_classes": 10}
     assert got["data"] == dict(old["data"], mean=[0.13], std=[0.31], shape=[1, 28, 28])
     assert got["epoch"] == 3 and got["step"] == 0 and got["partial"]["loss_sum"] == 0
+    assert got["config"] == {"model": "mlp", "kernels": "numpy", "shift": 0, "flip": False}
 
 
 def test_leftovers_of_a_killed_write_are_removed(tmp_path):
