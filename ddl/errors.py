@@ -75,3 +75,8 @@ class Stopped(DDLError):
     def __init__(self, signum, message):
         super().__init__(message, everywhere=True)
         self.status = 128 + signum
+
+
+def dims(shape):
+    """An image shape as the messages write it: (1, 28, 28) -> "1x28x28"."""
+    return "x".join(map(str, shape))

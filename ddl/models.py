@@ -7,6 +7,7 @@ Sequential indices match the equivalent PyTorch nn.Sequential, so state_dict key
 "3.bias", ...) line up with a PyTorch model built the same way (`to_torch`); for 1x28x28 images
 of 10 classes the seeded weights are what they were when the models took MNIST only.
 """
+import functools
 import importlib.util
 import inspect
 import os
@@ -15,7 +16,7 @@ import sys
 import numpy as np
 
 from ddl import nn
-from ddl.errors import ModelError
+from ddl.errors import ModelError, dims
 from ddl.nn.functional import out_size
 
 
@@ -27,29 +28,18 @@ def _side(size, *layers):
     return size
 
 
-def _seed_cnn(in_shape, num_classes, rng):
-    # conv5, pool, conv5, pool: 28x28 images leave 20 channels of 4x4, 320 features
-    c, h, w = in_shape
-    trunk = ((5, 1, 0), (2, 2, 0), (5, 1, 0), (2, 2, 0))
+def _two_convs(in_shape, num_classes, rng, kernel, channels, hidden):
+    """Conv(kernel), max pool 2, ReLU, twice (stride 1, no padding), then a hidden Linear layer.
+    ref-cnn was written Conv -> ReLU -> MaxPool, and is built Conv -> MaxPool -> ReLU: ReLU is
+    monotone, so both orders give the same outputs and gradients (tested), and the layers keep
+    their indices, so state_dict keys match PyTorch's model either way."""
+    (c, h, w), (c1, c2) = in_shape, channels
+    trunk = ((kernel, 1, 0), (2, 2, 0)) * 2
     return nn.Sequential(
-        nn.Conv2d(c, 10, 5, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(10, 20, 5, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(20 * _side(h, *trunk) * _side(w, *trunk), 120, rng=rng), nn.ReLU(),
-        nn.Linear(120, num_classes, rng=rng))
-
-
-def _ref_cnn(in_shape, num_classes, rng):
-    # conv3, pool, conv3, pool: 28x28 images leave 64 channels of 5x5, 1600 features.
-    # Written Conv -> ReLU -> MaxPool, built Conv -> MaxPool -> ReLU: ReLU is monotone, so both
-    # orders give the same outputs and gradients (tested), and ReLU then reads an array 4x smaller.
-    # The layers keep their indices, so state_dict keys match PyTorch's model either way.
-    c, h, w = in_shape
-    trunk = ((3, 1, 0), (2, 2, 0), (3, 1, 0), (2, 2, 0))
-    return nn.Sequential(
-        nn.Conv2d(c, 32, 3, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * _side(h, *trunk) * _side(w, *trunk), 128, rng=rng),
-        nn.ReLU(), nn.Linear(128, num_classes, rng=rng))
+        nn.Conv2d(c, c1, kernel, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(c1, c2, kernel, rng=rng), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(c2 * _side(h, *trunk) * _side(w, *trunk), hidden, rng=rng),
+        nn.ReLU(), nn.Linear(hidden, num_classes, rng=rng))
 
 
 def _mlp(in_shape, num_classes, rng):
@@ -73,7 +63,10 @@ def _resnet_mini(in_shape, num_classes, rng):
 
 
 # name -> builder(in_shape, num_classes, rng): a new named model is one line here.
-MODELS = {"seed-cnn": _seed_cnn, "ref-cnn": _ref_cnn, "mlp": _mlp, "resnet-mini": _resnet_mini}
+# (28x28 images leave seed-cnn 20 channels of 4x4, 320 features, and ref-cnn 64 of 5x5, 1600.)
+MODELS = {"seed-cnn": functools.partial(_two_convs, kernel=5, channels=(10, 20), hidden=120),
+          "ref-cnn": functools.partial(_two_convs, kernel=3, channels=(32, 64), hidden=128),
+          "mlp": _mlp, "resnet-mini": _resnet_mini}
 DEFAULT_MODEL = "seed-cnn"
 
 
@@ -120,15 +113,11 @@ def build(name, in_shape, num_classes, seed=0, input_grad=True):
         try:
             model = MODELS[name](in_shape, num_classes, np.random.default_rng(seed))
         except ValueError as e:              # an image that the layers shrink to nothing
-            raise ModelError(f"{name} cannot take {_dims(in_shape)} images ({e})") from None
+            raise ModelError(f"{name} cannot take {dims(in_shape)} images ({e})") from None
     else:
         model = _from_file(name, in_shape, num_classes, seed)
     model.needs_input_grad = input_grad
     return model
-
-
-def _dims(shape):
-    return "x".join(map(str, shape))
 
 
 def _from_file(name, in_shape, num_classes, seed):
@@ -160,12 +149,12 @@ def _from_file(name, in_shape, num_classes, seed):
     try:
         shape = model.eval().forward(x).shape
     except Exception as e:      # whatever a model built for other images raises
-        raise ModelError(f"model {name} cannot take {_dims(in_shape)} images "
+        raise ModelError(f"model {name} cannot take {dims(in_shape)} images "
                          f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     finally:
         model.train()
     if shape != (2, num_classes):
-        raise ModelError(f"model {name} maps images of {_dims(in_shape)} to outputs of shape "
+        raise ModelError(f"model {name} maps images of {dims(in_shape)} to outputs of shape "
                          f"{shape[1:]} per image, not the ({num_classes},) logits of the "
                          f"{num_classes} classes")
     return model

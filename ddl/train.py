@@ -19,7 +19,7 @@ from ddl.atomic import check_outputs, remove_leftovers
 from ddl.comm import SingleCommunicator
 from ddl.data import DistributedSampler, H5Dataset, Loader
 from ddl.errors import (CheckpointError, DataError, DDLError, Diverged, Hung, Stopped,
-                        UsageError)
+                        UsageError, dims)
 from ddl.models import build, check_name, resolve
 from ddl.nn import CrossEntropyLoss, Dropout
 from ddl.log import Log
@@ -136,14 +136,10 @@ def open_split(path, split, expect=None):
     data = H5Dataset(path, split)
     if expect and (data.image_shape, data.num_classes) != (tuple(expect[0]), expect[1]):
         data.close()
-        raise DataError(f"{path}: '{split}' holds {_dims(data.image_shape)} images of "
-                        f"{data.num_classes} classes, but {expect[2]} {_dims(expect[0])} images "
+        raise DataError(f"{path}: '{split}' holds {dims(data.image_shape)} images of "
+                        f"{data.num_classes} classes, but {expect[2]} {dims(expect[0])} images "
                         f"of {expect[1]} classes")
     return data
-
-
-def _dims(shape):
-    return "x".join(map(str, shape))
 
 
 def data_identity(train, test):
@@ -429,7 +425,7 @@ def _train(cfg, comm, on_epoch_end):
                  + "".join(f", {change}" for change in changes)
                  + (": nothing left to train (raise --epochs to go on)"
                     if start == cfg.epochs else ""))
-    log.info(f"{cfg.model} for {_dims(train_set.image_shape)} images of "
+    log.info(f"{cfg.model} for {dims(train_set.image_shape)} images of "
              f"{train_set.num_classes} classes: {replicas.data.size:,} parameters on "
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
              f"per rank; {steps} steps per epoch over {n_train:,} images; {cfg.optimizer} lr "
