@@ -134,11 +134,15 @@ def _nonneg(**values):
 
 def _unused(p):
     """Stands for state that a compiled update does not use (no momentum, not centered)."""
-    return np.empty(0, p.data.dtype)
+    return p.data.reshape(-1)[:0]
 
 
 def _flat(a):
-    """A parameter-shaped contiguous array as a 1-D view (for the compiled updates)."""
+    """A parameter-shaped array as a 1-D view, which the compiled updates write through (a copy
+    would take their writes away: refused)."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"a parameter or its state is not in C order (strides {a.strides}): "
+                         f"the compiled optimizers update it in place through a flat view")
     return a.reshape(-1)
 
 

@@ -122,6 +122,17 @@ def test_float32_stays_float32(cls, by_hand, kw):
         assert all(v.dtype == np.float32 for v in s.values() if isinstance(v, np.ndarray))
 
 
+@pytest.mark.parametrize("cls,kw", [(SGD, dict(lr=0.5, momentum=0.9)), (Adam, {}), (RMSprop, {})])
+def test_a_parameter_made_from_a_transposed_array_is_updated(cls, kw):
+    """A transposed array is in Fortran order, which np.array keeps: the compiled updates write
+    through a flat view of the parameter, which only C order gives."""
+    start = np.arange(6.0).reshape(3, 2).T
+    p = Parameter(start)
+    p.grad[...] = 1
+    cls([p], **kw).step()
+    assert not np.any(p.data == start)
+
+
 @pytest.mark.parametrize("cls,kw", [(SGD, dict(lr=0.1, momentum=0.9)), (Adam, {}), (RMSprop, {})])
 def test_updates_in_place_into_flat_buffers(cls, kw):
     # What the data-parallel wrapper does: data and grad become views of flat buffers.

@@ -5,8 +5,9 @@
     with kernels.using("numpy"):         # for a block of code
         ...
 
-The layers, the loss and the optimizers ask `backend()` for their kernels at every call, so the
-choice may change between steps (not between a forward and its backward). Both backends offer the
+The layers and the loss ask `backend()` for their kernels at every call, and the optimizers and
+Sequential's fused plan check `active()`, so the choice may change between steps (not between a
+forward and its backward). Both backends offer the
 same functions with the same shapes; `ddl.nn.functional` is the NumPy one and the reference that
 every compiled kernel is tested against. numba is imported only when compiled kernels first run.
 """

@@ -12,8 +12,7 @@ import numpy as np
 
 from ddl.kernels import direct, loss, pool, winograd
 from ddl.nn import functional
-from ddl.nn.functional import (Workspace, avgpool2d_backward, avgpool2d_forward,  # noqa: F401
-                               matmul_like, out_size, pair)
+from ddl.nn.functional import Workspace, out_size
 
 # Fewer input channels than this make Winograd's GEMMs too thin (ref-cnn's first layer, C = 1:
 # direct 0.6 ms a batch of 64, pooled; its second, C = 32: Winograd 2.0 ms against direct 2.5).

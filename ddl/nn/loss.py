@@ -32,7 +32,8 @@ class CrossEntropyLoss(_Loss):
             raise ValueError(f"labels must lie in [0, {c}): got {np.unique(labels[bad])[:10]}")
         loss, grad = kernels.backend().cross_entropy(logits, np.ascontiguousarray(labels, np.int64))
         if self.reduction == "mean":
-            loss, grad = loss / n, grad / np.float32(n)
+            loss = loss / n
+            grad /= np.float32(n)            # a new array from either backend
         self._grad = grad
         return float(loss)
 

@@ -12,10 +12,11 @@ from ddl import kernels
 
 
 class Parameter:
-    """A trainable array: `data` and its gradient `grad`, same shape and dtype."""
+    """A trainable array: `data` and its gradient `grad`, same shape and dtype, in C order (the
+    compiled optimizers update it through a flat view)."""
 
     def __init__(self, data, dtype=np.float32):
-        self.data = np.array(data, dtype=dtype)
+        self.data = np.array(data, dtype=dtype, order="C")
         self.grad = np.zeros_like(self.data)
 
     @property
@@ -51,10 +52,8 @@ class Module:
         raise NotImplementedError
 
     def step(self, optimizer):
-        """One optimisation step on this module's own parameters (none: nothing to do)."""
-        params = self.parameters()
-        if params:
-            optimizer.step(params)
+        """One optimisation step on this module's own parameters."""
+        optimizer.step(self.parameters())
 
     def __call__(self, x):
         return self.forward(x)
