@@ -160,20 +160,26 @@ def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
     """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status, 128+N when it ended on
     signal N, or on the signal N that was forwarded to it (srun reports such a job as killed).
     With `max_restarts`, `ARGS` must be `train ... --checkpoint PATH`: a job that fails is run
-    again with --resume, up to that many times."""
+    again, up to that many times, with --resume once it has written its checkpoint (before that,
+    as it was: with --overwrite, a checkpoint from an earlier run is not this job's to resume)."""
     args = list(args)
     path = _checkpoint_of(args)
     if max_restarts and not (args[:1] == ["train"] and path):
         raise LaunchError("--max-restarts needs `train ... --checkpoint PATH`: a failed job "
                           "restarts from its checkpoint")
+    earlier, again = _file_version(path), args
     for restart in range(max_restarts + 1):
-        code, stopped = _run(nprocs, args, mpiexec, hostfile)
+        code, stopped = _run(nprocs, again, mpiexec, hostfile)
         if stopped or code in _FINAL:
             return code
         if restart < max_restarts:
-            print(f"ddl launch: the job failed (exit status {code}); restarting it from {path} "
-                  f"(restart {restart + 1} of {max_restarts})", file=sys.stderr, flush=True)
-            args = [a for a in args if a != "--overwrite"] + ["--resume"] * ("--resume" not in args)
+            saved = _file_version(path) not in (None, earlier)
+            print(f"ddl launch: the job failed (exit status {code}); restarting it "
+                  + (f"from {path}" if saved else "afresh: it had not saved a checkpoint yet")
+                  + f" (restart {restart + 1} of {max_restarts})", file=sys.stderr, flush=True)
+            if saved:
+                again = ([a for a in args if a != "--overwrite"]
+                         + ["--resume"] * ("--resume" not in args))
     if max_restarts:
         print(f"ddl launch: the job failed {max_restarts + 1} times; giving up", file=sys.stderr)
     return code
@@ -223,6 +229,16 @@ def _owned_by(parent):
             if os.getppid() != parent:          # it died before the signal was asked for
                 os._exit(1)
     return own
+
+
+def _file_version(path):
+    """What tells one version of file `path` from the next (each save renames a new file into
+    place), or None when there is none."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _checkpoint_of(args):

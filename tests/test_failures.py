@@ -150,6 +150,29 @@ def test_a_killed_rank_is_restarted_from_the_checkpoint(uninterrupted, mnist_h5,
     assert_same_run(checkpoint.load(tmp_path / "c.h5"), uninterrupted)
 
 
+def test_a_restart_resumes_only_the_jobs_own_checkpoint(tmp_path, monkeypatch, capsys):
+    """With --overwrite, a job that fails before its first save restarts as it was, not with
+    --resume, which would continue the earlier run's checkpoint; once it has saved, --resume."""
+    from ddl import launch
+    ckpt = tmp_path / "c.h5"
+    ckpt.write_bytes(b"an earlier run's")
+    calls = []
+
+    def attempt(nprocs, args, mpiexec, hostfile):
+        calls.append(args)
+        if len(calls) == 2:                 # the second attempt saves, then fails
+            (tmp_path / "new").write_bytes(b"this job's")
+            os.replace(tmp_path / "new", ckpt)
+        return (0 if len(calls) == 3 else 1), False
+    monkeypatch.setattr(launch, "_run", attempt)
+    args = ["train", "--checkpoint", str(ckpt), "--overwrite"]
+    assert launch.launch(2, args, max_restarts=2) == 0
+    assert calls == [args, args, ["train", "--checkpoint", str(ckpt), "--resume"]]
+    err = capsys.readouterr().err
+    assert "restarting it afresh: it had not saved a checkpoint yet (restart 1 of 2)" in err
+    assert f"restarting it from {ckpt} (restart 2 of 2)" in err
+
+
 def test_restarts_are_only_for_failures(mnist_h5, tmp_path):
     done = run_ddl(["launch", "-n", "2", "--max-restarts", "2", "--",
                     *train_args(mnist_h5, tmp_path / "c.h5", "--batch-size", "7")])
