@@ -163,13 +163,17 @@ def check_inputs(cfg, comm):
     if comm.rank == 0 and cfg.resume and os.path.lexists(cfg.checkpoint):
         state = checkpoint.load(cfg.checkpoint)
         changes = resume_changes(cfg, state, data_identity(train, test), comm.size)
-    elif comm.rank == 0 and not cfg.overwrite:
+    elif comm.rank == 0 and not (cfg.overwrite or cfg.resume):
+        # (--resume with no checkpoint yet starts a new run, which a restart loop relies on: its
+        # other outputs are that run's, rewritten from the history it keeps)
         for name in OUTPUTS:
             path = getattr(cfg, name)
             if path and os.path.exists(path):
-                also = " to continue that run" if name == "checkpoint" else ""
-                raise UsageError(f"{_flag(name)} {path} already exists: pass --resume{also} or "
-                                 f"--overwrite to replace it")
+                go_on = ("--resume to continue that run" if name == "checkpoint" else
+                         f"--resume to go on with the run in {cfg.checkpoint}"
+                         if cfg.checkpoint else "")
+                raise UsageError(f"{_flag(name)} {path} already exists: pass "
+                                 f"{go_on + ' or ' if go_on else ''}--overwrite to replace it")
     return train, test, n, state, changes
 
 

@@ -241,11 +241,17 @@ def test_dropout_masks_follow_the_step_not_the_history():
 
 
 def test_resume_with_no_checkpoint_yet_starts_afresh(small_h5, tmp_path, capfd):
+    """Also over the metrics of an attempt that failed before its first checkpoint: a restart
+    loop passes --resume, never --overwrite."""
+    (tmp_path / "m.jsonl").write_text("an attempt's\n")
     cfg = Config(data=str(small_h5), model="mlp", subset=256, batch_size=64, epochs=1,
-                 checkpoint=str(tmp_path / "c.h5"), resume=True)
+                 checkpoint=str(tmp_path / "c.h5"), metrics=str(tmp_path / "m.jsonl"),
+                 resume=True)
     history, _ = run(cfg)
     assert "no checkpoint" in capfd.readouterr().err and len(history) == 1
     assert checkpoint.load(tmp_path / "c.h5")["epoch"] == 1
+    assert (tmp_path / "m.jsonl").read_text().count("\n") == 1 and "attempt" not in (
+        tmp_path / "m.jsonl").read_text()
 
 
 @pytest.mark.parametrize("options, saved", [
