@@ -50,8 +50,8 @@ def _write(group, tree):
 
 def _plain(tree):
     """Whether `tree` holds no array and only string keys: then it is one JSON attribute, which
-    reads back the same, instead of a group of attributes. HDF5 makes each object for a fraction
-    of a millisecond: this halves the time to build a seed-cnn checkpoint (10 ms -> 5)."""
+    reads back the same, instead of a group of attributes: HDF5 objects are slow to make, and
+    most of a checkpoint's tree is such small dicts."""
     return all(isinstance(k, str) and (_plain(v) if isinstance(v, dict) else
                                        not isinstance(v, np.ndarray)) for k, v in tree.items())
 

@@ -27,8 +27,8 @@ from ddl.data import FORMAT_VERSION
 from ddl.errors import PrepareError
 
 # Rows per HDF5 chunk: about this many bytes (1,337 MNIST images). Uncompressed: the loader reads
-# every epoch, and gzip chunks made a full read of MNIST's training images 8x slower to save space
-# on a file that is only ~55 MB plain.
+# every epoch, and gzip chunks made a full read of MNIST's training images several times slower
+# to save space on a file that is small plain.
 CHUNK_BYTES = 1 << 20
 
 

@@ -5,7 +5,7 @@ Every collective of `ddl.comm.MPICommunicator` starts nonblocking and ends in `W
 MPICH moves a nonblocking collective on only inside MPI calls, and a transfer takes several rounds
 once the last rank is there, so a wait first polls, yielding the core between polls, for up to
 SPIN seconds: in training the ranks arrive within a few milliseconds of each other, and nearly
-every wait ends there, as fast as MPI's blocking call (measured in docs/benchmarks.md). A longer
+every wait ends there, as fast as MPI's blocking call (measured in docs/overheads.md). A longer
 wait sleeps between polls, a twentieth of the time waited so far (NAP_MIN to NAP_MAX), and polls
 again for RESPIN seconds after each sleep, so a rank waiting for a hung one costs no core, and a
 transfer that starts while it sleeps still runs its rounds without a sleep between each.

@@ -3,8 +3,8 @@ every 100 steps. Prints markdown tables (figures for the README).
 
     python scripts/overhead.py [--rounds 10] [--data data/mnist.h5]
 
-This machine's other load moves a whole epoch's throughput by 10 to 30% from one run to the next,
-far more than any of these costs, so each is measured where it can be told apart:
+A shared machine's other load moves a whole epoch's throughput from one run to the next far more
+than any of these costs (docs/overheads.md), so each is measured where it can be told apart:
 
 - watchdog, timeline: training steps of seed-cnn (batch 64 per rank, synthetic data) on 2 ranks,
   and on 4 ranks sharing 2 cores, in blocks of STEPS that alternate within one job (the order
@@ -44,7 +44,7 @@ def worker(rounds):
     threadpool_limits(1)
     comm = world()
     kernels.warm(comm)
-    model = build("seed-cnn", seed=0, input_grad=False)
+    model = build("seed-cnn", (1, 28, 28), 10, seed=0, input_grad=False)
     replicas = Replicas(model, comm)
     optimizer, criterion = SGD(model.parameters(), 0.01, momentum=0.9), nn.CrossEntropyLoss()
     rng = np.random.default_rng(comm.rank)
@@ -79,9 +79,11 @@ def worker(rounds):
 def step_rows(rounds):
     rows = []
     for n in (2, 4):
-        out = subprocess.run([find_mpiexec(), "-n", str(n), sys.executable, __file__, "--worker",
-                              "--rounds", str(rounds)], env=rank_env(), capture_output=True,
-                             text=True, check=True)
+        cmd = [find_mpiexec(), "-n", str(n), sys.executable, __file__, "--worker", "--rounds",
+               str(rounds)]
+        out = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
         rates = json.loads(out.stdout.strip().splitlines()[-1])
         where = f"{n} ranks" + (" on 2 cores" if n > 2 else "")
         rows.append((f"watchdog's wait against MPI_Allreduce, {where}", rates["MPI_Allreduce"],
@@ -138,8 +140,9 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.rounds)
-    rows, shares = checkpoint_rows(args.data, args.rounds // 2)
-    rows = step_rows(args.rounds) + rows
+    rows = step_rows(args.rounds)        # the quick part first: a broken worker shows at once
+    more, shares = checkpoint_rows(args.data, args.rounds // 2)
+    rows += more
     print("| what | without (img/s, median) | with | cost: median of the rounds' ratios (each "
           "round's) |")
     print("| --- | --- | --- | --- |")

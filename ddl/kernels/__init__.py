@@ -65,6 +65,7 @@ def warm(comm=None):
     return seconds
 
 
-# Seconds the ranks may wait for one another's compile whatever --timeout says: a cold compile took
-# 15 s here, and a slower or busier machine may take minutes; --timeout is for ranks that hang.
+# Seconds the ranks may wait for one another's compile whatever --timeout says: a cold compile
+# takes seconds (docs/benchmarks.md), a slower or busier machine's minutes; --timeout is for ranks
+# that hang.
 COMPILING = 600.0

@@ -6,11 +6,11 @@ Arrays are (C, H, W, N), the batch innermost, seen here with the last two axes m
 input rows, y[o, r, m] = sum over c, i, j of w[o, c, i, j] * x[c, r + i, j*N + m], a long
 unit-stride loop. The forward kernel is compiled per kernel size, which numba then treats as
 constants: the kh*kw taps unroll inside that loop, so each output accumulates a channel's taps in
-a register (tap by tap through memory, it ran 2-3x slower; with one input channel, im2col would
-copy the images 9 or 25 times to feed a GEMM whose inner dimension is only 9 or 25). `pool=True`
-max-pools 2x2 (and applies ReLU) from two rows at a time, so the full-resolution output is never
-stored. The backward pass walks the same rows: dot products for the weights, and for the input
-a gather of the gradient row through the taps.
+a register (tap by tap through memory, it ran several times slower; with one input channel,
+im2col would copy the images 9 or 25 times to feed a GEMM whose inner dimension is only 9 or
+25). `pool=True` max-pools 2x2 (and applies ReLU) from two rows at a time, so the
+full-resolution output is never stored. The backward pass walks the same rows: dot products for
+the weights, and for the input a gather of the gradient row through the taps.
 """
 import functools
 

@@ -11,7 +11,7 @@ compile or load them all before the first step instead of in the middle of it.
 Writing a kernel that vectorises: the innermost loop runs over unit-stride memory and indexes it
 with its own loop variable. numba wraps negative indices around, and an index that LLVM cannot
 prove non-negative (`x[i + j * n]` with n an argument) costs a check per element that turns
-vector loads into gathers (5x slower here); slice first (`xs = x[j * n:]`, then `xs[i]`).
+vector loads into gathers, several times slower; slice first (`xs = x[j * n:]`, then `xs[i]`).
 """
 import functools
 import glob
@@ -29,11 +29,11 @@ import numba
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # The Winograd transforms read and write 16 arrays in one loop. LLVM then needs more run-time
 # overlap checks than its default limit of 128 before it vectorises the loop, and without them
-# ref-cnn's input transform ran 9x slower (2.4 ms instead of 0.27 ms a batch of 64).
+# ref-cnn's input transform ran an order of magnitude slower.
 llvm.set_option("", "-vectorize-memory-check-threshold=1000")
 # A direct convolution unrolls its C*kh*kw taps (up to 32, times the four outputs of a pooling
 # window) inside the vectorised loop over the batch; LLVM's default size limit left seed-cnn's 5x5
-# taps rolled up, and the loop scalar (2.9 ms instead of 0.24 ms a batch).
+# taps rolled up, and the loop scalar: an order of magnitude slower.
 llvm.set_option("", "-unroll-threshold=2000")
 
 _KERNELS = []   # (dispatcher, signature templates)
