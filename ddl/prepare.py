@@ -22,7 +22,7 @@ import time
 import h5py
 import numpy as np
 
-from ddl.atomic import streaming
+from ddl.atomic import remove_leftovers, streaming
 from ddl.data import FORMAT_VERSION
 from ddl.errors import PrepareError
 
@@ -44,6 +44,7 @@ def prepare(source, out_path, log=print):
         raise PrepareError(f"{out_path}: cannot create folder {folder} ({e.strerror})") from None
     shape = source.splits["train"].shape
     labels_dtype = np.min_scalar_type(len(source.class_names) - 1)
+    remove_leftovers(out_path)          # a killed conversion's temporary file, a data set's size
     with streaming(out_path) as sink, h5py.File(sink, "w") as f:
         for name, split in source.splits.items():
             counts = _write_split(f.create_group(name), split, labels_dtype, sink)

@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from ddl.errors import PrepareError
+from ddl.atomic import write_bytes
+from ddl.errors import OutputError, PrepareError
 
 SPLITS = ("train", "test")
 
@@ -117,8 +118,9 @@ def idx(raw_dir, dataset="mnist", verify=True, download=False, log=print):
             if spec is None:
                 raise PrepareError(f"{path}: missing, and no download mirrors are known for "
                                    f"dataset {dataset!r}")
-            _download(name, raw_dir, spec["mirrors"], expected, log)
-        md5s[name] = _md5(path)
+            md5s[name] = _download(name, raw_dir, spec["mirrors"], expected, log)
+        else:
+            md5s[name] = _md5(path)
         if expected and md5s[name] != expected:
             raise PrepareError(f"{path}: MD5 mismatch, expected {expected}, got {md5s[name]}")
 
@@ -222,31 +224,30 @@ def _md5(path):
 
 
 def _download(name, raw_dir, mirrors, expected_md5, log):
-    """Fetch `name` from the first mirror that serves it (with the expected MD5, if given)."""
-    os.makedirs(raw_dir, exist_ok=True)
+    """Fetch `name` into `raw_dir` from the first mirror that serves it (with the expected MD5, if
+    given); returns its MD5. The file appears whole or not at all, and a failure to write it is
+    an OutputError naming it, not a network failure."""
     path = os.path.join(raw_dir, name)
-    tmp = f"{path}.{os.getpid()}.part"  # never leave a partial download under the real name
-    failures = []
     try:
-        for mirror in mirrors:
-            url = mirror.rstrip("/") + "/" + name
-            log(f"downloading {url}")
-            try:
-                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
-                    with open(tmp, "wb") as f:
-                        while block := response.read(1 << 20):
-                            f.write(block)
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                failures.append(f"{url}: {e}")
-                continue
-            if expected_md5 and _md5(tmp) != expected_md5:
-                failures.append(f"{url}: MD5 mismatch")
-                continue
-            os.replace(tmp, path)
-            return
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.makedirs(raw_dir, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create folder {raw_dir} ({e.strerror})") from None
+    failures = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + name
+        log(f"downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+                data = response.read()     # an IDX file: tens of MB at most
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            failures.append(f"{url}: {e}")
+            continue
+        md5 = hashlib.md5(data).hexdigest()
+        if expected_md5 and md5 != expected_md5:
+            failures.append(f"{url}: MD5 mismatch")
+            continue
+        write_bytes(path, data)
+        return md5
     raise PrepareError(f"cannot download {name}: network or mirrors unreachable "
                        f"({'; '.join(failures)})")
 
@@ -340,7 +341,8 @@ def _npz_chunks(path, member, key, last, rows):
     with zipfile.ZipFile(path) as archive, archive.open(member) as f:
         shape, fortran, dtype = _read_npy_header(f, f"{path}: {member}")
         if fortran:                # the first axis varies fastest: no row is in one piece
-            whole = np.frombuffer(f.read(), dtype).reshape(shape, order="F")
+            whole = next(_npy_rows(f, (1, *shape), dtype, 1, f"{path}: {key}"))
+            whole = whole.reshape(-1).reshape(shape, order="F")
             blocks = (whole[lo:lo + rows] for lo in range(0, len(whole), rows))
         else:
             blocks = _npy_rows(f, shape, dtype, rows, f"{path}: {key}")
@@ -370,8 +372,8 @@ def _npy_rows(f, shape, dtype, rows, where):
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise PrepareError(f"{where}: damaged archive ({e})") from None
         if len(data) < k * row_bytes:
-            raise PrepareError(f"{where}: truncated, {lo + len(data) // row_bytes} of {shape[0]} "
-                               f"rows")
+            raise PrepareError(f"{where}: truncated, {lo * row_bytes + len(data):,} of "
+                               f"{shape[0] * row_bytes:,} bytes of data")
         yield np.frombuffer(data, dtype).reshape(k, *shape[1:])
 
 

@@ -8,6 +8,8 @@ import http.server
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -230,7 +232,10 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_download_falls_back_to_a_working_mirror(tmp_path, monkeypatch):
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A dataset "tiny" whose IDX files a local HTTP server serves, behind a dead mirror: the
+    files' MD5s, and the two mirrors."""
     make_raw(tmp_path / "served")
     md5 = {name: hashlib.md5(path.read_bytes()).hexdigest()
            for name, path in ((p.name, p) for p in (tmp_path / "served").iterdir())}
@@ -238,19 +243,31 @@ def test_download_falls_back_to_a_working_mirror(tmp_path, monkeypatch):
         ("127.0.0.1", 0), functools.partial(QuietHandler, directory=tmp_path / "served"))
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    try:
-        mirrors = ["http://127.0.0.1:9/", f"http://127.0.0.1:{server.server_port}/"]
-        monkeypatch.setitem(DATASETS, "tiny", {"md5": md5, "mirrors": mirrors})
-        messages = []
-        source = sources.idx(tmp_path / "raw", dataset="tiny", download=True,
-                             log=messages.append)
-    finally:
-        server.shutdown()
-        thread.join()
+    mirrors = ["http://127.0.0.1:9/", f"http://127.0.0.1:{server.server_port}/"]
+    monkeypatch.setitem(DATASETS, "tiny", {"md5": md5, "mirrors": mirrors})
+    yield md5, mirrors
+    server.shutdown()
+    thread.join()
+
+
+def test_download_falls_back_to_a_working_mirror(tmp_path, mirror):
+    md5, mirrors = mirror
+    messages = []
+    source = sources.idx(tmp_path / "raw", dataset="tiny", download=True, log=messages.append)
     assert sorted(os.listdir(tmp_path / "raw")) == sorted(md5)
     assert {name: source.attrs[f"md5_{name}"] for name in md5} == md5
     assert len(source.splits["train"].labels) == 30
     assert f"downloading {mirrors[1]}t10k-labels-idx1-ubyte.gz" in messages
+
+
+def test_a_download_that_cannot_be_saved_says_so(tmp_path, mirror):
+    """Not "network or mirrors unreachable": the file is named, and nothing is left beside it."""
+    (tmp_path / "raw" / "train-labels-idx1-ubyte.gz").mkdir(parents=True)   # in the way
+    with pytest.raises(OutputError, match=r"cannot write .*raw/train-labels-idx1-ubyte\.gz \(Is a "
+                       r"directory\)"):
+        sources.idx(tmp_path / "raw", dataset="tiny", download=True, log=quiet)
+    assert sorted(os.listdir(tmp_path / "raw")) == ["train-images-idx3-ubyte.gz",
+                                                   "train-labels-idx1-ubyte.gz"]
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
@@ -268,6 +285,17 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quiet_prepare(tmp_path / "raw", tmp_path / "out" / "data.h5")
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_killed_conversions_leftover_goes(tmp_path):
+    """SIGKILL skips every cleanup: the next conversion removes the temporary file."""
+    make_raw(tmp_path / "raw")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"data.h5.{dead.pid}.tmp").write_bytes(b"half a data set")
+    quiet_prepare(tmp_path / "raw", tmp_path / "out" / "data.h5")
+    assert os.listdir(tmp_path / "out") == ["data.h5"]
 
 
 def test_failed_run_keeps_the_existing_good_file(tmp_path, monkeypatch):
@@ -366,6 +394,19 @@ def test_bad_npz_is_refused(tmp_path, breakage):
         prepared(sources.npz(tmp_path / "bad.npz", log=quiet), tmp_path / "out.h5")
     assert str(err.value).startswith(f"{tmp_path / 'bad.npz'}: ") and words in str(err.value)
     assert "\n" not in str(err.value)
+    assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_damaged_npz_is_one_line(tmp_path, order):
+    """A flipped byte in the images of an uncompressed archive fails its CRC as it is read."""
+    (x, y), (xt, yt) = colour_images(12, 0), colour_images(5, 1)
+    npz = write_npz(tmp_path / "d.npz", np.asarray(x, order=order), y, xt, yt)
+    raw = bytearray(npz.read_bytes())
+    raw[raw.index(b"x_train.npy") + 400] ^= 0xFF          # inside x_train's pixels
+    npz.write_bytes(bytes(raw))
+    with pytest.raises(PrepareError, match=r"d\.npz: x_train: damaged archive \(Bad CRC-32"):
+        prepared(sources.npz(npz, log=quiet), tmp_path / "out.h5")
     assert not (tmp_path / "out.h5").exists()
 
 
