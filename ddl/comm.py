@@ -121,10 +121,7 @@ class SingleCommunicator:
     for that error's message); the verbs take `what`, the collective's name in it."""
 
     rank, size = 0, 1
-    where = ""
-
-    def __init__(self, timeout=DEFAULT_TIMEOUT):
-        self.timeout = timeout
+    timeout, where = DEFAULT_TIMEOUT, ""
 
     def allreduce(self, buf, op="sum", what="all-reduce"):
         return buf
@@ -178,9 +175,9 @@ class MPICommunicator:
     is a nonblocking collective finished by the watchdog (ddl/watchdog.py), so a rank that waits
     neither spins on a core nor waits for ever."""
 
-    where = ""
+    timeout, where = DEFAULT_TIMEOUT, ""
 
-    def __init__(self, timeout=DEFAULT_TIMEOUT):
+    def __init__(self):
         choose_mpi_library()
         if oversubscribed():
             for var, value in _YIELD_WHEN_IDLE.items():
@@ -193,7 +190,6 @@ class MPICommunicator:
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.timeout = timeout
         self.watchdog = Watchdog(MPI, self.comm, self)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
@@ -260,6 +256,6 @@ def _pickled(obj):
     return np.frombuffer(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), np.uint8)
 
 
-def world(timeout=DEFAULT_TIMEOUT):
+def world():
     """The communicator for this process: MPI when a launcher started several ranks."""
-    return MPICommunicator(timeout) if launched_size() > 1 else SingleCommunicator(timeout)
+    return MPICommunicator() if launched_size() > 1 else SingleCommunicator()

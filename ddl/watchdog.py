@@ -43,6 +43,7 @@ class Watchdog:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.entered = 0                   # collectives this rank has started
         self.what = ""
+        self._asked = 0                    # questions this rank has asked
         self._sends = []                   # (request, buffer) of answers and questions in flight
 
     def wait(self, request, what, at_least=0.0):
@@ -88,27 +89,29 @@ class Watchdog:
                     break
                 os.sched_yield()
 
-    def _send(self, value, dest, tag):
+    def _send(self, question, value, dest, tag):
+        """(the asker's question number, a count) to `dest`, nonblocking."""
         self._sends = [(r, b) for r, b in self._sends if not r.Test()]
-        buf = np.array([value], np.int64)
+        buf = np.array([question, value], np.int64)
         self._sends.append((self.comm.Isend(buf, dest, tag), buf))
 
     def _answer(self):
         """Tell each rank that asked how many collectives this rank has entered."""
-        status, scratch = self.MPI.Status(), np.empty(1, np.int64)
+        status, question = self.MPI.Status(), np.empty(2, np.int64)
         while self.comm.Iprobe(self.MPI.ANY_SOURCE, _QUERY, status):
             asker = status.Get_source()
-            self.comm.Recv(scratch, asker, _QUERY)
-            self._send(self.entered, asker, _ANSWER)
+            self.comm.Recv(question, asker, _QUERY)
+            self._send(question[0], self.entered, asker, _ANSWER)
 
     def _ask(self, request):
         """Ask every other rank where it is. Returns None if `request` completed meanwhile, else
         (the ranks that did not arrive, the lowest rank that answered)."""
+        self._asked += 1
         for r in range(self.size):
             if r != self.rank:
-                self._send(self.entered, r, _QUERY)
+                self._send(self._asked, self.entered, r, _QUERY)
         heard = {self.rank: self.entered}
-        status, answer = self.MPI.Status(), np.empty(1, np.int64)
+        status, answer = self.MPI.Status(), np.empty(2, np.int64)
         until = time.perf_counter() + GRACE
         while len(heard) < self.size and time.perf_counter() < until:
             if request.Test():
@@ -117,8 +120,10 @@ class Watchdog:
             while self.comm.Iprobe(self.MPI.ANY_SOURCE, _ANSWER, status):
                 source = status.Get_source()
                 self.comm.Recv(answer, source, _ANSWER)
-                # an answer to an earlier question may come first: the latest count wins
-                heard[source] = max(heard.get(source, -1), int(answer[0]))
+                # An answer to an earlier question (one that the collective's completion cut
+                # short) says where that rank was then: a rank that has hung since would count.
+                if answer[0] == self._asked:
+                    heard[source] = int(answer[1])
             time.sleep(0.005)
         if request.Test():
             return None
