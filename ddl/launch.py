@@ -188,38 +188,44 @@ def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
 def _run(nprocs, args, mpiexec, hostfile):
     """Run the job once; returns (its exit status as `launch` gives it, whether a signal was
     forwarded to it)."""
-    forwarded = []
-    with tempfile.TemporaryDirectory(prefix="ddl-launch-") as workdir:
-        cmd = command(nprocs, args, mpiexec, hostfile, workdir)
-        # No standard input: a launcher in a background process group that reads the terminal
-        # would be stopped (SIGTTIN), and no rank reads it.
-        proc = subprocess.Popen(cmd, env=rank_env(), stdin=subprocess.DEVNULL,
-                                preexec_fn=_owned_by(os.getpid()))
+    forwarded, proc = [], None
 
-        def forward(signum, _frame):
-            forwarded.append(signum)
-            if len(forwarded) == 1:
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        if proc is None:                        # not started yet: _run signals it once it is
+            return
+        if len(forwarded) == 1:
+            proc.send_signal(signal.SIGTERM)
+        else:
+            proc.kill()
+
+    # The handlers come first, so that a signal at any moment reaches the job or prevents it.
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        with tempfile.TemporaryDirectory(prefix="ddl-launch-") as workdir:
+            cmd = command(nprocs, args, mpiexec, hostfile, workdir)
+            # No standard input: a launcher in a background process group that reads the
+            # terminal would be stopped (SIGTTIN), and no rank reads it.
+            proc = subprocess.Popen(cmd, env=rank_env(), stdin=subprocess.DEVNULL,
+                                    preexec_fn=_owned_by(os.getpid()))
+            if forwarded:                       # it came while the job was starting
                 proc.send_signal(signal.SIGTERM)
-            else:
-                proc.kill()
-
-        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
-        try:
             code = proc.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if proc.poll() is None:             # this process is on its way out
-                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc is not None and proc.poll() is None:     # this process is on its way out
+            os.killpg(proc.pid, signal.SIGKILL)
     if code and forwarded:
         return 128 + forwarded[0], True
     return (128 - code if code < 0 else code), bool(forwarded)
 
 
 def _owned_by(parent):
-    """What the launcher's child runs before exec: a process group of its own (one kill ends it
-    and its helpers, and the terminal's Ctrl-C goes to `ddl launch` alone), and on Linux SIGKILL
-    when `parent` dies, even by SIGKILL."""
+    """What the launcher's child runs before exec: a process group of its own (so the terminal's
+    Ctrl-C goes to `ddl launch` alone, which stops the job in order), and on Linux SIGKILL when
+    `parent` dies, even by SIGKILL. The ranks, in sessions or groups of mpiexec's making, end
+    with mpiexec."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def own():
