@@ -5,7 +5,7 @@ import io
 import os
 import re
 
-from ddl.errors import OutputError, UsageError
+from ddl.errors import OutputError, UsageError, one_line
 
 
 @contextlib.contextmanager
@@ -22,7 +22,7 @@ def replacing(path):
         _sync_folder(path)
     except OSError as e:
         kept = "; the previous file is kept" if os.path.exists(path) else ""
-        reason = e.strerror or " ".join(str(e).split())
+        reason = e.strerror or one_line(e)
         raise OutputError(f"cannot write {path} ({reason}){kept}") from None
     finally:
         if os.path.exists(tmp):

@@ -11,6 +11,7 @@ generators need no state of their own: both are derived from (seed, epoch, step,
 from before ddl took images other than MNIST's and checkpointed mid-epoch, reads as an MNIST
 model at step 0.
 """
+import copy
 import fcntl
 import io
 import json
@@ -21,7 +22,7 @@ import h5py
 import numpy as np
 
 from ddl.atomic import write_bytes
-from ddl.errors import CheckpointError
+from ddl.errors import CheckpointError, one_line
 
 MARKER = "ddl_checkpoint"
 FORMAT_VERSION = 2
@@ -102,26 +103,22 @@ def load(path):
                 raise CheckpointError(f"{path}: checkpoint format {version}, but this ddl reads "
                                       f"formats 1 and {FORMAT_VERSION}")
             tree = _read(f)
-            if version == 1:
-                tree = dict(_BEFORE_STEPS, **tree)
-                tree["architecture"] = dict(MNIST, model=tree["config"]["model"])
+            if version == 1:             # (copies: the caller may change what it gets)
+                tree = dict(copy.deepcopy(_BEFORE_STEPS), **tree)
+                tree["architecture"] = dict(copy.deepcopy(MNIST), model=tree["config"]["model"])
                 tree["config"] = dict(_BEFORE_OPTIONS, **tree["config"])
-                tree["data"] = dict(tree["data"], shape=MNIST["in_shape"],
+                tree["data"] = dict(tree["data"], shape=list(MNIST["in_shape"]),
                                     mean=[tree["data"]["mean"]], std=[tree["data"]["std"]])
     except CheckpointError:
         raise
     except Exception as e:      # whatever a damaged file makes h5py or json raise
-        raise CheckpointError(f"{path}: damaged checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: damaged checkpoint ({one_line(e)})") from None
     missing = [k for k in KEYS if k not in tree]
     if missing or not isinstance(tree["model"], dict):
         raise CheckpointError(f"{path}: damaged checkpoint (no {', '.join(missing) or 'model'})")
     if not all(np.isfinite(v).all() for v in tree["model"].values()):
         raise CheckpointError(f"{path}: holds NaN or inf weights (saved by a run that diverged)")
     return tree
-
-
-def _one_line(e):
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 class Lock:

@@ -248,14 +248,15 @@ class Loader:
         self.sampler.set_epoch(epoch, start)
 
     def __iter__(self):
-        batches = self._epoch(self.sampler.batches())  # fix the epoch now, not when first consumed
+        # The epoch is fixed now, not when the generator first runs.
+        batches = self._epoch(self.sampler.batches(), self.sampler.epoch)
         return _prefetch(batches) if self.prefetch else batches
 
-    def _epoch(self, batches):
+    def _epoch(self, batches, epoch):
         rows = np.unique(np.concatenate(batches or [np.empty(0, np.int64)]))
         images, labels = self.dataset.read_raw(rows)
         # One draw per row of the whole set, so that a row's draw does not depend on the shard.
-        rng = np.random.default_rng((self.sampler.seed, self.sampler.epoch, 1))
+        rng = np.random.default_rng((self.sampler.seed, epoch, 1))
         n = self.sampler.n
         shifts = rng.integers(-self.shift, self.shift + 1, (n, 2)) if self.shift else None
         flips = rng.random(n) < 0.5 if self.flip else None
@@ -265,7 +266,8 @@ class Loader:
             if shifts is not None:
                 x = translate(x, shifts[batch], self.shift)
             if flips is not None:
-                x[flips[batch]] = x[flips[batch], :, :, ::-1]
+                mirrored = flips[batch]
+                x[mirrored] = x[mirrored, :, :, ::-1]
             yield self.dataset.normalize(x), labels[where]
 
 

@@ -80,3 +80,8 @@ class Stopped(DDLError):
 def dims(shape):
     """An image shape as the messages write it: (1, 28, 28) -> "1x28x28"."""
     return "x".join(map(str, shape))
+
+
+def one_line(e):
+    """An exception's message on one line (a library's may span several), or its type's name."""
+    return " ".join(str(e).split()) or type(e).__name__

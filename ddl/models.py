@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from ddl import nn
-from ddl.errors import ModelError, dims
+from ddl.errors import ModelError, dims, one_line
 from ddl.nn.functional import out_size
 
 
@@ -150,7 +150,7 @@ def _from_file(name, in_shape, num_classes, seed):
         shape = model.eval().forward(x).shape
     except Exception as e:      # whatever a model built for other images raises
         raise ModelError(f"model {name} cannot take {dims(in_shape)} images "
-                         f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+                         f"({type(e).__name__}: {one_line(e)})") from None
     finally:
         model.train()
     if shape != (2, num_classes):

@@ -24,7 +24,7 @@ import numpy as np
 
 from ddl.atomic import remove_leftovers, streaming
 from ddl.data import FORMAT_VERSION
-from ddl.errors import PrepareError
+from ddl.errors import PrepareError, dims
 
 # Rows per HDF5 chunk: about this many bytes (1,337 MNIST images). Uncompressed: the loader reads
 # every epoch, and gzip chunks made a full read of MNIST's training images several times slower
@@ -60,7 +60,7 @@ def prepare(source, out_path, log=print):
                "classes": len(source.class_names), "mean": mean.tolist(), "std": std.tolist(),
                "seconds": time.perf_counter() - start}
     log(f"wrote {summary['path']}: {summary['train']:,} train + {summary['test']:,} test images "
-        f"of {'x'.join(map(str, shape))}, {summary['classes']} classes, mean "
+        f"of {dims(shape)}, {summary['classes']} classes, mean "
         f"{_floats(mean)} std {_floats(std)}, {summary['seconds']:.2f} s")
     return summary
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ddl.atomic import write_bytes
-from ddl.errors import OutputError, PrepareError
+from ddl.errors import OutputError, PrepareError, dims, one_line
 
 SPLITS = ("train", "test")
 
@@ -130,17 +130,17 @@ def idx(raw_dir, dataset="mnist", verify=True, download=False, log=print):
         labels_path = os.path.join(raw_dir, labels_name)
         labels[split] = read_idx(labels_path, "labels").astype(np.int64)
         with _IdxFile(images_path, "images") as f:
-            dims = f.dims
-        if dims[0] == 0:
+            size = f.dims
+        if size[0] == 0:
             raise PrepareError(f"{images_path}: holds no images")
-        if dims[0] != len(labels[split]):
-            raise PrepareError(f"{images_path}: {dims[0]} images but {labels_name} has "
+        if size[0] != len(labels[split]):
+            raise PrepareError(f"{images_path}: {size[0]} images but {labels_name} has "
                                f"{len(labels[split])} labels")
-        if split == "test" and dims[1:] != splits["train"].shape[1:]:
-            raise PrepareError(f"{images_path}: images are {dims[1]}x{dims[2]}, but the training "
-                               f"images are {'x'.join(map(str, splits['train'].shape[1:]))}")
-        splits[split] = Split(labels[split], (1, *dims[1:]),
-                              functools.partial(_idx_chunks, images_path, dims))
+        if split == "test" and size[1:] != splits["train"].shape[1:]:
+            raise PrepareError(f"{images_path}: images are {dims(size[1:])}, but the training "
+                               f"images are {dims(splits['train'].shape[1:])}")
+        splits[split] = Split(labels[split], (1, *size[1:]),
+                              functools.partial(_idx_chunks, images_path, size))
     names = (spec or {}).get("classes") or _class_names(labels, raw_dir)
     for split, (_, labels_name) in IDX_FILES.items():
         bad = np.flatnonzero(labels[split] >= len(names))
@@ -159,7 +159,10 @@ class _IdxFile:
     def __init__(self, path, kind):
         self.path, ndim = path, 3 if kind == "images" else 1
         magic = 0x0800 | ndim  # 0x08 = unsigned byte data, low byte = number of dimensions
-        self.f = gzip.open(path, "rb")
+        try:
+            self.f = gzip.open(path, "rb")
+        except OSError as e:                  # there a moment ago, when it was checked
+            raise PrepareError(f"{path}: cannot read ({e.strerror or e})") from None
         try:
             header = self.read(4 + 4 * ndim)
             if len(header) < 4 + 4 * ndim:
@@ -181,7 +184,7 @@ class _IdxFile:
 
     def size_error(self, held):
         """The error for a file whose data, `held` bytes, is not the size its header says."""
-        return PrepareError(f"{self.path}: header says {'x'.join(map(str, self.dims))} = "
+        return PrepareError(f"{self.path}: header says {dims(self.dims)} = "
                             f"{np.prod(self.dims)} bytes of data, file holds {held}")
 
     def __enter__(self):
@@ -286,9 +289,9 @@ def npz(path, log=print):
             raise PrepareError(f"{path}: {key} holds no images")
         chw, last = _images_of(shape[1:], f"{path}: {key}")
         if split == "test" and chw != splits["train"].shape:
-            raise PrepareError(f"{path}: x_test holds {'x'.join(map(str, chw))} images, x_train "
-                               f"{'x'.join(map(str, splits['train'].shape))}")
-        log(f"{key} {shape}: {'x'.join(map(str, chw))} images (channels "
+            raise PrepareError(f"{path}: x_test holds {dims(chw)} images, x_train "
+                               f"{dims(splits['train'].shape)}")
+        log(f"{key} {shape}: {dims(chw)} images (channels "
             f"{'last' if last else 'first'})")
         splits[split] = Split(labels[split], chw,
                               functools.partial(_npz_chunks, path, members[key], key, last))
@@ -338,7 +341,11 @@ def _npz_labels(archive, member, path, n):
 def _npz_chunks(path, member, key, last, rows):
     """The images of `member` as uint8 (k, C, H, W) chunks, straight from the archive; `last`:
     its images are channels-last."""
-    with zipfile.ZipFile(path) as archive, archive.open(member) as f:
+    try:
+        archive = zipfile.ZipFile(path)       # again: this runs when the writer gets to it
+    except (OSError, zipfile.BadZipFile) as e:
+        raise PrepareError(f"{path}: cannot read ({e})") from None
+    with archive, archive.open(member) as f:
         shape, fortran, dtype = _read_npy_header(f, f"{path}: {member}")
         if fortran:                # the first axis varies fastest: no row is in one piece
             whole = next(_npy_rows(f, (1, *shape), dtype, 1, f"{path}: {key}"))
@@ -415,7 +422,7 @@ def image_folder(root, log=print):
             with Image.open(path) as im:       # the header only
                 this, mode = im.size, im.mode
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise PrepareError(f"{path}: not an image ({' '.join(str(e).split())})") from None
+            raise PrepareError(f"{path}: not an image ({one_line(e)})") from None
         if size is None:
             size, first = this, path
         elif this != size:
@@ -423,7 +430,7 @@ def image_folder(root, log=print):
                                f"{size[1]}x{size[0]} (every image must have one size)")
         gray &= mode in GRAY_MODES
     shape = (1 if gray else 3, size[1], size[0])
-    log(f"{root}: {len(names)} classes, {'x'.join(map(str, shape))} images")
+    log(f"{root}: {len(names)} classes, {dims(shape)} images")
     splits = {split: Split(np.array(labels[split], np.int64), shape,
                            functools.partial(_decode, files[split], shape)) for split in SPLITS}
     return Source(splits, names, {"dataset": os.path.basename(os.path.normpath(root)),
@@ -469,6 +476,6 @@ def _decode(paths, shape, rows):
                 with Image.open(path) as im:
                     pixels = np.asarray(im.convert(mode))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise PrepareError(f"{path}: cannot decode ({' '.join(str(e).split())})") from None
+                raise PrepareError(f"{path}: cannot decode ({one_line(e)})") from None
             block[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
         yield block

@@ -19,7 +19,7 @@ from ddl.atomic import check_outputs, remove_leftovers
 from ddl.comm import SingleCommunicator
 from ddl.data import DistributedSampler, H5Dataset, Loader
 from ddl.errors import (CheckpointError, DataError, DDLError, Diverged, Hung, Stopped,
-                        UsageError, dims)
+                        UsageError, dims, one_line)
 from ddl.models import build, check_name, resolve
 from ddl.nn import CrossEntropyLoss, Dropout
 from ddl.log import Log
@@ -226,7 +226,7 @@ def reading(path):
     try:
         yield
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: damaged checkpoint ({' '.join(str(e).split())})") from None
+        raise CheckpointError(f"{path}: damaged checkpoint ({one_line(e)})") from None
 
 
 def load_resumed(cfg, state, model, optimizer, schedule):
@@ -470,7 +470,7 @@ def _train(cfg, comm, on_epoch_end):
             for step, (x, y) in enumerate(loader, begin + 1):
                 timeline.lap("data")
                 done += 1
-                comm.where, where = f"of step {done:,}", f"epoch {epoch + 1}, step {step}"
+                comm.where, where = f"of step {done:,}", _position(epoch, step)
                 if finite_check:
                     finite_check.where = where
                 seed_dropout(dropouts, cfg.seed, epoch, step, comm.rank)
@@ -498,7 +498,7 @@ def _train(cfg, comm, on_epoch_end):
                 # The epoch's own checkpoint follows its last step within seconds.
                 if cfg.checkpoint and (stopping or (due and step < steps)):
                     save(epoch, step, dict(loss_sum=loss_sum, seconds=before + elapsed))
-                    saved, last_save = _position(epoch, step), time.monotonic()
+                    saved, last_save = where, time.monotonic()
                     timeline.lap("checkpoint")
                 if stopping:
                     finish_timeline()
