@@ -231,8 +231,8 @@ def predict(checkpoint, data, index, out):
         test = open_split(data, "test", takes)
         if not 0 <= index < test.n:
             raise UsageError(f"--index {index} is outside the {test.n} test images")
-        x, y = test.read(np.array([index]))
-        logits = model.eval()(x)[0].astype(np.float64)
+        raw, y = test.read_raw(np.array([index]))
+        logits = model.eval()(test.normalize(raw))[0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         names = test.class_names
@@ -243,7 +243,7 @@ def predict(checkpoint, data, index, out):
         click.echo("  " + "  ".join(f"{names[k]}:{probs[k]:.3f}" for k in shown))
         if out:
             from ddl.plots import prediction
-            prediction(test.read_raw(np.array([index]))[0][0], probs, names, int(y[0]), out)
+            prediction(raw[0], probs, np.sort(shown), names, int(y[0]), out)
             click.echo(f"wrote {out}")
     _job(SingleCommunicator(), job)
 

@@ -1,7 +1,6 @@
 """Pictures for people: training curves and a prediction (matplotlib, an optional extra)."""
 import os
 
-import numpy as np
 
 from ddl.atomic import replacing
 from ddl.errors import UsageError
@@ -58,11 +57,10 @@ def curves(history, path):
     _save(plt, fig, path)
 
 
-def prediction(image, probs, names, label, path):
-    """The image (C, H, W uint8) beside a bar chart of the class probabilities (the 10 likeliest
-    when there are more classes), titled with the class `names`."""
+def prediction(image, probs, shown, names, label, path):
+    """The image (C, H, W uint8) beside a bar chart of the probabilities of the classes `shown`
+    (indices, in the order of the bars), titled with the class `names`."""
     plt = _pyplot()
-    shown = np.sort(np.argsort(-probs, kind="stable")[:10])
     fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3))
     pixels = image[0] if len(image) not in (3, 4) else image.transpose(1, 2, 0)
     left.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
