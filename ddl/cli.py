@@ -42,11 +42,10 @@ def _job(comm, fn):
             comm.abort(130)
         sys.exit(130)
     except Exception as e:
-        from ddl.parallel import ReplicaDivergence
         where = f"rank {comm.rank}: " if comm.size > 1 else ""
-        # Failures of the disk (reading data mid-run) or of the replicas explain themselves in one
-        # line; anything else is a bug and keeps its traceback.
-        if not isinstance(e, (ReplicaDivergence, OSError)):
+        # A failure of the disk (reading data mid-run) explains itself in one line; anything else
+        # is a bug and keeps its traceback.
+        if not isinstance(e, OSError):
             traceback.print_exc()
         click.echo(f"Error: {where}{type(e).__name__}: {e}", err=True)
         if comm.size > 1:

@@ -60,6 +60,16 @@ class OutputError(DDLError):
     status = 4
 
 
+class ReplicaDivergence(DDLError):
+    """The replicas' parameters differ across ranks (a bug, or a user's model that is not
+    deterministic): found by every rank together, from one all-gather, and named in the
+    message."""
+    names_ranks = True
+
+    def __init__(self, message):
+        super().__init__(message, everywhere=True)
+
+
 class Hung(DDLError):
     """A rank did not reach a collective within --timeout (stopped, deadlocked, stuck in I/O):
     raised on one rank that waited, which ends the whole job."""

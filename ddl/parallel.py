@@ -12,9 +12,7 @@ import zlib
 
 import numpy as np
 
-
-class ReplicaDivergence(RuntimeError):
-    pass
+from ddl.errors import ReplicaDivergence
 
 
 def flatten(params, dtype=np.float32, spare=0):

@@ -71,7 +71,8 @@ def job_evaluate(comm, out, pairs):
 
 def job_diverge(comm, out, _):
     from ddl.models import build
-    from ddl.parallel import ReplicaDivergence, Replicas
+    from ddl.errors import ReplicaDivergence
+    from ddl.parallel import Replicas
     model = build("seed-cnn", (1, 28, 28), 10, seed=comm.rank)   # the start broadcast fixes it
     replicas = Replicas(model, comm)
     replicas.check()
