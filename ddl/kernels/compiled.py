@@ -12,7 +12,7 @@ import numpy as np
 
 from ddl.kernels import direct, loss, pool, winograd
 from ddl.nn import functional
-from ddl.nn.functional import Workspace, out_size
+from ddl.nn.functional import Workspace, chwn, nchw, out_size
 
 # Fewer input channels than this make Winograd's GEMMs too thin: direct wins ref-cnn's first
 # layer (C = 1), Winograd its second (C = 32).
@@ -33,17 +33,6 @@ def fusable(conv, pool_layer):
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
-def chwn(x):
-    """x (N, C, H, W) as contiguous (C, H, W, N) memory: a view when it already is."""
-    t = x.transpose(1, 2, 3, 0)
-    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
-
-
-def nchw(a):
-    """(C, H, W, N) memory seen as (N, C, H, W)."""
-    return a.transpose(3, 0, 1, 2)
-
-
 _ALGORITHMS = {"direct": (direct.forward, direct.backward),
                "winograd": (winograd.forward, winograd.backward)}
 
@@ -56,7 +45,8 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
     if algo == "im2col":
         y, ctx = functional.conv2d_forward(x, weight, bias, stride, padding, ws)
     else:
-        y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, bias, padding, pool, relu, ws)
+        b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+        y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, b, padding, pool, relu, ws)
         y = nchw(y)
     return y, (algo, ctx)
 
@@ -70,9 +60,11 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
                                           input_grad, ws)
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
-    gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, padding, input_grad,
-                              ws)
-    return (None if gx is None else nchw(gx)), grad_w, grad_b
+    gxp = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
+    if gxp is None:
+        return None, grad_w, grad_b
+    (ph, pw), (h, w) = padding, x_shape[2:]
+    return nchw(gxp[:, ph:ph + h, pw:pw + w]), grad_w, grad_b
 
 
 def maxpool2d_forward(x, kernel, stride, relu=False):

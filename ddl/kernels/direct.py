@@ -16,10 +16,9 @@ import functools
 
 import numpy as np
 
-from ddl.kernels.jit import kernel
+from ddl.kernels.jit import X3, X4, kernel
 from ddl.kernels.pool import first_max4, spread4
 
-X3, X4 = "T[:, :, ::1]", "T[:, :, :, ::1]"
 # Kernel sizes compiled ahead by `warm` (others on first use): ref-cnn's and seed-cnn's.
 COMMON = ((3, 3), (5, 5))
 
@@ -142,20 +141,19 @@ def forward(x, weight, bias, padding, pool, relu, ws):
     o, c, kh, kw = weight.shape
     xp = pad(x, padding, ws)
     oh, ow, n = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1, x.shape[3]
-    b = np.zeros(o, x.dtype) if bias is None else bias
     rows = ws.empty("rows", (2, ow * n), x.dtype)
     y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
     y = np.empty((o, *y_hw, n), x.dtype)
     code = np.empty(y.shape, np.uint8) if pool else None
-    forward_kernel(kh, kw)(xp.reshape(c, xp.shape[1], -1), weight, b, n, pool, relu, rows,
+    forward_kernel(kh, kw)(xp.reshape(c, xp.shape[1], -1), weight, bias, n, pool, relu, rows,
                            y.reshape(o, y_hw[0], -1),
                            code.reshape(o, y_hw[0], -1) if pool else np.empty((1, 1, 1), np.uint8))
-    return y, (x.shape, xp, code)
+    return y, (xp, code)
 
 
-def backward(gy, ctx, weight, grad_w, grad_b, padding, input_grad, ws):
+def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     """As winograd.backward."""
-    x_shape, xp, code = ctx
+    xp, code = ctx
     kh, kw = weight.shape[2:]
     n = xp.shape[3]
     gxp = np.zeros_like(xp) if input_grad else np.zeros((1, 1, 1, 1), xp.dtype)
@@ -164,10 +162,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, padding, input_grad, ws):
     code3 = np.empty((1, 1, 1), np.uint8) if code is None else code.reshape(gy3.shape)
     backward_kernel(kh, kw)(x3, weight, gy3, code3, n, code is not None, rows, grad_w, grad_b,
                             gx3, input_grad)
-    if not input_grad:
-        return None
-    (ph, pw), (_, h, w, _) = padding, x_shape
-    return gxp[:, ph:ph + h, pw:pw + w]
+    return gxp if input_grad else None
 
 
 def pad(x, padding, ws, min_hw=(0, 0)):

@@ -45,6 +45,10 @@ def helper(fn):
     return numba.njit(fastmath=FASTMATH, error_model="numpy", inline="always")(fn)
 
 
+# C-contiguous arrays of the float type in signature templates, by number of dimensions.
+FLAT, X3, X4 = "T[::1]", "T[:, :, ::1]", "T[:, :, :, ::1]"
+
+
 def kernel(*signatures):
     """Compile a function with numba, cached; `signatures` are templates in which "T" stands for
     the float type, e.g. "(T[:, ::1], T[::1], float64)", compiled ahead for float32 by `warm`.

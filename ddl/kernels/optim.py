@@ -7,9 +7,8 @@ does when it multiplies a float32 array by a Python float.
 """
 import math
 
-from ddl.kernels.jit import kernel
+from ddl.kernels.jit import FLAT, kernel
 
-FLAT = "T[::1]"
 
 
 @kernel(f"({FLAT}, {FLAT}, {FLAT}, float64, float64, float64, float64, boolean, boolean)")

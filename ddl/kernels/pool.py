@@ -9,10 +9,9 @@ run is never hidden.
 
 Arrays are (C, H, W, N), the batch innermost; ReLU works on flat arrays of any layout.
 """
-from ddl.kernels.jit import helper, kernel
+from ddl.kernels.jit import X4, helper, kernel
 
 CUT = 255
-X4 = "T[:, :, :, ::1]"
 CODE = "uint8[:, :, :, ::1]"
 
 

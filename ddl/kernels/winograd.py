@@ -23,10 +23,9 @@ tile, so `pool=True` pools (and applies ReLU) while leaving a tile, never writin
 import numpy as np
 
 from ddl.kernels.direct import pad
-from ddl.kernels.jit import helper, kernel
+from ddl.kernels.jit import X4, helper, kernel
 from ddl.kernels.pool import first_max4, spread4
 
-X4 = "T[:, :, :, ::1]"
 
 
 @helper
@@ -267,8 +266,9 @@ def tile_grid(out_hw, pool):
 
 
 def forward(x, weight, bias, padding, pool, relu, ws):
-    """x (C, H, W, N) -> (y, ctx): y (O, OH, OW, N), or (O, OH//2, OW//2, N) max-pooled 2x2 (and
-    ReLU'd if `relu`) when `pool`. ctx is what `backward` needs; it lives in the Workspace ws."""
+    """x (C, H, W, N), bias (O,) -> (y, ctx): y (O, OH, OW, N), or (O, OH//2, OW//2, N)
+    max-pooled 2x2 (and ReLU'd if `relu`) when `pool`. ctx is what `backward` needs; it lives in
+    the Workspace ws."""
     c, h, w, n = x.shape
     o = weight.shape[0]
     (ph, pw) = padding
@@ -281,20 +281,20 @@ def forward(x, weight, bias, padding, pool, relu, ws):
     input_tiles(xp, V, th, tw)
     M = ws.empty("M", (16, o, th * tw, n), x.dtype)
     _gemms(U, V.reshape(16, c, -1), M.reshape(16, o, -1))
-    b = np.zeros(o, x.dtype) if bias is None else bias
     if pool:
         y, code = np.empty((o, th, tw, n), x.dtype), np.empty((o, th, tw, n), np.uint8)
-        pooled_output_tiles(M, b, relu, y, code)
+        pooled_output_tiles(M, bias, relu, y, code)
     else:
         y, code = np.empty((o, *out_hw, n), x.dtype), None
-        output_tiles(M, b, y)
-    return y, (x.shape, xp.shape, U, V, code, th, tw)
+        output_tiles(M, bias, y)
+    return y, (xp.shape, U, V, code, th, tw)
 
 
-def backward(gy, ctx, weight, grad_w, grad_b, padding, input_grad, ws):
-    """gy like forward's y -> grad_x (C, H, W, N) or None; adds into grad_w (O, C, 3, 3) and
-    grad_b (O,). `weight` is unused: forward kept its transform."""
-    x_shape, xp_shape, U, V, code, th, tw = ctx
+def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
+    """gy like forward's y -> the gradient of the padded input (C, H', W', N), which the caller
+    crops, or None; adds into grad_w (O, C, 3, 3) and grad_b (O,). `weight` is unused: forward
+    kept its transform."""
+    xp_shape, U, V, code, th, tw = ctx
     o, c = U.shape[1:]
     gM = ws.empty("M", (16, o, th * tw, gy.shape[-1]), gy.dtype)
     if code is None:
@@ -313,6 +313,5 @@ def backward(gy, ctx, weight, grad_w, grad_b, padding, input_grad, ws):
     input_tiles_grad(gV, gD)
     gxp = np.empty(xp_shape, gy.dtype)
     add_up_tiles(gD, gxp, th, tw)
-    (ph, pw), (_, h, w, _) = padding, x_shape
-    return gxp[:, ph:ph + h, pw:pw + w]
+    return gxp
 

@@ -61,14 +61,24 @@ class Workspace:
         return a
 
 
+def chwn(x):
+    """x (N, C, H, W) as contiguous (C, H, W, N) memory: a view when it already is."""
+    t = x.transpose(1, 2, 3, 0)
+    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
+
+
+def nchw(a):
+    """(C, H, W, N) memory seen as (N, C, H, W)."""
+    return a.transpose(3, 0, 1, 2)
+
+
 def _chwn(x, padding):
     """x (N, C, H, W), zero-padded, as a (C, N, H', W') view of contiguous (C, H', W', N) memory;
     no copy when x is already that memory and unpadded."""
     (ph, pw), (n, c, h, w) = padding, x.shape
-    xc = x.transpose(1, 0, 2, 3)
     if not (ph or pw):
-        return xc if xc.transpose(0, 2, 3, 1).flags.c_contiguous else (
-            np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(0, 3, 1, 2))
+        return chwn(x).transpose(0, 3, 1, 2)
+    xc = x.transpose(1, 0, 2, 3)
     xp = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=x.dtype).transpose(0, 3, 1, 2)
     xp[..., ph:ph + h, pw:pw + w] = xc
     return xp
@@ -103,7 +113,7 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None):
     w_b[:, :k] = weight.reshape(o, k)
     w_b[:, k] = 0 if bias is None else bias
     y = w_b @ cols  # (O, OH*OW*N): one BLAS gemm
-    return y.reshape(o, oh, ow, n).transpose(3, 0, 1, 2), cols
+    return nchw(y.reshape(o, oh, ow, n)), cols
 
 
 def conv2d_backward(grad_y, cols, weight, x_shape, stride, padding, input_grad=True, ws=None):
