@@ -60,6 +60,14 @@ class Workspace:
             a = self._arrays[name] = np.empty(shape, dtype)
         return a
 
+    def zeros(self, name, shape, dtype):
+        """As `empty`, but zeroed when it is made: for a buffer whose every use writes one same
+        part of it (a padded input's interior), so that the rest stays zero."""
+        a = self._arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self._arrays[name] = np.zeros(shape, dtype)
+        return a
+
 
 def chwn(x):
     """x (N, C, H, W) as contiguous (C, H, W, N) memory: a view when it already is."""
