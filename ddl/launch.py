@@ -127,8 +127,9 @@ def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None):
             raise LaunchError("--hostfile: inside a Slurm allocation srun places the ranks on "
                               "the allocated nodes; drop --hostfile, or name an --mpiexec")
         if srun:
-            # PMI-2 is what the mpich wheel's library speaks, whatever the cluster's MpiDefault;
-            # without --quit-on-interrupt one Ctrl-C only makes srun print the step's status.
+            # PMI-2 is what the mpich wheel's library speaks, whatever the cluster's MpiDefault.
+            # (ddl launch passes a Ctrl-C on as SIGTERM; should a SIGINT reach srun some other
+            # way, --quit-on-interrupt makes one end the step, not print its status.)
             return [srun, "--mpi=pmi2", "--quit-on-interrupt", "-n", str(nprocs), *program]
         print("ddl launch: in a Slurm job but srun is not on PATH: using mpiexec",
               file=sys.stderr)
