@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ROOT, rank_env, refused, run_ddl, run_mpi
 from ddl.errors import Diverged
-from ddl.train import Config, run
+from ddl.config import Config
+from ddl.train import run
 
 QUICK = ["--subset", "256", "--batch-size", "64", "--epochs", "1", "--quiet"]
 
