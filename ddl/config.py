@@ -116,14 +116,15 @@ def click_options(command):
 def given(args):
     """The options that `args`, the command line after `ddl train`, gives: {field: value}, read by
     the same parser as `ddl train`'s. What it gives wrongly is left out (the job itself says so)."""
-    params = [click.Option(*_click_args(f)) for f in FIELDS.values()]
+    params = [click.Option(decls, **kwargs) for decls, kwargs in map(_click_args, FIELDS.values())]
     command = click.Command("train", params=params,
                             context_settings=dict(ignore_unknown_options=True))
     try:
         ctx = command.make_context("train", list(args), resilient_parsing=True)
     except click.UsageError:
         return {}
-    return {name: value for name, value in ctx.params.items() if value is not None}
+    return {name: value for name, value in ctx.params.items() if value is not None
+            and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
 
 
 def check_options(cfg, world_size):

@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 from ddl import checkpoint
+from ddl.comm import agree
 from ddl.config import OUTPUTS, flag
 from ddl.errors import CheckpointError, UsageError
 from ddl.evaluation import open_split, reading
@@ -89,3 +90,23 @@ def load_resumed(cfg, state, model, optimizer, schedule):
         optimizer.load_state_dict(dict(saved, hyper=dict(saved["hyper"],
                                                          weight_decay=cfg.weight_decay)))
         schedule.load_state_dict(dict(state["schedule"], base_lr=cfg.lr))
+
+
+def resume(cfg, comm, log, state, changes, model, optimizer, schedule, steps):
+    """With --resume: the checkpoint's `state` that rank 0 read (`check_inputs`, with the
+    `changes` it found) on every rank, loaded into `model`, `optimizer` and `schedule`, and said
+    in the log; returns it, or None for a new run (no checkpoint yet, or no --resume)."""
+    if not cfg.resume:
+        return None
+    state = comm.bcast_obj(state, what="broadcast of the checkpoint")  # rank 0 read it
+    if state is None:
+        log.info(f"no checkpoint {cfg.checkpoint} yet: starting a new run")
+        return None
+    agree(comm, lambda: load_resumed(cfg, state, model, optimizer, schedule), "checkpoint load")
+    start, first = int(state["epoch"]), int(state["step"])
+    log.info(f"resuming {cfg.checkpoint} "
+             + (f"at epoch {start + 1}, step {first} of {steps}" if first else
+                f"after epoch {start}")
+             + "".join(f", {change}" for change in changes)
+             + (": nothing left to train (raise --epochs to go on)" if start == cfg.epochs else ""))
+    return state

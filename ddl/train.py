@@ -30,7 +30,7 @@ from ddl.nn import CrossEntropyLoss
 from ddl.optim import make_optimizer
 from ddl.parallel import Replicas
 from ddl.preemption import StopRequest
-from ddl.resume import check_inputs, data_identity, load_resumed
+from ddl.resume import check_inputs, data_identity, resume
 from ddl.schedules import make_schedule
 from ddl.step import OFF, dropout_layers, seed_dropout, train_step
 from ddl.timeline import Timeline
@@ -127,21 +127,10 @@ def set_up(cfg, comm, log):
                         num_classes=train_set.num_classes)
     r = Run(cfg, comm, model, replicas, optimizer, schedule, loader, test_loader,
             dict(architecture=architecture, data=data_identity(train_set, test_set)), check)
-    if cfg.resume:
-        state = comm.bcast_obj(state, what="broadcast of the checkpoint")  # rank 0 read it
-    if state is None and cfg.resume:
-        log.info(f"no checkpoint {cfg.checkpoint} yet: starting a new run")
-    elif state is not None:
-        agree(comm, lambda: load_resumed(cfg, state, model, optimizer, schedule),
-              "checkpoint load")
+    state = resume(cfg, comm, log, state, changes, model, optimizer, schedule, steps)
+    if state is not None:
         r.start, r.first, r.partial = int(state["epoch"]), int(state["step"]), state["partial"]
         r.history, r.saved = list(state["history"]), _position(r.start, r.first)
-        log.info(f"resuming {cfg.checkpoint} "
-                 + (f"at epoch {r.start + 1}, step {r.first} of {steps}" if r.first else
-                    f"after epoch {r.start}")
-                 + "".join(f", {change}" for change in changes)
-                 + (": nothing left to train (raise --epochs to go on)"
-                    if r.start == cfg.epochs else ""))
     log.info(f"{cfg.model} for {dims(train_set.image_shape)} images of "
              f"{train_set.num_classes} classes: {replicas.data.size:,} parameters on "
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
