@@ -10,19 +10,12 @@ import traceback
 import click
 import numpy as np
 
-from ddl import kernels
+from ddl import config
 from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
 from ddl.errors import DDLError, UsageError
-from ddl.models import MODELS
-from ddl.optim import OPTIMIZERS
-from ddl.schedules import SCHEDULES
-from ddl.train import Config
-
-RECIPE = Config()
 
 SHOWN = 10          # `ddl predict` lists every class up to this many, else the most likely ones
-DATA = click.option("--data", default=RECIPE.data, show_default=True,
-                    help="HDF5 file written by `ddl prepare`.")
+DATA = config.click_option("data")
 
 
 def _job(comm, fn):
@@ -73,62 +66,15 @@ def cli():
 
 
 @cli.command()
-@click.option("--model", default=RECIPE.model, show_default=True,
-              help=f"{', '.join(MODELS)}, or your own: FILE.py:FUNCTION, where FUNCTION(in_shape, "
-                   f"num_classes) returns an nn.Module.")
-@click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True,
-              help="Global batch, split evenly across ranks.")
-@click.option("--micro-batch", type=int, default=RECIPE.micro_batch, show_default=True,
-              help="Images per forward/backward pass within a rank's batch (0: all at once).")
-@click.option("--kernels", type=click.Choice(kernels.NAMES), default=RECIPE.kernels,
-              show_default=True, help="Compiled (numba) or the reference (numpy).")
-@click.option("--lr", type=float, default=RECIPE.lr, show_default=True)
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=RECIPE.optimizer,
-              show_default=True)
-@click.option("--momentum", type=float, default=RECIPE.momentum, show_default=True)
-@click.option("--weight-decay", type=float, default=RECIPE.weight_decay, show_default=True)
-@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=RECIPE.schedule,
-              show_default=True, help="Learning rate over the iterations.")
-@click.option("--warmup", type=int, default=RECIPE.warmup, show_default=True,
-              help="Iterations of linear learning-rate warm-up.")
-@click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
-@DATA
-@click.option("--subset", type=int, default=0, help="Train on the first N images only.")
-@click.option("--shift", type=int, default=RECIPE.shift, show_default=True,
-              help="Augmentation: move each training image by up to N pixels each way.")
-@click.option("--flip", is_flag=True, help="Augmentation: mirror half the training images left "
-                                           "to right (not for digits or text).")
-@click.option("--checkpoint", default="",
-              help="Write a checkpoint here after every epoch, and where SIGTERM or Ctrl-C stops "
-                   "the run (an existing one needs --resume or --overwrite).")
-@click.option("--checkpoint-every", type=int, default=0,
-              help="Also write it every N steps (0: at epoch ends only).")
-@click.option("--checkpoint-seconds", type=float, default=0.0,
-              help="Also write it when this many seconds have passed since the last time.")
-@click.option("--resume", is_flag=True,
-              help="Continue the run saved in --checkpoint (none yet: start afresh).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing checkpoint, metrics file, plot or timeline with a new "
-                   "run's.")
-@click.option("--metrics", default="", help="Write per-epoch metrics here (JSON lines).")
-@click.option("--plot", default="", help="Write loss and accuracy curves here (PNG, PDF, ...).")
-@click.option("--timeline", default="",
-              help="Write every rank's phases here as a Chrome trace (Perfetto, "
-                   "chrome://tracing), and print where each rank's time went.")
-@click.option("--timeout", type=float, default=RECIPE.timeout, show_default=True,
-              help="Seconds a rank may wait for the others in a collective before the job ends "
-                   "naming those that did not arrive (0: wait for ever).")
+@config.click_options
 @click.option("--threads", type=click.IntRange(min=0), default=0,
               help="BLAS threads per rank (0: auto).")
-@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--debug", is_flag=True, help="Name the first layer and step giving NaN or inf.")
 def train(threads, **options):
     """Train a model; under mpirun, one replica per rank."""
     from ddl.train import run
     _threads(threads)
     comm = world()
-    _job(comm, lambda: run(Config(**options), comm))
+    _job(comm, lambda: run(config.Config(**options), comm))
 
 
 @cli.command(context_settings=dict(ignore_unknown_options=True, allow_interspersed_args=False))
@@ -197,7 +143,8 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
 @DATA
 def evaluate(checkpoint, data):
     """Test loss and accuracy of a checkpoint (also under mpirun)."""
-    from ddl.train import agree, eval_loader, evaluate as run_eval, open_split, restore
+    from ddl.comm import agree
+    from ddl.evaluation import eval_loader, evaluate as run_eval, open_split, restore
     _threads(0)
     comm = world()
 
@@ -219,7 +166,7 @@ def evaluate(checkpoint, data):
 def predict(checkpoint, data, index, out):
     """Classify one test image and show the class probabilities."""
     from ddl.atomic import check_outputs
-    from ddl.train import open_split, restore
+    from ddl.evaluation import open_split, restore
 
     def job():
         if out:

@@ -4,6 +4,7 @@ The training loop is written once against this interface; plain `ddl train` gets
 never initialises MPI. Array verbs work in place on contiguous NumPy buffers; the `_obj` verbs
 pickle.
 """
+import contextlib
 import functools
 import operator
 import os
@@ -12,8 +13,8 @@ import sys
 
 import numpy as np
 
-from ddl.errors import MPIUnavailable
-from ddl.watchdog import DEFAULT_TIMEOUT, Watchdog
+from ddl.errors import DDLError, Hung, MPIUnavailable
+from ddl.watchdog import DEFAULT_TIMEOUT, Scope, Watchdog
 
 # Launchers export one of these to every rank; their presence (with a size > 1) is the only signal
 # we need, so a plain `ddl train` never pays for MPI_Init. Slurm's are the job step's: a batch
@@ -113,15 +114,30 @@ def choose_mpi_library():
                          f"installed: {remedy}")
 
 
-class SingleCommunicator:
-    """A world of one: every collective is the identity, so debug mode costs nothing.
+class _Scoped:
+    """What both communicators share: the `Scope` their collectives wait in (ddl/watchdog.py:
+    how long a rank may wait, and where the job is, for the message when it waited too long).
+    The verbs take `what`, the collective's name in that message."""
 
-    Both communicators carry `timeout` (seconds a rank may wait in a collective before the job
-    ends: ddl/watchdog.py; 0 waits for ever) and `where` (where the job is, e.g. "of step 1,204",
-    for that error's message); the verbs take `what`, the collective's name in it."""
+    def __init__(self, timeout=DEFAULT_TIMEOUT):
+        self.scope = Scope(timeout)
+
+    @contextlib.contextmanager
+    def at(self, where, timeout=None):
+        """Within the block, collectives are `where` the job is ("of step 1,204", "at the end of
+        epoch 3"), and wait at most `timeout` seconds (None: as outside it; 0: for ever)."""
+        outer = self.scope
+        self.scope = Scope(outer.timeout if timeout is None else timeout, where)
+        try:
+            yield self
+        finally:
+            self.scope = outer
+
+
+class SingleCommunicator(_Scoped):
+    """A world of one: every collective is the identity, so debug mode costs nothing."""
 
     rank, size = 0, 1
-    timeout, where = DEFAULT_TIMEOUT, ""
 
     def allreduce(self, buf, op="sum", what="all-reduce"):
         return buf
@@ -158,26 +174,25 @@ class _Done:
 
 
 class _Pending:
-    """A started collective; `wait()` finishes it under the watchdog."""
+    """A started collective; `wait()` finishes it with `finish` (the communicator's `_wait`)."""
 
-    def __init__(self, request, watchdog, what):
-        self.request, self.watchdog, self.what = request, watchdog, what
+    def __init__(self, request, finish, what):
+        self.request, self.finish, self.what = request, finish, what
 
     def wait(self):
-        self.watchdog.wait(self.request, self.what)
+        self.finish(self.request, self.what)
 
 
 _REDUCE = {"sum": operator.add, "max": max, "min": min}
 
 
-class MPICommunicator:
+class MPICommunicator(_Scoped):
     """COMM_WORLD through mpi4py; array verbs use the buffer interface (no pickling). Every verb
     is a nonblocking collective finished by the watchdog (ddl/watchdog.py), so a rank that waits
     neither spins on a core nor waits for ever."""
 
-    timeout, where = DEFAULT_TIMEOUT, ""
-
-    def __init__(self):
+    def __init__(self, timeout=DEFAULT_TIMEOUT):
+        super().__init__(timeout)
         choose_mpi_library()
         if oversubscribed():
             for var, value in _YIELD_WHEN_IDLE.items():
@@ -190,7 +205,7 @@ class MPICommunicator:
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.watchdog = Watchdog(MPI, self.comm, self)
+        self.watchdog = Watchdog(MPI, self.comm)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     def allreduce(self, buf, op="sum", what="all-reduce"):
@@ -200,16 +215,16 @@ class MPICommunicator:
     def iallreduce(self, buf, op="sum", what="all-reduce"):
         """Start an in-place all-reduce; call `.wait()` on the result before reading `buf`."""
         return _Pending(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op]),
-                        self.watchdog, what)
+                        self._wait, what)
 
     def bcast(self, buf, root=0, what="broadcast"):
-        self.watchdog.wait(self.comm.Ibcast(buf, root=root), what)
+        self._wait(self.comm.Ibcast(buf, root=root), what)
         return buf
 
     def barrier(self, what="barrier", at_least=0.0):
         """`at_least`: seconds this barrier may take whatever the timeout, for a wait on work of
         unknown length (rank 0 compiling the kernels)."""
-        self.watchdog.wait(self.comm.Ibarrier(), what, at_least)
+        self._wait(self.comm.Ibarrier(), what, at_least)
 
     def allreduce_obj(self, obj, op="sum", what="all-reduce"):
         return functools.reduce(_REDUCE[op], self.allgather_obj(obj, what))
@@ -234,17 +249,21 @@ class MPICommunicator:
         data = _pickled(obj)
         sizes = np.zeros(self.size, np.int64)
         mine = np.array([data.size], np.int64)
-        self.watchdog.wait(self.comm.Iallgather(mine, sizes) if root is None else
-                           self.comm.Igather(mine, sizes, root), what)
+        self._wait(self.comm.Iallgather(mine, sizes) if root is None else
+                   self.comm.Igather(mine, sizes, root), what)
         if root is not None and self.rank != root:
-            self.watchdog.wait(self.comm.Igatherv(data, None, root), what)
+            self._wait(self.comm.Igatherv(data, None, root), what)
             return None
         out = np.empty(sizes.sum(), np.uint8)
         spec = [out, (sizes, np.cumsum(sizes) - sizes), self.MPI.BYTE]
-        self.watchdog.wait(self.comm.Iallgatherv(data, spec) if root is None else
-                           self.comm.Igatherv(data, spec, root), what)
+        self._wait(self.comm.Iallgatherv(data, spec) if root is None else
+                   self.comm.Igatherv(data, spec, root), what)
         ends = np.cumsum(sizes)
         return [pickle.loads(out[end - size:end]) for size, end in zip(sizes, ends)]
+
+    def _wait(self, request, what, at_least=0.0):
+        """Finish `request` under the watchdog, in the scope of the moment."""
+        self.watchdog.wait(request, what, self.scope, at_least)
 
     def abort(self, code=1):
         sys.stdout.flush()
@@ -259,3 +278,21 @@ def _pickled(obj):
 def world():
     """The communicator for this process: MPI when a launcher started several ranks."""
     return MPICommunicator() if launched_size() > 1 else SingleCommunicator()
+
+
+def agree(comm, fn, what="check that every rank succeeded"):
+    """`fn()` on every rank; a DDLError on any rank is raised on every rank (rank 0's, else the
+    first failing rank's, named), so all stop together and none waits in a collective for one
+    that left. `what` names the collective that follows `fn` (for the watchdog: "rank 0 did not
+    reach the checkpoint write ...")."""
+    try:
+        result, problem = fn(), None
+    except Hung:                    # this rank ends the job now: no collective can complete
+        raise
+    except DDLError as e:
+        result, problem = None, (type(e), str(e))
+    problems = [(r, p) for r, p in enumerate(comm.allgather_obj(problem, what)) if p]
+    if problems:
+        r, (kind, message) = problems[0]
+        raise kind(message if r == 0 else f"rank {r}: {message}", everywhere=True)
+    return result

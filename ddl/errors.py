@@ -6,7 +6,7 @@ traceback.
 
 class DDLError(Exception):
     """An error the user can fix. `everywhere`: raised on every rank of the job at once (through
-    `train.agree`, or from numbers every rank shares), so the job can end without MPI_Abort.
+    `comm.agree`, or from numbers every rank shares), so the job can end without MPI_Abort.
     `prefix` starts the line the CLI prints; `names_ranks`: the message already says which ranks
     it is about, so the CLI does not prefix the rank that raised it."""
     status = 1

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 
+from ddl import config
 from ddl.errors import LaunchError
 
 
@@ -164,7 +165,8 @@ def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
     again, up to that many times, with --resume once it has written its checkpoint (before that,
     as it was: with --overwrite, a checkpoint from an earlier run is not this job's to resume)."""
     args = list(args)
-    path = _checkpoint_of(args)
+    given = config.given(args[1:]) if args[:1] == ["train"] else {}
+    path = given.get("checkpoint")
     if max_restarts and not (args[:1] == ["train"] and path):
         raise LaunchError("--max-restarts needs `train ... --checkpoint PATH`: a failed job "
                           "restarts from its checkpoint")
@@ -179,8 +181,8 @@ def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
                   + (f"from {path}" if saved else "afresh: it had not saved a checkpoint yet")
                   + f" (restart {restart + 1} of {max_restarts})", file=sys.stderr, flush=True)
             if saved:
-                again = ([a for a in args if a != "--overwrite"]
-                         + ["--resume"] * ("--resume" not in args))
+                again = ([a for a in args if a != config.flag("overwrite")]
+                         + [config.flag("resume")] * (not given.get("resume")))
     if max_restarts:
         print(f"ddl launch: the job failed {max_restarts + 1} times; giving up", file=sys.stderr)
     return code
@@ -247,12 +249,3 @@ def _file_version(path):
         return None
     return st.st_ino, st.st_mtime_ns
 
-
-def _checkpoint_of(args):
-    """The PATH of `--checkpoint PATH` (or `--checkpoint=PATH`) in `args`, or None."""
-    for i, arg in enumerate(args):
-        if arg == "--checkpoint" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--checkpoint="):
-            return arg.split("=", 1)[1]
-    return None

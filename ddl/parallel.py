@@ -3,16 +3,31 @@
 Every parameter's `data` and `grad` become views into two contiguous buffers, so the start-up
 broadcast, the per-step gradient all-reduce and the divergence check each cost one MPI call
 whatever the number of layers (Horovod's tensor fusion and PyTorch DDP's buckets, taken to the
-limit that these small models allow). The loss rides in the gradients' buffer, and with it the
-check that nothing turned NaN or inf on any rank, and the flags that every rank must agree on at
-the same step (stop now, save now).
+limit that these small models allow). The step's `Signals` ride in the gradients' buffer: the
+loss, with it the check that nothing turned NaN or inf on any rank, and the flags that every rank
+must agree on at the same step (stop now, save now).
 """
 import math
+import typing
 import zlib
 
 import numpy as np
 
 from ddl.errors import ReplicaDivergence
+
+
+class Signals(typing.NamedTuple):
+    """What travels with the gradients in their all-reduce, one float each after them, in this
+    order. Sent: this rank's values; received: the world's."""
+    loss: float             # the global batch's mean loss; NaN if any loss or gradient was not
+                            # finite on any rank (both survive the sum: the finite check)
+    stop: bool = False      # a SIGTERM or SIGINT reached a rank: every rank stops after this step
+    save: bool = False      # rank 0's clock says a checkpoint is due: every rank saves
+
+    @property
+    def diverged(self):
+        """Whether a loss or gradient was NaN or inf on some rank."""
+        return math.isnan(self.loss)
 
 
 def flatten(params, dtype=np.float32, spare=0):
@@ -34,10 +49,10 @@ def flatten(params, dtype=np.float32, spare=0):
 class Replicas:
     """Keeps a model identical on every rank of `comm` (a world of one is fine: no-ops)."""
 
-    def __init__(self, model, comm, root=0, flags=0):
+    def __init__(self, model, comm, root=0):
         self.model, self.comm = model, comm
-        self.data, self.reduced = flatten(model.parameters(), spare=1 + flags)
-        self.grad = self.reduced[:-1 - flags]   # then the loss, then the flags
+        self.data, self.reduced = flatten(model.parameters(), spare=len(Signals._fields))
+        self.grad = self.reduced[:-len(Signals._fields)]    # then the signals
         # Seeded init already agrees, but a user's own model or seed handling may not: rank 0 wins.
         comm.bcast(self.data, root=root, what="broadcast of the initial weights")
         buffers = comm.bcast_obj(dict(model.named_buffers()), root=root,
@@ -48,20 +63,20 @@ class Replicas:
     def zero_grad(self):
         self.grad[...] = 0
 
-    def allreduce_grads(self, loss, *flags):
-        """Average the gradients of all ranks, and their `loss`es with them, in one all-reduce
+    def allreduce_grads(self, loss, stop=False, save=False):
+        """Average the gradients of all ranks, and their `Signals` with them, in one all-reduce
         (each rank's loss is a mean over equal local batches, so the averages are the global batch
-        mean's gradient and loss). Returns that loss, or NaN if it or any gradient is NaN or inf on
-        any rank: both survive the sum, so every rank gets the same answer with no collective of
-        its own, for one pass over the buffer. `flags`, as many booleans as the constructor was
-        told, ride along too. Returns (that loss, the flags, each set if any rank set it)."""
-        n = len(flags)
-        self.reduced[-1 - n:] = (loss, *flags)
+        mean's gradient and loss). The finite check costs one pass over the buffer and no
+        collective of its own: a NaN or inf anywhere makes the loss NaN on every rank. Returns
+        the world's Signals: that loss, and each flag set if any rank set it."""
+        n = len(Signals._fields)
+        self.reduced[-n:] = Signals(loss, stop, save)
         if self.comm.size > 1:
             self.comm.allreduce(self.reduced, what="gradient all-reduce")
             self.reduced *= np.float32(1.0 / self.comm.size)
-        loss = float(self.reduced[-1 - n]) if np.isfinite(self.reduced).all() else math.nan
-        return loss, tuple(bool(f) for f in self.reduced[len(self.reduced) - n:])
+        finite = np.isfinite(self.reduced).all()
+        loss, *flags = self.reduced[-n:]
+        return Signals(float(loss) if finite else math.nan, *(bool(f) for f in flags))
 
     def average_buffers(self):
         """Running statistics (BatchNorm) saw only their rank's data: average them before eval."""

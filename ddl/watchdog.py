@@ -18,6 +18,7 @@ doubling: a rank's partner sent its part, then stopped), so it is named only whe
 answered. The lowest rank that answered raises Hung, which ends the job; the rest keep waiting
 (and answering) until it does.
 """
+import dataclasses
 import os
 import time
 
@@ -33,26 +34,32 @@ GRACE = 0.5
 _QUERY, _ANSWER = 1, 2
 
 
-class Watchdog:
-    """Waits on the requests of the collectives of `owner` (an MPICommunicator, whose `timeout`
-    and `where` it reads when it needs them) over `comm`, an mpi4py communicator."""
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """What a wait is given besides its collective: `timeout`, the seconds a rank may wait (0: for
+    ever), and `where`, where the job is, for the message when it waits too long (e.g. "of step
+    1,204": "rank 3 did not reach the gradient all-reduce of step 1,204 within 300 s")."""
+    timeout: float = DEFAULT_TIMEOUT
+    where: str = ""
 
-    def __init__(self, MPI, comm, owner):
-        self.MPI, self.owner = MPI, owner
+
+class Watchdog:
+    """Waits on the requests of collectives over `comm`, an mpi4py communicator."""
+
+    def __init__(self, MPI, comm):
+        self.MPI = MPI
         self.comm = comm.Dup()             # its messages never meet the job's
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.entered = 0                   # collectives this rank has started
-        self.what = ""
         self._asked = 0                    # questions this rank has asked
         self._sends = []                   # (request, buffer) of answers and questions in flight
 
-    def wait(self, request, what, at_least=0.0):
+    def wait(self, request, what, scope=Scope(), at_least=0.0):
         """Return when `request` (this rank's part of the collective `what`, a noun phrase such
-        as "gradient all-reduce") has completed. Raises Hung when it has waited longer than the
-        owner's timeout (0: never), or `at_least` seconds if that is longer, and the ranks that
+        as "gradient all-reduce") has completed. Raises Hung when it has waited longer than
+        `scope`'s timeout (0: never), or `at_least` seconds if that is longer, and the ranks that
         did not arrive are known."""
         self.entered += 1
-        self.what = what
         if request.Test():
             return
         started = time.perf_counter()
@@ -61,10 +68,10 @@ class Watchdog:
             if request.Test():
                 return
             os.sched_yield()
-        self._sleep_until_done(request, started, self.owner.timeout and
-                               max(self.owner.timeout, at_least))
+        self._sleep_until_done(request, started, scope.timeout and max(scope.timeout, at_least),
+                               f"the {what}" + (f" {scope.where}" if scope.where else ""))
 
-    def _sleep_until_done(self, request, started, timeout):
+    def _sleep_until_done(self, request, started, timeout, what):
         verdict, give_up = None, None
         while True:
             now = time.perf_counter()
@@ -75,11 +82,11 @@ class Watchdog:
                     return
                 missing, reporter = verdict
                 if reporter == self.rank:
-                    raise Hung(self._message(missing, timeout))
+                    raise Hung(_message(what, missing, timeout))
                 # The reporter ends the job; should it fail to, this rank does.
                 give_up = now + 3 * GRACE
             if give_up and now > give_up:
-                raise Hung(self._message(verdict[0], timeout))
+                raise Hung(_message(what, verdict[0], timeout))
             time.sleep(min(NAP_MAX, max(NAP_MIN, (now - started) / 20)))
             until = time.perf_counter() + RESPIN
             while True:
@@ -131,11 +138,11 @@ class Watchdog:
         behind = [r for r, entered in sorted(heard.items()) if entered < self.entered]
         return silent or behind, min(heard)
 
-    def _message(self, missing, timeout):
-        where = self.owner.where
-        what = f"the {self.what}" + (f" {where}" if where else "")
-        if not missing:
-            return f"{what} did not complete within {timeout:g} s, though every rank reached it"
-        who = (f"rank {missing[0]}" if len(missing) == 1 else
-               f"ranks {', '.join(map(str, missing))}")
-        return f"{who} did not reach {what} within {timeout:g} s"
+
+def _message(what, missing, timeout):
+    """Hung's message: `what` ("the gradient all-reduce of step 1,204") did not complete within
+    `timeout` seconds, because of the `missing` ranks."""
+    if not missing:
+        return f"{what} did not complete within {timeout:g} s, though every rank reached it"
+    who = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}"
+    return f"{who} did not reach {what} within {timeout:g} s"

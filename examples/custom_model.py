@@ -14,7 +14,7 @@ from ddl.comm import world
 from ddl.data import DistributedSampler, H5Dataset, Loader
 from ddl.optim import SGD
 from ddl.parallel import Replicas
-from ddl.train import eval_loader, evaluate
+from ddl.evaluation import eval_loader, evaluate
 
 
 def make_model(in_shape, num_classes, seed=0):

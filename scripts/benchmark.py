@@ -33,7 +33,8 @@ from ddl.launch import find_mpiexec, rank_env  # noqa: E402
 from ddl.models import build, to_torch  # noqa: E402
 from ddl.optim import SGD  # noqa: E402
 from ddl.parallel import Replicas  # noqa: E402
-from ddl.train import Config, train_step  # noqa: E402
+from ddl.config import Config  # noqa: E402
+from ddl.step import train_step  # noqa: E402
 
 MODELS = ("seed-cnn", "ref-cnn")
 MNIST = ((1, 28, 28), 10)  # in_shape and classes: what the synthetic batches are

@@ -40,7 +40,7 @@ def worker(rounds):
     from ddl.optim import SGD
     from ddl.parallel import Replicas
     from ddl.timeline import Off, Timeline
-    from ddl.train import train_step
+    from ddl.step import train_step
     threadpool_limits(1)
     comm = world()
     kernels.warm(comm)

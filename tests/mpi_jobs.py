@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ddl.comm import world
-from ddl.train import Config, eval_loader, evaluate, restore, run
+from ddl.config import Config
+from ddl.evaluation import eval_loader, evaluate, restore
+from ddl.train import run
 
 
 def _config(pairs):
@@ -92,11 +94,11 @@ def job_fail(comm, out, pairs):
     calls = []
     original = parallel.Replicas.allreduce_grads
 
-    def flaky(self, *values):
+    def flaky(self, *values, **signals):
         calls.append(1)
         if comm.rank == 1 and len(calls) == 3:
             raise ZeroDivisionError("injected failure on rank 1")
-        return original(self, *values)
+        return original(self, *values, **signals)
     parallel.Replicas.allreduce_grads = flaky
     cli.main(["train", "--quiet", *pairs])
 
@@ -134,8 +136,9 @@ def job_behind(comm, out, args):
     goes to rank{reporter}.txt."""
     import time
     from ddl.errors import Hung
+    from ddl.watchdog import Scope
     MPI, raw, dog = comm.MPI, comm.comm, comm.watchdog
-    comm.timeout = 1
+    scope = Scope(timeout=1)
     never = np.empty(1)
     try:
         if comm.rank < 2:
@@ -143,10 +146,10 @@ def job_behind(comm, out, args):
             got = np.empty(1)
             done = [raw.Isend(np.ones(1), other), raw.Irecv(got, other)]
             MPI.Request.Waitall(done)
-            dog.wait(MPI.REQUEST_NULL, "first wait")
-            dog.wait(raw.Irecv(never, 3), "second wait")
+            dog.wait(MPI.REQUEST_NULL, "first wait", scope)
+            dog.wait(raw.Irecv(never, 3), "second wait", scope)
         elif comm.rank == 2 or args[0] != "silent":
-            dog.wait(raw.Irecv(never, 3 if comm.rank == 2 else 2), "first wait")
+            dog.wait(raw.Irecv(never, 3 if comm.rank == 2 else 2), "first wait", scope)
         else:
             time.sleep(10)
     except Hung as e:

@@ -10,10 +10,28 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, rank_env, refused, run_ddl, run_mpi
+from ddl.config import Config
 from ddl.errors import Diverged
-from ddl.train import Config, run
+from ddl.train import run
 
 QUICK = ["--subset", "256", "--batch-size", "64", "--epochs", "1", "--quiet"]
+
+
+def test_the_options_are_config_s_fields():
+    """`ddl train` has one option per Config field, with its flag and default, and --threads;
+    `ddl launch` reads a train command line with the same declaration."""
+    import dataclasses
+    from ddl import cli, config
+    options = {p.name: p for p in cli.train.params}
+    fields = dataclasses.fields(Config)
+    assert set(options) == {f.name for f in fields} | {"threads"}
+    for f in fields:
+        assert options[f.name].opts == [config.flag(f.name)]
+        assert options[f.name].default == f.default, f.name
+    assert options["optimizer"].type.choices == tuple(config.OPTIMIZERS)
+    args = ["--threads", "2", "--checkpoint=c.h5", "--epochs", "x", "--resume", "--lr", "0.1"]
+    assert config.given(args) == dict(checkpoint="c.h5", resume=True, lr=0.1)
+    assert config.given(["--checkpoint"]) == {}
 
 
 def test_debug_names_the_first_non_finite_layer(mnist_h5):

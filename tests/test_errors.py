@@ -14,7 +14,8 @@ import pytest
 from conftest import refused, run_ddl, run_mpi, untouched
 from ddl import checkpoint, cli
 from ddl.errors import OutputError
-from ddl.train import Config, run
+from ddl.config import Config
+from ddl.train import run
 
 JOBS = Path(__file__).with_name("mpi_jobs.py")
 FAST = ["--subset", "256", "--batch-size", "64"]       # 4 steps an epoch

@@ -15,7 +15,9 @@ import pytest
 
 from conftest import processes, rank_env, refused, run_ddl
 from ddl import checkpoint
-from ddl.train import Config, dropout_layers, run, seed_dropout
+from ddl.config import Config
+from ddl.step import dropout_layers, seed_dropout
+from ddl.train import run
 
 STEPS = 200                                     # steps per epoch: 12,800 images, batch 64
 

@@ -41,6 +41,34 @@ def test_communicator_verbs(n, tmp_path):
         assert got["bcast_obj"] == {"from": 0}
 
 
+def test_step_signals_travel_with_the_gradients():
+    """The loss and flags ride in the gradients' all-reduce: averaged, set if any rank set them,
+    and the loss NaN (diverged) when any gradient of any rank is not finite."""
+    from ddl.parallel import Replicas, Signals
+    model = build("mlp", (1, 28, 28), 10)
+
+    class TwoRanks:             # rank 0 of two; rank 1's loss is 3 and it received a SIGTERM
+        rank, size = 0, 2
+
+        def bcast(self, buf, root=0, what=""):
+            return buf
+
+        def bcast_obj(self, obj, root=0, what=""):
+            return obj
+
+        def allreduce(self, buf, op="sum", what=""):
+            buf += other
+            return buf
+    replicas = Replicas(model, TwoRanks())
+    other = np.zeros_like(replicas.reduced)
+    other[-len(Signals._fields):] = Signals(loss=3.0, stop=True)
+    replicas.zero_grad()
+    assert replicas.allreduce_grads(1.0) == Signals(2.0, stop=True, save=False)
+    assert replicas.allreduce_grads(1.0, save=True) == Signals(2.0, stop=True, save=True)
+    other[0] = np.nan
+    assert replicas.allreduce_grads(1.0).diverged
+
+
 def test_divergence_is_detected(tmp_path):
     job(2, "diverge", tmp_path)
     for r in range(2):

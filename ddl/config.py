@@ -1,0 +1,171 @@
+"""The options of `ddl train`, declared once: `Config`'s fields, whose metadata (help, choices,
+lowest values) makes both the click options of `ddl train` and the checks of `check_options`.
+
+To add an option: add a field with `option(...)`; `ddl train` gets its flag, `--help` its text,
+and `check_options` its choices or range. Decide whether `--resume` may change it (ddl/resume.py's
+FIXED and IGNORED).
+"""
+import contextlib
+import dataclasses
+import math
+
+import click
+
+from ddl import checkpoint, kernels
+from ddl.atomic import check_outputs, remove_leftovers
+from ddl.errors import UsageError
+from ddl.models import MODELS, check_name
+from ddl.optim import OPTIMIZERS
+from ddl.schedules import SCHEDULES
+from ddl.watchdog import DEFAULT_TIMEOUT
+
+OUTPUTS = ("checkpoint", "metrics", "plot", "timeline")
+
+
+def option(default, help=None, *, choices=None, at_least=None, finite=None, show_default=None):
+    """A field of `Config`: `choices`, the values it may take; `at_least`, an integer's lowest;
+    `finite`, "> 0" or ">= 0", what a float must be besides finite; `show_default` (default: for
+    numbers and non-empty text) whether --help shows the default."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, choices=choices, at_least=at_least, finite=finite, show_default=show_default))
+
+
+@dataclasses.dataclass
+class Config:
+    """Options of `ddl train`; the defaults are the tuned recipe for MNIST (what each choice buys,
+    measured, is in the README's "The recipe")."""
+    model: str = option("seed-cnn", f"{', '.join(MODELS)}, or your own: FILE.py:FUNCTION, where "
+                                    f"FUNCTION(in_shape, num_classes) returns an nn.Module.")
+    epochs: int = option(7, at_least=1)
+    batch_size: int = option(128, "Global batch, split evenly across ranks.", at_least=1)
+    micro_batch: int = option(64, "Images per forward/backward pass within a rank's batch (0: "
+                                  "all at once).", at_least=0)
+    kernels: str = option("numba", "Compiled (numba) or the reference (numpy).",
+                          choices=tuple(kernels.NAMES))
+    lr: float = option(0.05, finite="> 0")
+    optimizer: str = option("sgd", choices=tuple(OPTIMIZERS))
+    momentum: float = option(0.9, finite=">= 0")
+    weight_decay: float = option(0.0, finite=">= 0")
+    schedule: str = option("cosine", "Learning rate over the iterations.",
+                           choices=tuple(SCHEDULES))
+    warmup: int = option(0, "Iterations of linear learning-rate warm-up.", at_least=0)
+    seed: int = option(0, at_least=0)
+    data: str = option("data/mnist.h5", "HDF5 file written by `ddl prepare`.")
+    subset: int = option(0, "Train on the first N images only.", at_least=0, show_default=False)
+    shift: int = option(1, "Augmentation: move each training image by up to N pixels each way.",
+                        at_least=0)
+    flip: bool = option(False, "Augmentation: mirror half the training images left to right (not "
+                               "for digits or text).")
+    checkpoint: str = option("", "Write a checkpoint here after every epoch, and where SIGTERM or "
+                                 "Ctrl-C stops the run (an existing one needs --resume or "
+                                 "--overwrite).")
+    checkpoint_every: int = option(0, "Also write it every N steps (0: at epoch ends only).",
+                                   at_least=0, show_default=False)
+    checkpoint_seconds: float = option(0, "Also write it when this many seconds have passed "
+                                          "since the last time.", finite=">= 0",
+                                       show_default=False)
+    resume: bool = option(False, "Continue the run saved in --checkpoint (none yet: start "
+                                 "afresh).")
+    overwrite: bool = option(False, "Replace an existing checkpoint, metrics file, plot or "
+                                    "timeline with a new run's.")
+    metrics: str = option("", "Write per-epoch metrics here (JSON lines).")
+    plot: str = option("", "Write loss and accuracy curves here (PNG, PDF, ...).")
+    timeline: str = option("", "Write every rank's phases here as a Chrome trace (Perfetto, "
+                               "chrome://tracing), and print where each rank's time went.")
+    timeout: float = option(DEFAULT_TIMEOUT, "Seconds a rank may wait for the others in a "
+                                             "collective before the job ends naming those that "
+                                             "did not arrive (0: wait for ever).", finite=">= 0")
+    quiet: bool = option(False, "Print nothing but errors.")
+    debug: bool = option(False, "Name the first layer and step giving NaN or inf.")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def flag(name):
+    """The command-line flag of field `name`: "--batch-size" for batch_size."""
+    return f"--{name.replace('_', '-')}"
+
+
+def _click_args(f):
+    """(declarations, keyword arguments) of the click option of field `f`."""
+    meta = f.metadata
+    kwargs = dict(default=f.default, help=meta["help"])
+    if f.type is bool:
+        kwargs.update(is_flag=True)
+    else:
+        kwargs.update(type=click.Choice(meta["choices"]) if meta["choices"] else f.type)
+        show = meta["show_default"]
+        kwargs.update(show_default=f.default != "" if show is None else show)
+    return [flag(f.name)], kwargs
+
+
+def click_option(name):
+    """The click option of field `name` (a decorator), for a command that takes it too."""
+    args, kwargs = _click_args(FIELDS[name])
+    return click.option(*args, **kwargs)
+
+
+def click_options(command):
+    """Decorate click `command` with an option for every field, in the fields' order."""
+    for name in reversed(FIELDS):
+        command = click_option(name)(command)
+    return command
+
+
+def given(args):
+    """The options that `args`, the command line after `ddl train`, gives: {field: value}, read by
+    the same parser as `ddl train`'s. What it gives wrongly is left out (the job itself says so)."""
+    params = [click.Option(decls, **kwargs) for decls, kwargs in map(_click_args, FIELDS.values())]
+    command = click.Command("train", params=params,
+                            context_settings=dict(ignore_unknown_options=True))
+    try:
+        ctx = command.make_context("train", list(args), resilient_parsing=True)
+    except click.UsageError:
+        return {}
+    return {name: value for name, value in ctx.params.items() if value is not None
+            and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+
+
+def check_options(cfg, world_size):
+    """Raise UsageError for a problem visible from the options alone (no I/O)."""
+    check_name(cfg.model)
+    fields = [(f.name, getattr(cfg, f.name), f.metadata) for f in FIELDS.values()]
+    for name, value, meta in fields:
+        if meta["choices"] and value not in meta["choices"]:
+            raise UsageError(f"unknown {name} {value!r} (choose from "
+                             f"{', '.join(meta['choices'])})")
+    # Zero means "off" or "all" for the micro-batch, warm-up, subset, shift and checkpoint
+    # interval.
+    for name, value, meta in fields:
+        if meta["at_least"] is not None and value < meta["at_least"]:
+            raise UsageError(f"{flag(name)} must be at least {meta['at_least']}, got {value}")
+    # What PyTorch's optimizers refuse, and NaN or inf besides, which would spoil every weight.
+    for name, value, meta in fields:
+        low = meta["finite"]
+        if low and not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+            raise UsageError(f"{flag(name)} must be a finite number {low}, got {value}")
+    if cfg.batch_size % world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide by "
+                         f"the {world_size} ranks")
+    for name in ("resume", "checkpoint_every", "checkpoint_seconds"):
+        if getattr(cfg, name) and not cfg.checkpoint:
+            raise UsageError(f"{flag(name)} needs --checkpoint PATH")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the checkpoint and --overwrite replaces it: "
+                         "choose one")
+
+
+def claim_outputs(cfg):
+    """Rank 0's checks of the output paths (none is the data file or another output; each can be
+    written), then the checkpoint's lock: returned held, for a `with` around the run. Temporary
+    files that a killed job left beside the outputs go."""
+    outputs = [(flag(name), getattr(cfg, name)) for name in OUTPUTS if getattr(cfg, name)]
+    check_outputs(outputs, [("--data", cfg.data)])
+    if cfg.plot:
+        from ddl.plots import check_format
+        check_format(cfg.plot, "--plot")
+    lock = checkpoint.Lock(cfg.checkpoint) if cfg.checkpoint else contextlib.nullcontext()
+    for _, path in outputs:
+        remove_leftovers(path)
+    return lock
