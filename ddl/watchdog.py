@@ -41,6 +41,8 @@ class Watchdog:
         self.MPI, self.owner = MPI, owner
         self.comm = comm.Dup()             # its messages never meet the job's
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        # Where each rank runs, to name the host of a rank that does not arrive (its link down).
+        self.hosts = comm.allgather(MPI.Get_processor_name())
         self.entered = 0                   # collectives this rank has started
         self.what = ""
         self._asked = 0                    # questions this rank has asked
@@ -138,4 +140,7 @@ class Watchdog:
             return f"{what} did not complete within {timeout:g} s, though every rank reached it"
         who = (f"rank {missing[0]}" if len(missing) == 1 else
                f"ranks {', '.join(map(str, missing))}")
+        if len(set(self.hosts)) > 1:
+            hosts = sorted({self.hosts[r] for r in missing})
+            who += f" (on {', '.join(hosts)})"
         return f"{who} did not reach {what} within {timeout:g} s"
