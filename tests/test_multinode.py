@@ -15,7 +15,7 @@ import pytest
 from conftest import MNIST, ROOT, rank_env
 from ddl import comm, launch
 from ddl.models import build
-from test_cluster import TINY, assert_follows, one_process, train_args  # noqa: F401 (a fixture)
+from test_cluster import OPENMPI, assert_follows, one_process, train_args  # noqa: F401 (a fixture)
 
 SCRIPT = ROOT / "scripts" / "emulated-cluster.sh"
 AGENT = ROOT / "scripts" / "netns-agent"
@@ -101,12 +101,13 @@ def on_node(node, cmd, **popen):
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
-def ddl_launch(n, tmp_path, args):
+def ddl_launch(n, tmp_path, args, mpiexec=None):
     """`ddl launch -n N` on n1 over nodes n1..nN, one rank each, through the cluster's ssh."""
     hosts = tmp_path / "hosts"
     hosts.write_text("".join(f"n{k}\n" for k in range(1, n + 1)))
+    given = ["--mpiexec", mpiexec] if mpiexec else []
     return on_node("n1", [sys.executable, "-m", "ddl", "launch", "-n", n, "--hostfile", hosts,
-                          "--agent", AGENT, "--iface", "eth0", "--", *args])
+                          *given, "--agent", AGENT, "--iface", "eth0", "--", *args])
 
 
 def sent(node):
@@ -117,17 +118,20 @@ def sent(node):
 
 
 @needs_nodes
-@pytest.mark.parametrize("n", [2, 4])
-def test_n_nodes_follow_one_process(n, cluster, one_process, mnist_h5, tmp_path):
-    """One rank per node: the weights of one process, and every node but the launcher's sent
-    at least one gradient per step over its link (4 steps): the ranks did not take a shortcut
-    through this machine's shared memory."""
+@pytest.mark.parametrize("n, mpiexec", [
+    (2, None), (4, None),
+    pytest.param(2, OPENMPI, marks=pytest.mark.skipif(not OPENMPI, reason="no mpirun.openmpi"))],
+    ids=["hydra-2", "hydra-4", "openmpi-2"])
+def test_n_nodes_follow_one_process(n, mpiexec, cluster, one_process, mnist_h5, tmp_path):
+    """One rank per node, through Hydra (the project's mpiexec) or Open MPI: the weights of one
+    process, and every node but the launcher's sent at least one gradient per step over its link:
+    the ranks did not take a shortcut through this machine's shared memory."""
     before = {k: sent(f"n{k}") for k in range(2, n + 1)}
-    job = ddl_launch(n, tmp_path, train_args(mnist_h5, tmp_path / "c.h5"))
+    job = ddl_launch(n, tmp_path, train_args(mnist_h5, tmp_path / "c.h5"), mpiexec)
     stdout, stderr = job.communicate(timeout=120)
     assert_follows(one_process, subprocess.CompletedProcess([], job.returncode, stdout, stderr),
                    tmp_path / "c.h5", n)
-    steps = 256 // 64
+    steps = 256 // 64           # test_cluster's TINY run
     for k, was in before.items():
         assert sent(f"n{k}") - was >= steps * GRADIENT_BYTES, f"n{k}"
 
