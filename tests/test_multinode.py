@@ -122,7 +122,8 @@ def sent(node):
     (2, None), (4, None),
     pytest.param(2, OPENMPI, marks=pytest.mark.skipif(not OPENMPI, reason="no mpirun.openmpi"))],
     ids=["hydra-2", "hydra-4", "openmpi-2"])
-def test_n_nodes_follow_one_process(n, mpiexec, cluster, one_process, mnist_h5, tmp_path):
+def test_n_nodes_follow_one_process(n, mpiexec, cluster, mnist_h5, tmp_path,
+                                    one_process):  # noqa: F811 (test_cluster's fixture)
     """One rank per node, through Hydra (the project's mpiexec) or Open MPI: the weights of one
     process, and every node but the launcher's sent at least one gradient per step over its link:
     the ranks did not take a shortcut through this machine's shared memory."""
