@@ -4,7 +4,8 @@ Every import counts, the ones inside functions too: a cycle hidden in a function
 neither module can be read, tested or replaced without the other. A package's `__init__` counts
 as the package, `from ddl.x import y` as an import of ddl.x.y when that is a module, else of
 ddl.x, and an import of a module as one of the packages it lies in too (they run first), but for
-the importer's own packages. Prints each cycle (its modules, strongly connected) and exits 1 if there is one.
+the importer's own packages. Prints each cycle (its modules, strongly connected) and exits 1 if
+there is one.
 
     python scripts/import_cycles.py [PACKAGE_DIR]     (default: ddl/ beside this script)
 """
