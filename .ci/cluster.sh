@@ -3,11 +3,12 @@
 # (munge, slurmctld, slurmd, MpiDefault=pmi2) on this machine. Run as root; safe to rerun.
 # Daemons are started directly since a CI container has no init system, and a slurm.conf this
 # script did not write is left alone, so a developer's real cluster is never reconfigured.
+# iproute2 is for the cluster that tests/test_multinode.py emulates (scripts/emulated-cluster.sh).
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
 MARK="# written by ddl's .ci/cluster.sh"
-PACKAGES=(openmpi-bin munge slurmd slurmctld slurm-client)
+PACKAGES=(openmpi-bin munge slurmd slurmctld slurm-client iproute2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -83,14 +83,19 @@ def train(threads, **options):
 @click.option("--hostfile", type=click.Path(exists=True, dir_okay=False, readable=True),
               help="Hosts to spread the ranks over (mpiexec's hostfile format).")
 @click.option("--mpiexec", default=None, help="The mpiexec to use (default: the project's).")
+@click.option("--agent", default=None, metavar="PROGRAM",
+              help="The remote shell that starts processes on the other hosts, called as "
+                   "`PROGRAM HOST COMMAND` [default: mpiexec's, ssh].")
+@click.option("--iface", default=None, metavar="IFACE",
+              help="The network interface the ranks talk over (e.g. eth0, ib0).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0,
               help="Run `train ... --checkpoint PATH` again from its checkpoint when it fails, "
                    "up to N times.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
-def launch(nprocs, hostfile, mpiexec, max_restarts, args):
+def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, args):
     """Run `ddl ARGS...` on N ranks through mpiexec, e.g. `ddl launch -n 4 -- train`."""
     from ddl.launch import launch as run_launch
-    sys.exit(run_launch(nprocs, args, mpiexec, hostfile, max_restarts))
+    sys.exit(run_launch(nprocs, args, mpiexec, hostfile, max_restarts, agent, iface))
 
 
 @cli.command()

@@ -42,8 +42,12 @@ def launched_size():
 
 
 def oversubscribed():
-    """More ranks on this machine than cores this process may run on."""
-    return _from_env(_LOCAL_SIZE_VARS, launched_size()) > len(os.sched_getaffinity(0))
+    """More ranks on this machine than cores this process may run on. Where the job's nodes are
+    emulated on one machine (scripts/emulated-cluster.sh sets DDL_NODES_SHARE_CORES=1), every rank
+    of the job shares its cores, whatever the launcher counts per node."""
+    shared = os.environ.get("DDL_NODES_SHARE_CORES") == "1"
+    local = launched_size() if shared else _from_env(_LOCAL_SIZE_VARS, launched_size())
+    return local > len(os.sched_getaffinity(0))
 
 
 def launched_rank():

@@ -2,7 +2,10 @@
 
 The mpich wheel puts `mpiexec` beside this interpreter, so a fresh venv needs no system MPI;
 a system mpiexec on PATH (or one given with --mpiexec) works too, Hydra's or Open MPI's, each
-spoken to in its own dialect. Inside a Slurm allocation the ranks go through srun.
+spoken to in its own dialect. Inside a Slurm allocation the ranks go through srun. Across
+machines, mpiexec starts the other hosts' processes through a remote shell (ssh, or --agent's,
+such as the emulated cluster's scripts/netns-agent), and --iface names the network the ranks
+and the launcher's proxies talk over.
 
 The job dies with `ddl launch`, however that dies: the launcher runs in a process group of its
 own, which `ddl launch` kills on its way out, and with a parent-death signal (Linux), which the
@@ -97,36 +100,66 @@ def read_hostfile(path):
 
 
 def _in_spelling(hostfile, kind, workdir):
-    """A copy of `hostfile` in the spelling of an mpiexec of `kind`, written into `workdir`."""
+    """A copy of `hostfile` in the spelling of an mpiexec of `kind`, written into `workdir`. A
+    host without a count gets one slot, written out: Hydra's meaning, where Open MPI's would be
+    every core of the host (so `-n 2` over two bare hosts would put both ranks on the first)."""
     spell = "{} slots={}" if kind == "openmpi" else "{}:{}"
     path = os.path.join(workdir, "hosts")
     with open(path, "w") as f:
-        f.writelines((spell.format(h, n) if n else h) + "\n" for h, n in read_hostfile(hostfile))
+        f.writelines(spell.format(h, n or 1) + "\n" for h, n in read_hostfile(hostfile))
     return path
 
 
-def rank_env(base=None):
+def rank_env(base=None, iface=None):
     """The ranks' environment: one BLAS thread and one numba thread each (NumPy's elementwise work
     and ddl's compiled kernels are single-threaded anyway, and two single-threaded ranks beat one
-    two-threaded process)."""
+    two-threaded process); with `iface`, the mpich wheel's UCX told to use that network."""
     env = dict(os.environ if base is None else base)
     if sys.stderr.isatty():
         env["DDL_TTY"] = "1"          # rank 0's stderr reaches a terminal through mpiexec's pipes
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env.setdefault(var, "1")
+    if iface:
+        env.setdefault("UCX_NET_DEVICES", iface)
     return env
 
 
-def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None):
+def _agent(agent):
+    """The remote shell `agent` as a path, checked here: mpiexec would report a missing one from
+    deep inside its proxies, or wait for them."""
+    found = shutil.which(agent)
+    if not found:
+        raise LaunchError(f"--agent {agent}: not found or not executable")
+    return os.path.abspath(found)
+
+
+def _network(kind, agent, iface):
+    """mpiexec's options for a remote shell `agent` and a network interface `iface`, in the
+    dialect of an mpiexec of `kind`."""
+    if kind is None and (agent or iface):
+        raise LaunchError("--agent and --iface need Hydra's or Open MPI's mpiexec; this one is "
+                          "neither: give it its own options in its own spelling")
+    agent = agent and _agent(agent)
+    if kind == "hydra":
+        # Hydra's proxies call mpiexec back at the address of -iface, not of the host's name.
+        return (["-launcher", "ssh", "-launcher-exec", agent] if agent else []) + (
+            ["-iface", iface] if iface else [])
+    mca = [("plm_rsh_agent", agent)] if agent else []
+    mca += [("btl_tcp_if_include", iface), ("oob_tcp_if_include", iface)] if iface else []
+    return [word for name, value in mca for word in ("--mca", name, value)]
+
+
+def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None, agent=None, iface=None):
     """The command line that runs `ddl ARGS` on `nprocs` ranks: srun inside a Slurm allocation
     unless an mpiexec is named, else mpiexec in its own dialect (the hostfile translated for
-    Hydra or Open MPI into `workdir`)."""
+    Hydra or Open MPI into `workdir`; processes on other hosts started through the remote shell
+    `agent`, talking over the network interface `iface`)."""
     program = [sys.executable, "-m", "ddl", *args]
     if mpiexec is None and "SLURM_JOB_ID" in os.environ:
         srun = shutil.which("srun")
-        if srun and hostfile:
-            raise LaunchError("--hostfile: inside a Slurm allocation srun places the ranks on "
-                              "the allocated nodes; drop --hostfile, or name an --mpiexec")
+        if srun and (hostfile or agent):
+            raise LaunchError("--hostfile, --agent: inside a Slurm allocation srun places the "
+                              "ranks on the allocated nodes; drop them, or name an --mpiexec")
         if srun:
             # PMI-2 is what the mpich wheel's library speaks, whatever the cluster's MpiDefault.
             # (ddl launch passes a Ctrl-C on as SIGTERM; should a SIGINT reach srun some other
@@ -143,6 +176,7 @@ def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None):
         cmd.append("--oversubscribe")
         if os.geteuid() == 0:
             cmd.append("--allow-run-as-root")
+    cmd += _network(kind, agent, iface)
     if hostfile:
         if kind:
             hostfile = _in_spelling(hostfile, kind, workdir)
@@ -158,12 +192,13 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
 
-def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
+def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0, agent=None, iface=None):
     """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status, 128+N when it ended on
     signal N, or on the signal N that was forwarded to it (srun reports such a job as killed).
     With `max_restarts`, `ARGS` must be `train ... --checkpoint PATH`: a job that fails is run
     again, up to that many times, with --resume once it has written its checkpoint (before that,
-    as it was: with --overwrite, a checkpoint from an earlier run is not this job's to resume)."""
+    as it was: with --overwrite, a checkpoint from an earlier run is not this job's to resume).
+    `agent` and `iface`: as for `command`."""
     args = list(args)
     given = config.given(args[1:]) if args[:1] == ["train"] else {}
     path = given.get("checkpoint")
@@ -171,8 +206,9 @@ def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
         raise LaunchError("--max-restarts needs `train ... --checkpoint PATH`: a failed job "
                           "restarts from its checkpoint")
     earlier, again = _file_version(path), args
+    where = dict(mpiexec=mpiexec, hostfile=hostfile, agent=agent, iface=iface)
     for restart in range(max_restarts + 1):
-        code, stopped = _run(nprocs, again, mpiexec, hostfile)
+        code, stopped = _run(nprocs, again, **where)
         if stopped or code in _FINAL:
             return code
         if restart < max_restarts:
@@ -188,9 +224,9 @@ def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0):
     return code
 
 
-def _run(nprocs, args, mpiexec, hostfile):
-    """Run the job once; returns (its exit status as `launch` gives it, whether a signal was
-    forwarded to it)."""
+def _run(nprocs, args, **where):
+    """Run the job once, placed by `where` (`command`'s keywords); returns (its exit status as
+    `launch` gives it, whether a signal was forwarded to it)."""
     forwarded, proc = [], None
 
     def forward(signum, _frame):
@@ -206,10 +242,11 @@ def _run(nprocs, args, mpiexec, hostfile):
     previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
         with tempfile.TemporaryDirectory(prefix="ddl-launch-") as workdir:
-            cmd = command(nprocs, args, mpiexec, hostfile, workdir)
+            cmd = command(nprocs, args, workdir=workdir, **where)
             # No standard input: a launcher in a background process group that reads the
             # terminal would be stopped (SIGTTIN), and no rank reads it.
-            proc = subprocess.Popen(cmd, env=rank_env(), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(cmd, env=rank_env(iface=where["iface"]),
+                                    stdin=subprocess.DEVNULL,
                                     preexec_fn=_owned_by(os.getpid()))
             if forwarded:                       # it came while the job was starting
                 proc.send_signal(signal.SIGTERM)

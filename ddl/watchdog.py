@@ -50,6 +50,8 @@ class Watchdog:
         self.MPI = MPI
         self.comm = comm.Dup()             # its messages never meet the job's
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        # Where each rank runs, to name the host of a rank that does not arrive (its link down).
+        self.hosts = comm.allgather(MPI.Get_processor_name())
         self.entered = 0                   # collectives this rank has started
         self._asked = 0                    # questions this rank has asked
         self._sends = []                   # (request, buffer) of answers and questions in flight
@@ -82,11 +84,11 @@ class Watchdog:
                     return
                 missing, reporter = verdict
                 if reporter == self.rank:
-                    raise Hung(_message(what, missing, timeout))
+                    raise Hung(_message(what, missing, timeout, self.hosts))
                 # The reporter ends the job; should it fail to, this rank does.
                 give_up = now + 3 * GRACE
             if give_up and now > give_up:
-                raise Hung(_message(what, verdict[0], timeout))
+                raise Hung(_message(what, verdict[0], timeout, self.hosts))
             time.sleep(min(NAP_MAX, max(NAP_MIN, (now - started) / 20)))
             until = time.perf_counter() + RESPIN
             while True:
@@ -139,10 +141,13 @@ class Watchdog:
         return silent or behind, min(heard)
 
 
-def _message(what, missing, timeout):
+def _message(what, missing, timeout, hosts):
     """Hung's message: `what` ("the gradient all-reduce of step 1,204") did not complete within
-    `timeout` seconds, because of the `missing` ranks."""
+    `timeout` seconds, because of the `missing` ranks; on a job over several `hosts` (each rank's,
+    by rank), their hosts are named too."""
     if not missing:
         return f"{what} did not complete within {timeout:g} s, though every rank reached it"
     who = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}"
+    if len(set(hosts)) > 1:
+        who += f" (on {', '.join(sorted({hosts[r] for r in missing}))})"
     return f"{who} did not reach {what} within {timeout:g} s"

@@ -59,12 +59,12 @@ def one_process(mnist_h5, tmp_path_factory):
     return model
 
 
-def assert_follows(one_process, done, ckpt):
-    """Two ranks, same seed and global batch: the weights of one process, up to float rounding
+def assert_follows(one_process, done, ckpt, n=2):
+    """N ranks, same seed and global batch: the weights of one process, up to float rounding
     in the gradient sum (as in test_mpi)."""
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     got = checkpoint.load(ckpt)
-    assert got["history"][0]["world_size"] == 2
+    assert got["history"][0]["world_size"] == n
     scale = max(np.abs(w).max() for w in one_process.values())
     for key, w in one_process.items():
         np.testing.assert_allclose(got["model"][key], w, rtol=0, atol=1e-5 * scale, err_msg=key)

@@ -160,7 +160,7 @@ def test_a_restart_resumes_only_the_jobs_own_checkpoint(tmp_path, monkeypatch, c
     ckpt.write_bytes(b"an earlier run's")
     calls = []
 
-    def attempt(nprocs, args, mpiexec, hostfile):
+    def attempt(nprocs, args, **where):
         calls.append(args)
         if len(calls) == 2:                 # the second attempt saves, then fails
             (tmp_path / "new").write_bytes(b"this job's")
