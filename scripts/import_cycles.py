@@ -4,7 +4,8 @@ Every import counts, the ones inside functions too: a cycle hidden in a function
 neither module can be read, tested or replaced without the other. A package's `__init__` counts
 as the package, `from ddl.x import y` as an import of ddl.x.y when that is a module, else of
 ddl.x, and an import of a module as one of the packages it lies in too (they run first), but for
-the importer's own packages. Prints each cycle (its modules, strongly connected) and exits 1 if there is one.
+the importer's own packages. Prints each cycle (its modules, strongly connected) and exits 1 if
+there is one.
 
     python scripts/import_cycles.py [PACKAGE_DIR]     (default: ddl/ beside this script)
 """
@@ -45,7 +46,7 @@ def imports(name, path, known):
         for target in targets:
             while target and target not in known:       # `import ddl.a.b` imports ddl.a.b
                 target = target.rpartition(".")[0]
-            # Importing ddl.nn.functional runs ddl/nn/__init__.py first: that counts too, unless
+            # Importing ddl.nn.layers runs ddl/nn/__init__.py first: that counts too, unless
             # the importer lives in that package (which its __init__ may import in turn).
             while target and target != name and not name.startswith(target + "."):
                 out.add(target)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from ddl import kernels, nn
-from ddl.kernels import compiled, jit
+from ddl.kernels import jit
+from ddl.kernels import numba as compiled
 from conftest import MNIST
 from ddl.models import MODELS, build
-from ddl.nn.fused import ConvPool, PoolReLU
+from ddl.kernels.numba import ConvPool, PoolReLU
 from gradcheck import check_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
