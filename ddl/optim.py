@@ -35,6 +35,7 @@ class Optimizer:
         self.state = {}  # position -> {name: array, or int for "step"}
         self._flat = {}  # (state name, dtype) -> one array for every position's entry, in order
         self._offsets = np.cumsum([0] + [p.data.size for p in self.params]).tolist()
+        self._known_runs = None     # see _runs
         self._check()
 
     def _check(self):
@@ -64,24 +65,33 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}.step: {p!r} is not one of the parameters "
                                  "this optimizer was built with")
             positions.append(i)
-        for run in self._runs(positions):
-            self._update(run, *(_span([getattr(self.params[i], a) for i in run])
-                                for a in ("data", "grad")))
+        for run, data, grad in self._runs(positions):
+            # Cut where `_key` changes, read only now: a parameter given twice has been updated
+            # by the run before.
+            start = 0
+            for part in _cut(run, lambda i, j: self._key(i) == self._key(j)):
+                end = start + sum(self.params[i].data.size for i in part)
+                self._update(part, data[start:end], grad[start:end])
+                start = end
 
     def _runs(self, positions):
-        """`positions` cut into runs that one rule call updates: consecutive positions whose
-        parameters lie end to end in one buffer and agree on `_key`. A generator, so each run's
-        keys are read after the runs before it were updated (a parameter may be given twice)."""
-        run = [positions[0]]
-        for i in positions[1:]:
-            a, b = self.params[run[-1]], self.params[i]
-            if (i == run[-1] + 1 and _adjacent(a.data, b.data) and _adjacent(a.grad, b.grad)
-                    and self._key(i) == self._key(run[-1])):
-                run.append(i)
-            else:
-                yield run
-                run = [i]
-        yield run
+        """`positions` cut into runs of consecutive positions whose parameters lie end to end in
+        one buffer: [(run, its data as one flat array, its grad)]. Remembered for the next step
+        while the same parameters, bound to the same arrays, are stepped."""
+        arrays = [a for i in positions for a in (self.params[i].data, self.params[i].grad)]
+        known = self._known_runs
+        if (known is None or known[0] != positions or len(known[1]) != len(arrays)
+                or any(a is not b for a, b in zip(arrays, known[1]))):
+            runs = _cut(positions, self._follows)
+            self._known_runs = known = (positions, arrays, [
+                (run, *(_span([getattr(self.params[i], a) for i in run]) for a in ("data", "grad")))
+                for run in runs])
+        return known[2]
+
+    def _follows(self, i, j):
+        """Whether parameter j comes right after parameter i, in one buffer."""
+        a, b = self.params[i], self.params[j]
+        return j == i + 1 and _adjacent(a.data, b.data) and _adjacent(a.grad, b.grad)
 
     def _state(self, run, name):
         """The entry `name` of the positions `run` as one flat array, made (zeroed) where missing:
@@ -178,6 +188,17 @@ def _nonneg(**values):
     for k, v in values.items():
         if not v >= 0:          # NaN too, as PyTorch's `not 0.0 <= v`
             raise ValueError(f"invalid {k}: {v} (must be >= 0)")
+
+
+def _cut(items, together):
+    """`items` cut into lists of neighbours a, b for which `together(a, b)`."""
+    parts = [[items[0]]]
+    for b in items[1:]:
+        if together(parts[-1][-1], b):
+            parts[-1].append(b)
+        else:
+            parts.append([b])
+    return parts
 
 
 def _address(a):

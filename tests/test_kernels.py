@@ -323,6 +323,8 @@ def test_rank_0_compiles_first_and_the_others_load(tmp_path):
 def test_kernels_choice_is_checked():
     with pytest.raises(ValueError, match="numba, numpy"):
         kernels.use("cuda")
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
+        kernels.get("cuda")
 
 
 @pytest.fixture

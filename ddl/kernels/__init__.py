@@ -29,9 +29,13 @@ _active = "numba"
 def use(name):
     """Run the backend `name` (one of NAMES) from now on."""
     global _active
+    _known(name)
+    _active = name
+
+
+def _known(name):
     if name not in NAMES:
         raise ValueError(f"unknown kernels {name!r} (choose from {', '.join(NAMES)})")
-    _active = name
 
 
 @contextlib.contextmanager
@@ -48,11 +52,21 @@ def using(name):
 def get(name=None):
     """The backend module `name`, by default the one in use; its `.name` is its name. The numba
     backend is set up (`setup()`) before it is first imported."""
-    if (name or _active) == "numba":
+    backend = _loaded.get(name or _active)
+    return backend if backend is not None else _load(name or _active)
+
+
+_loaded = {}    # name -> backend module: `get` runs for every layer at every step
+
+
+def _load(name):
+    _known(name)
+    if name == "numba":
         setup()
         from ddl.kernels import numba as backend
     else:
         from ddl.kernels import numpy as backend
+    _loaded[name] = backend
     return backend
 
 
