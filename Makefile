@@ -23,6 +23,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/import_cycles.py
 
 data: $(DATA)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ddl import nn
 from ddl.errors import ModelError, dims, one_line
-from ddl.nn.functional import out_size
+from ddl.kernels.arrays import out_size
 
 
 def _side(size, *layers):

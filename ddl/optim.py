@@ -4,11 +4,12 @@ Every update writes `p.data` in place and only reads `p.grad`: the data-parallel
 both views into flat buffers, so rebinding either would detach the parameter from it.
 Per-parameter state (momentum buffers, Adam moments, ...) is keyed by the parameter's position in
 `optimizer.params`, never by `id()`, so a saved state loads into a freshly built model.
-The NumPy code below is the reference; with the compiled kernels (ddl.kernels) each update is one
-pass of ddl/kernels/optim.py over the parameter instead.
+Each class writes its rule out; the backend in use (ddl.kernels) runs it over flat arrays: the
+NumPy backend's rules are the reference, the numba backend's are one pass each. Parameters that
+lie end to end in one flat buffer (ddl/parallel.py's `flatten`, in training), stepped together,
+are updated by one call of the rule: their state lies end to end too, in one flat buffer per
+state entry.
 """
-import math
-
 import numpy as np
 
 from ddl import kernels
@@ -18,7 +19,7 @@ class Optimizer:
     """Base class: holds the ordered parameter list, the hyperparameters and per-position state.
 
     Subclasses pass their hyperparameters as keywords (they become plain attributes, so a schedule
-    can set `opt.lr`) and implement `_check` (validation), `_state_names` and `_update`.
+    can set `opt.lr`) and implement `_check` (validation), `_state_names`, `_key` and `_update`.
     """
 
     def __init__(self, params, **hyper):
@@ -32,6 +33,9 @@ class Optimizer:
         for k, v in hyper.items():
             setattr(self, k, v)
         self.state = {}  # position -> {name: array, or int for "step"}
+        self._flat = {}  # (state name, dtype) -> one array for every position's entry, in order
+        self._offsets = np.cumsum([0] + [p.data.size for p in self.params]).tolist()
+        self._known_runs = None     # see _runs
         self._check()
 
     def _check(self):
@@ -42,22 +46,70 @@ class Optimizer:
         """The state entries one parameter has after its first step, under these hyperparameters."""
         raise NotImplementedError
 
-    def _update(self, p, state):
-        """Update `p.data` in place from `p.grad`; `state` is this parameter's dict (lazy)."""
+    def _key(self, i):
+        """What the parameters of one rule call must agree on (Adam's step count, say)."""
+        return None
+
+    def _update(self, run, data, grad):
+        """Update the positions `run` (consecutive), whose parameters' data and grad are the flat
+        arrays `data` and `grad`, in place with one call of the backend's rule."""
         raise NotImplementedError
 
-    def _grad(self, p):
-        """The gradient with L2 weight decay folded in (PyTorch's coupled `weight_decay`)."""
-        return p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
-
     def step(self, params=None):
-        """Update the given parameters (default: all). Each must be one of `self.params`."""
+        """Update the given parameters (default: all), in their order. Each must be one of
+        `self.params`."""
+        positions = []
         for p in self.params if params is None else params:
             i = self._position.get(id(p))
             if i is None:
                 raise ValueError(f"{type(self).__name__}.step: {p!r} is not one of the parameters "
                                  "this optimizer was built with")
-            self._update(p, self.state.setdefault(i, {}))
+            positions.append(i)
+        for run, data, grad in self._runs(positions):
+            # Cut where `_key` changes, read only now: a parameter given twice has been updated
+            # by the run before.
+            start = 0
+            for part in _cut(run, lambda i, j: self._key(i) == self._key(j)):
+                end = start + sum(self.params[i].data.size for i in part)
+                self._update(part, data[start:end], grad[start:end])
+                start = end
+
+    def _runs(self, positions):
+        """`positions` cut into runs of consecutive positions whose parameters lie end to end in
+        one buffer: [(run, its data as one flat array, its grad)]. Remembered for the next step
+        while the same parameters, bound to the same arrays, are stepped."""
+        arrays = [a for i in positions for a in (self.params[i].data, self.params[i].grad)]
+        known = self._known_runs
+        if (known is None or known[0] != positions or len(known[1]) != len(arrays)
+                or any(a is not b for a, b in zip(arrays, known[1]))):
+            runs = _cut(positions, self._follows)
+            self._known_runs = known = (positions, arrays, [
+                (run, *(_span([getattr(self.params[i], a) for i in run]) for a in ("data", "grad")))
+                for run in runs])
+        return known[2]
+
+    def _follows(self, i, j):
+        """Whether parameter j comes right after parameter i, in one buffer."""
+        a, b = self.params[i], self.params[j]
+        return j == i + 1 and _adjacent(a.data, b.data) and _adjacent(a.grad, b.grad)
+
+    def _state(self, run, name):
+        """The entry `name` of the positions `run` as one flat array, made (zeroed) where missing:
+        each position's entry is a view of one flat array over all positions, so that consecutive
+        positions' entries lie end to end."""
+        for i in run:
+            entries = self.state.setdefault(i, {})
+            if name not in entries:
+                entries[name] = self._view(i, name)
+                entries[name][...] = 0
+        return _span([self.state[i][name] for i in run])
+
+    def _view(self, i, name):
+        p = self.params[i]
+        key = (name, p.data.dtype)
+        if key not in self._flat:
+            self._flat[key] = kernels.get().empty(self._offsets[-1], p.data.dtype)
+        return self._flat[key][self._offsets[i]:self._offsets[i + 1]].reshape(p.shape)
 
     def zero_grad(self):
         for p in self.params:
@@ -92,11 +144,17 @@ class Optimizer:
             setattr(self, k, _like(old[k], v))
         try:
             self._check()
-            self.state = self._parse_state(sd["state"])
+            state = self._parse_state(sd["state"])
         except ValueError:
             for k, v in old.items():
                 setattr(self, k, v)
             raise
+        self.state = {}
+        for i, entries in state.items():
+            self.state[i] = {k: v if k == "step" else self._view(i, k) for k, v in entries.items()}
+            for k, v in entries.items():
+                if k != "step":
+                    self.state[i][k][...] = v
 
     def _parse_state(self, saved):
         name, expected = type(self).__name__, self._state_names()
@@ -132,23 +190,39 @@ def _nonneg(**values):
             raise ValueError(f"invalid {k}: {v} (must be >= 0)")
 
 
-def _unused(p):
-    """Stands for state that a compiled update does not use (no momentum, not centered)."""
-    return p.data.reshape(-1)[:0]
+def _cut(items, together):
+    """`items` cut into lists of neighbours a, b for which `together(a, b)`."""
+    parts = [[items[0]]]
+    for b in items[1:]:
+        if together(parts[-1][-1], b):
+            parts[-1].append(b)
+        else:
+            parts.append([b])
+    return parts
 
 
-def _flat(a):
-    """A parameter-shaped array as a 1-D view, which the compiled updates write through (a copy
-    would take their writes away: refused)."""
-    if not a.flags.c_contiguous:
-        raise ValueError(f"a parameter or its state is not in C order (strides {a.strides}): "
-                         f"the compiled optimizers update it in place through a flat view")
-    return a.reshape(-1)
+def _address(a):
+    return a.__array_interface__["data"][0]
 
 
-def _compiled():
-    from ddl.kernels import optim
-    return optim
+def _adjacent(a, b):
+    """Whether b starts where a ends, both C-ordered parts of one flat buffer."""
+    return (a.base is not None and b.base is a.base and a.base.ndim == 1
+            and a.dtype == b.dtype == a.base.dtype and a.flags.c_contiguous and b.flags.c_contiguous
+            and _address(b) == _address(a) + a.nbytes)
+
+
+def _span(arrays):
+    """Arrays lying end to end (`_adjacent`), or one C-ordered array, as one flat view that the
+    update rules write through (a copy would take their writes away: refused)."""
+    first = arrays[0]
+    if len(arrays) > 1:
+        start = (_address(first) - _address(first.base)) // first.itemsize
+        return first.base[start:start + sum(a.size for a in arrays)]
+    if not first.flags.c_contiguous:
+        raise ValueError(f"a parameter or its state is not in C order (strides {first.strides}): "
+                         f"the optimizers update it in place through a flat view")
+    return first.reshape(-1)
 
 
 def _like(current, value):
@@ -181,25 +255,14 @@ class SGD(Optimizer):
     def _state_names(self):
         return {"momentum_buffer"} if self.momentum else set()
 
-    def _update(self, p, state):
-        if kernels.active() == "numba":
-            first = self.momentum and "momentum_buffer" not in state
-            if first:
-                state["momentum_buffer"] = np.empty_like(p.data)
-            buf = state.get("momentum_buffer", _unused(p))
-            _compiled().sgd(_flat(p.data), _flat(p.grad), _flat(buf), self.lr, self.momentum,
-                            self.dampening, self.weight_decay, self.nesterov, bool(first))
-            return
-        g = self._grad(p)
-        if self.momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = np.array(g, copy=True)
-            else:
-                buf *= self.momentum
-                buf += (1 - self.dampening) * g
-            g = g + self.momentum * buf if self.nesterov else buf
-        p.data -= self.lr * g
+    def _key(self, i):
+        return "momentum_buffer" in self.state.get(i, ())
+
+    def _update(self, run, data, grad):
+        first = bool(self.momentum) and not self._key(run[0])
+        buf = self._state(run, "momentum_buffer") if self.momentum else data[:0]
+        kernels.get().sgd(data, grad, buf, self.lr, self.momentum, self.dampening,
+                          self.weight_decay, self.nesterov, first)
 
 
 class Adam(Optimizer):
@@ -226,23 +289,17 @@ class Adam(Optimizer):
     def _state_names(self):
         return {"step", "exp_avg", "exp_avg_sq"}
 
-    def _update(self, p, state):
-        if not state:
-            state.update(step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data))
+    def _key(self, i):
+        return self.state.get(i, {}).get("step", 0)
+
+    def _update(self, run, data, grad):
+        for i in run:
+            entries = self.state.setdefault(i, {})
+            entries["step"] = entries.get("step", 0) + 1
+        exp_avg, exp_avg_sq = self._state(run, "exp_avg"), self._state(run, "exp_avg_sq")
         beta1, beta2 = self.betas
-        state["step"] += 1
-        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        if kernels.active() == "numba":
-            _compiled().adam(_flat(p.data), _flat(p.grad), _flat(m), _flat(v), self.lr, beta1,
-                             beta2, self.eps, self.weight_decay, float(t))
-            return
-        g = self._grad(p)
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * g * g
-        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** t) + self.eps
-        p.data -= (self.lr / (1 - beta1 ** t)) * m / denom
+        kernels.get().adam(data, grad, exp_avg, exp_avg_sq, self.lr, beta1, beta2, self.eps,
+                           self.weight_decay, float(self.state[run[0]]["step"]))
 
 
 class RMSprop(Optimizer):
@@ -268,34 +325,12 @@ class RMSprop(Optimizer):
         return ({"square_avg"} | ({"momentum_buffer"} if self.momentum else set())
                 | ({"grad_avg"} if self.centered else set()))
 
-    def _update(self, p, state):
-        if not state:
-            state.update({k: np.zeros_like(p.data) for k in self._state_names()})
-        if kernels.active() == "numba":
-            _compiled().rmsprop(*(_flat(a) for a in (
-                p.data, p.grad, state["square_avg"], state.get("grad_avg", _unused(p)),
-                state.get("momentum_buffer", _unused(p)))), self.lr, self.alpha, self.eps,
-                self.weight_decay, self.momentum, self.centered)
-            return
-        g = self._grad(p)
-        s = state["square_avg"]
-        s *= self.alpha
-        s += (1 - self.alpha) * g * g
-        if self.centered:
-            a = state["grad_avg"]
-            a *= self.alpha
-            a += (1 - self.alpha) * g
-            # s >= a**2 in exact arithmetic; float32 rounding can dip below and give NaN.
-            avg = np.sqrt(np.maximum(s - a * a, 0)) + self.eps
-        else:
-            avg = np.sqrt(s) + self.eps
-        if self.momentum:
-            buf = state["momentum_buffer"]
-            buf *= self.momentum
-            buf += g / avg
-            p.data -= self.lr * buf
-        else:
-            p.data -= self.lr * (g / avg)
+    def _update(self, run, data, grad):
+        square_avg = self._state(run, "square_avg")
+        grad_avg = self._state(run, "grad_avg") if self.centered else data[:0]
+        buf = self._state(run, "momentum_buffer") if self.momentum else data[:0]
+        kernels.get().rmsprop(data, grad, square_avg, grad_avg, buf, self.lr, self.alpha,
+                              self.eps, self.weight_decay, self.momentum, self.centered)
 
 
 # The CLI's optimizers: name -> make(params, lr, momentum, weight_decay). "sgd" and "rmsprop" use

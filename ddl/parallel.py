@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 
+from ddl import kernels
 from ddl.errors import ReplicaDivergence
 
 
@@ -33,8 +34,8 @@ class Signals(typing.NamedTuple):
 def flatten(params, dtype=np.float32, spare=0):
     """Rebind each parameter's data and grad as views of two flat arrays of `sum(p.size)` floats;
     the gradients' array has `spare` more at its end, for values that travel with them."""
-    total = sum(p.data.size for p in params)
-    data, grad = np.empty(total, dtype), np.empty(total + spare, dtype)
+    total, backend = sum(p.data.size for p in params), kernels.get()
+    data, grad = backend.empty(total, dtype), backend.empty(total + spare, dtype)
     offset = 0
     for p in params:
         n = p.data.size

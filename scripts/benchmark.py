@@ -267,7 +267,7 @@ def compile_times():
     """numba's costs in fresh processes: (import s, compiling every kernel into an empty cache s,
     loading them all from that cache s)."""
     probe = ("import time; t = time.perf_counter(); import numba; t = time.perf_counter() - t; "
-             "from ddl.kernels import jit; print(t, jit.warm())")
+             "from ddl import kernels; print(t, kernels.warm())")
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         runs = [subprocess.run([sys.executable, "-c", probe], env=env, check=True, text=True,

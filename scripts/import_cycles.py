@@ -46,7 +46,7 @@ def imports(name, path, known):
         for target in targets:
             while target and target not in known:       # `import ddl.a.b` imports ddl.a.b
                 target = target.rpartition(".")[0]
-            # Importing ddl.nn.functional runs ddl/nn/__init__.py first: that counts too, unless
+            # Importing ddl.nn.layers runs ddl/nn/__init__.py first: that counts too, unless
             # the importer lives in that package (which its __init__ may import in turn).
             while target and target != name and not name.startswith(target + "."):
                 out.add(target)

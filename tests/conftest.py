@@ -21,6 +21,12 @@ def quiet(_):
     pass
 
 
+def pytest_configure(config):
+    """numba set up for ddl's kernels (LLVM's options, their cache) before any test compiles."""
+    from ddl import kernels
+    kernels.setup()
+
+
 @pytest.fixture(params=["numba", "numpy"])
 def backend(request):
     """Run the test once with each kind of kernels (`pytestmark = usefixtures("backend")` runs a

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from ddl import kernels, nn
-from ddl.kernels import compiled, jit
+from ddl.kernels import jit
+from ddl.kernels import numba as compiled
 from conftest import MNIST
 from ddl.models import MODELS, build
-from ddl.nn.fused import ConvPool, PoolReLU
+from ddl.kernels.numba import ConvPool, PoolReLU
 from gradcheck import check_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,13 +252,16 @@ def nn_optim():
 def test_warm_declares_every_signature_training_uses():
     """After warm(), training steps of every named model (and evaluation) compile nothing new:
     the float32 signatures the kernels declare are the ones really called."""
-    from ddl.optim import SGD
-    jit.warm()
-    before = jit.signature_count()
+    from ddl.optim import OPTIMIZERS, make_optimizer
+    from ddl.parallel import flatten
     with kernels.using("numba"):
-        for name in MODELS:
+        kernels.warm()
+        before = jit.signature_count()
+        for name, opt, flat in zip(MODELS, [*OPTIMIZERS] * 2, [False, True] * len(MODELS)):
             model = build(name, *MNIST, seed=0, input_grad=False)
-            optimizer = SGD(model.parameters(), 0.1, momentum=0.9)
+            if flat:        # as in training
+                flatten(model.parameters())
+            optimizer = make_optimizer(opt, model.parameters(), 0.1, momentum=0.9)
             loss = nn.CrossEntropyLoss()
             x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
             loss(model(x), np.array([1, 2, 3]))
@@ -265,6 +269,40 @@ def test_warm_declares_every_signature_training_uses():
             model.step(optimizer)
             model.eval()(x)
     assert jit.signature_count() == before
+
+
+def test_the_backends_offer_the_same_operations():
+    """Every backend offers each operation, with at least the reference's arguments."""
+    import inspect
+    reference = kernels.get("numpy")
+    for name in kernels.NAMES:
+        backend = kernels.get(name)
+        assert backend.name == name
+        for op in kernels.OPERATIONS:
+            fn = getattr(backend, op)
+            want = list(inspect.signature(getattr(reference, op)).parameters)
+            got = list(inspect.signature(getattr(fn, "py_func", fn)).parameters)
+            assert len(got) >= len(want), (name, op)
+    with kernels.using("numpy"):
+        assert kernels.get() is reference
+    with kernels.using("numba"):
+        assert kernels.get() is kernels.get("numba") is not reference
+
+
+def test_importing_the_kernels_changes_nothing_until_setup(tmp_path):
+    """Importing every kernel leaves numba's cache alone; `setup()` gives them their cache."""
+    cache = tmp_path / "cache"
+    probe = ("import os, sys; import numba; from ddl.kernels import jit, numba as backend; "
+             "before = (os.path.exists(sys.argv[1]), numba.config.CACHE_DIR); "
+             "from ddl import kernels; kernels.setup(); kernels.setup(); "
+             "print(before, os.listdir(sys.argv[1]), jit.cache_dir())")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    out = subprocess.run([sys.executable, "-c", probe, cache], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    before, listed, folder = out.stdout.rsplit(" ", 1)[0], out.stdout, out.stdout.split()[-1]
+    assert before.startswith(f"(False, '{cache}')"), out.stdout
+    assert os.path.dirname(folder) == str(cache) and os.path.basename(folder) in listed
 
 
 def test_rank_0_compiles_first_and_the_others_load(tmp_path):
@@ -285,6 +323,8 @@ def test_rank_0_compiles_first_and_the_others_load(tmp_path):
 def test_kernels_choice_is_checked():
     with pytest.raises(ValueError, match="numba, numpy"):
         kernels.use("cuda")
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
+        kernels.get("cuda")
 
 
 @pytest.fixture
@@ -315,7 +355,8 @@ def test_read_only_install_caches_elsewhere(read_only, tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "cache").mkdir()
     seal()
-    probe = (f"import numpy as np; from ddl.kernels import jit, pool; "
+    probe = (f"import numpy as np; from ddl import kernels; kernels.setup(); "
+             f"from ddl.kernels import jit, pool; "
              f"assert pool.__file__.startswith({str(folder)!r}), pool.__file__; "
              f"x = np.ones(4, np.float32); pool.relu(x, x); print(jit.cache_dir())")
     for user_cache, expected in ((tmp_path / "cache", tmp_path / "cache" / "ddl"),

@@ -380,7 +380,7 @@ def memory_order(a):
 
 def test_layers_keep_their_inputs_memory_order():
     """A slow transposing copy between layers is invisible to every value test: check that each
-    output and each input gradient keeps its input's memory order (see functional.py)."""
+    output and each input gradient keeps its input's memory order (see ddl/kernels/numpy.py)."""
     rng = np.random.default_rng(6)
     net = Sequential(Conv2d(1, 4, 3, rng=rng), ReLU(), MaxPool2d(2), Conv2d(4, 6, 3, rng=rng),
                      ResidualBlock(6, 6, rng=rng), ResidualBlock(6, 8, 2, rng=rng), ReLU(),
@@ -432,7 +432,7 @@ def test_hooks_see_every_module_fused_or_not():
     x = randn(2, 1, 8, 8).astype(np.float32)
     y = net(x)
     forward = [(n, s) for n, d, s in seen if d == "forward"]
-    assert forward[0] == ("0", (2, 4, 3, 3) if kernels.active() == "numba" else (2, 4, 6, 6))
+    assert forward[0] == ("0", (2, 4, 3, 3) if kernels.get().name == "numba" else (2, 4, 6, 6))
     assert ("3.body.0", (2, 4, 3, 3)) in forward and ("3.body", (2, 4, 3, 3)) in forward
     assert forward.index(("3.body.0", (2, 4, 3, 3))) < forward.index(("3", (2, 4, 3, 3)))
     assert forward[-1] == ("", (2, 2)) and len(forward) == len(set(forward))

@@ -294,3 +294,52 @@ def test_make_optimizer():
     assert type(rms) is RMSprop and rms.momentum == 0.5
     with pytest.raises(ValueError, match="sgd, adam, rmsprop"):
         make_optimizer("lbfgs", ps, lr=1.0)
+
+
+@pytest.mark.parametrize("cls,kw", [(cls, kw) for cls, _, kw in CASES], ids=IDS)
+def test_a_flat_buffers_parameters_are_updated_in_one_call(cls, kw, monkeypatch):
+    """Parameters lying end to end in one flat buffer (training's `flatten`) are updated by one
+    call of the rule when stepped together, bit for bit as one by one; a step of a subset splits
+    Adam's run (its step counts then differ) without changing any result."""
+    from ddl import kernels
+    from ddl.parallel import flatten
+    backend, rule = kernels.get(), cls.__name__.lower()
+    calls, run_rule = [], getattr(backend, rule)
+    monkeypatch.setattr(backend, rule, lambda data, *args: (calls.append(data.size),
+                                                            run_rule(data, *args)))
+    flat = Sequential(*(Affine(x) for x in initial()))
+    flatten(flat.parameters())
+    apart = [Parameter(x) for x in initial()]
+    opts = cls(flat.parameters(), **kw), cls(apart, **kw)
+    for k, gs in enumerate(gradients()):
+        for p, q, g in zip(flat.parameters(), apart, gs):
+            p.grad[...] = g
+            q.grad[...] = g
+        calls.clear()
+        if k == 2:
+            opts[0].step(flat.parameters()[1:])
+            opts[1].step(apart[1:])
+        else:
+            flat.step(opts[0])
+            opts[1].step()
+        if k == 0:
+            assert calls == [sum(p.data.size for p in apart), *(q.data.size for q in apart)]
+    for p, q in zip(flat.parameters(), apart):
+        np.testing.assert_array_equal(p.data, q.data)
+    sd, reference = opts[0].state_dict(), opts[1].state_dict()
+    assert sd["state"].keys() == reference["state"].keys()
+    for i, s in sd["state"].items():
+        for k, v in s.items():
+            np.testing.assert_array_equal(v, reference["state"][i][k])
+
+
+class OwnStep(Affine):
+    def step(self, optimizer):
+        self.stepped = True
+        super().step(optimizer)
+
+
+def test_sequential_keeps_a_childs_own_step():
+    model = Sequential(Affine(initial()[0]), OwnStep(initial()[1]))
+    model.step(SGD(model.parameters(), lr=0.1))
+    assert model[1].stepped

@@ -1,37 +1,46 @@
-"""Which array kernels ddl runs: compiled with numba (the default) or plain NumPy (the reference).
+"""The array backends: ddl/kernels/numba.py, compiled with numba (the default), and
+ddl/kernels/numpy.py, plain NumPy (the reference). Peers: each offers every name of OPERATIONS,
+with the same arguments and results.
 
     from ddl import kernels
-    kernels.use("numpy")                 # `ddl train --kernels numpy`
+    kernels.use("numpy")                 # for the rest of the run (`ddl train --kernels numpy`)
     with kernels.using("numpy"):         # for a block of code
         ...
+    backend = kernels.get()              # the backend in use: backend.name, backend.conv2d_forward
 
-The layers and the loss ask `backend()` for their kernels at every call, and the optimizers and
-Sequential's fused plan check `active()`, so the choice may change between steps (not between a
-forward and its backward). Both backends offer the
-same functions with the same shapes; `ddl.nn.functional` is the NumPy one and the reference that
-every compiled kernel is tested against. numba is imported only when compiled kernels first run.
+Layers, the loss, the optimizers, Sequential's plan and the parameters' allocation all ask
+`get()` when they run, so the choice may change between steps (not between a forward and its
+backward). A new backend is one more module offering OPERATIONS, and one more name in NAMES.
+numba is imported only when its backend is first asked for; `setup()` (which that does too)
+configures the compiler before the first compile, and `warm` compiles every kernel ahead.
 """
 import contextlib
 
 NAMES = ("numba", "numpy")
+# What every backend offers: the layers' kernels (each forward returns what its backward takes),
+# the loss, the optimizers' update rules over flat arrays, allocation, and the plan that a
+# Sequential runs (its layers, or groups of them that the backend runs in one pass).
+OPERATIONS = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward",
+              "avgpool2d_forward", "avgpool2d_backward", "relu_forward", "relu_backward",
+              "cross_entropy", "sgd", "adam", "rmsprop", "empty", "zeros", "array", "plan")
 _active = "numba"
 
 
 def use(name):
-    """Run the kernels of `name` ("numba" or "numpy") from now on."""
+    """Run the backend `name` (one of NAMES) from now on."""
     global _active
-    if name not in NAMES:
-        raise ValueError(f"unknown kernels {name!r} (choose from {', '.join(NAMES)})")
+    _known(name)
     _active = name
 
 
-def active():
-    """The name of the kernels in use: "numba" or "numpy"."""
-    return _active
+def _known(name):
+    if name not in NAMES:
+        raise ValueError(f"unknown kernels {name!r} (choose from {', '.join(NAMES)})")
 
 
 @contextlib.contextmanager
 def using(name):
+    """Run the backend `name` inside the with block, and the one before it after."""
     previous = _active
     use(name)
     try:
@@ -40,23 +49,43 @@ def using(name):
         use(previous)
 
 
-def backend():
-    """The module of array kernels for the active choice: `ddl.kernels.compiled` (numba) or
-    `ddl.nn.functional` (NumPy)."""
-    if _active == "numba":
-        from ddl.kernels import compiled
-        return compiled
-    from ddl.nn import functional
-    return functional
+def get(name=None):
+    """The backend module `name`, by default the one in use; its `.name` is its name. The numba
+    backend is set up (`setup()`) before it is first imported."""
+    backend = _loaded.get(name or _active)
+    return backend if backend is not None else _load(name or _active)
+
+
+_loaded = {}    # name -> backend module: `get` runs for every layer at every step
+
+
+def _load(name):
+    _known(name)
+    if name == "numba":
+        setup()
+        from ddl.kernels import numba as backend
+    else:
+        from ddl.kernels import numpy as backend
+    _loaded[name] = backend
+    return backend
+
+
+def setup():
+    """Configure numba for ddl's kernels (LLVM's options, the on-disk cache: ddl/kernels/jit.py)
+    before anything compiles; once per process, later calls do nothing. Importing changes nothing
+    process-wide: the CLI, `python -m ddl.kernels`, the tests and `warm` call this."""
+    from ddl.kernels import jit
+    jit.configure()
 
 
 def warm(comm=None):
-    """Compile (or load from numba's cache) every kernel for float32 when the numba kernels are
-    active; returns the seconds it took. Under MPI, rank 0 goes first and the others then load
+    """Compile (or load from numba's cache) every kernel for float32 when the numba backend is
+    in use; returns the seconds it took. Under MPI, rank 0 goes first and the others then load
     what it cached, instead of every rank compiling the same code at once on shared cores."""
     if _active != "numba":
         return 0.0
     from ddl.kernels import jit
+    get()   # sets up, and imports (registers) every kernel
     if comm is not None and comm.rank != 0:
         comm.barrier(what="barrier after rank 0's kernel compile", at_least=COMPILING)
     seconds = jit.warm()

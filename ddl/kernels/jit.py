@@ -8,6 +8,10 @@ temporary one (a read-only install still works). Each kernel names the float32 s
 training uses, so `warm()` (run by `make install`, and rank 0 first at the start of training) can
 compile or load them all before the first step instead of in the middle of it.
 
+Importing this module changes nothing outside it: `configure()` (which `ddl.kernels.setup()`
+calls, and choosing the numba backend too) sets LLVM's options and the cache folder, before
+the first compile.
+
 Writing a kernel that vectorises: the innermost loop runs over unit-stride memory and indexes it
 with its own loop variable. numba wraps negative indices around, and an index that LLVM cannot
 prove non-negative (`x[i + j * n]` with n an argument) costs a check per element that turns
@@ -27,16 +31,42 @@ import numba
 # Fast-math minus the "no NaN / no inf" promises: a NaN must survive a ReLU or a max so that a
 # diverging run is seen, not hidden. `reassoc` lets LLVM vectorise sums; `contract` allows FMAs.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-# The Winograd transforms read and write 16 arrays in one loop. LLVM then needs more run-time
-# overlap checks than its default limit of 128 before it vectorises the loop, and without them
-# ref-cnn's input transform ran an order of magnitude slower.
-llvm.set_option("", "-vectorize-memory-check-threshold=1000")
-# A direct convolution unrolls its C*kh*kw taps (up to 32, times the four outputs of a pooling
-# window) inside the vectorised loop over the batch; LLVM's default size limit left seed-cnn's 5x5
-# taps rolled up, and the loop scalar: an order of magnitude slower.
-llvm.set_option("", "-unroll-threshold=2000")
+LLVM_OPTIONS = (
+    # The Winograd transforms read and write 16 arrays in one loop. LLVM then needs more run-time
+    # overlap checks than its default limit of 128 before it vectorises the loop, and without them
+    # ref-cnn's input transform ran an order of magnitude slower.
+    "-vectorize-memory-check-threshold=1000",
+    # A direct convolution unrolls its C*kh*kw taps (up to 32, times the four outputs of a pooling
+    # window) inside the vectorised loop over the batch; LLVM's default size limit left
+    # seed-cnn's 5x5 taps rolled up, and the loop scalar: an order of magnitude slower.
+    "-unroll-threshold=2000",
+)
 
 _KERNELS = []   # (dispatcher, signature templates)
+_configured = False
+
+
+def configure():
+    """Set LLVM's options and give every kernel, registered or still to come, its on-disk cache.
+    Call it before the first compile (LLVM reads its options then); calling it again does
+    nothing."""
+    global _configured
+    if _configured:
+        return
+    for option in LLVM_OPTIONS:
+        llvm.set_option("", option)
+    _configured = True
+    for dispatcher, _ in _KERNELS:
+        _cache(dispatcher)
+
+
+def _cache(dispatcher):
+    previous = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = cache_dir()    # read as the cache is set up, then restored
+    try:
+        dispatcher.enable_caching()         # what numba.njit(cache=True) does
+    finally:
+        numba.config.CACHE_DIR = previous
 
 
 def helper(fn):
@@ -52,16 +82,14 @@ FLAT, X3, X4 = "T[::1]", "T[:, :, ::1]", "T[:, :, :, ::1]"
 def kernel(*signatures):
     """Compile a function with numba, cached; `signatures` are templates in which "T" stands for
     the float type, e.g. "(T[:, ::1], T[::1], float64)", compiled ahead for float32 by `warm`.
-    Other argument types (float64 in the gradient checks) compile on first call."""
+    Other argument types (float64 in the gradient checks) compile on first call. The kernel
+    caches on disk once `configure()` has run."""
     def decorate(fn):
-        previous = numba.config.CACHE_DIR
-        numba.config.CACHE_DIR = cache_dir()    # read as the cache is set up, then restored
-        try:
-            dispatcher = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy",
-                                    boundscheck=False, nogil=True)(fn)
-        finally:
-            numba.config.CACHE_DIR = previous
+        dispatcher = numba.njit(fastmath=FASTMATH, error_model="numpy", boundscheck=False,
+                                nogil=True)(fn)
         _KERNELS.append((dispatcher, signatures))
+        if _configured:
+            _cache(dispatcher)
         return dispatcher
     return decorate
 
@@ -97,9 +125,10 @@ def cache_dir():
 
 
 def warm():
-    """Compile or load every registered kernel for float32; returns the seconds it took."""
+    """Compile or load every registered kernel (those of the modules imported so far: the numba
+    backend imports them all) for float32; returns the seconds it took."""
+    configure()
     started = time.perf_counter()
-    from ddl.kernels import compiled, optim  # noqa: F401  (importing registers the kernels)
     for dispatcher, signatures in _KERNELS:
         for template in signatures:
             dispatcher.compile(template.replace("T", "float32"))

@@ -27,6 +27,6 @@ def _cross_entropy(logits, labels, grad):
 
 
 def cross_entropy(logits, labels):
-    """As functional.cross_entropy."""
+    """As the NumPy backend's cross_entropy."""
     grad = np.empty(logits.shape, logits.dtype)
     return _cross_entropy(logits, labels, grad), grad

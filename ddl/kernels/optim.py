@@ -1,7 +1,9 @@
-"""The optimizers' update rules (ddl/optim.py, where they are written out) as single passes over
-a parameter: NumPy takes four to eight passes, each reading and writing whole arrays.
+"""The optimizers' update rules (ddl/optim.py writes them out; ddl/kernels/numpy.py is the
+reference) as single passes over flat arrays: NumPy takes four to eight passes, each reading and
+writing whole arrays.
 
-Each kernel updates data (and its state) in place from grad, all flat arrays of one parameter.
+Each kernel updates data (and its state) in place from grad, all flat arrays of one size: one
+parameter, or all of them at once when they lie end to end in one flat buffer.
 Hyperparameters arrive as Python floats and are rounded to the parameters' dtype first, as NumPy
 does when it multiplies a float32 array by a Python float.
 """

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from ddl import kernels
-from ddl.nn import functional as F
+from ddl.kernels.arrays import Workspace, matmul_like, pair
 from ddl.nn.module import Module, Parameter, Residual, Sequential
 
 
@@ -44,7 +44,7 @@ class Linear(Module):
         self.weight.grad += grad_y.T @ self._x
         if self.bias is not None:
             self.bias.grad += grad_y.sum(axis=0)
-        return F.matmul_like(grad_y, self.weight.data, self._x)
+        return matmul_like(grad_y, self.weight.data, self._x)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
@@ -54,30 +54,32 @@ class Conv2d(Module):
     """2-D cross-correlation: x (N, C, H, W) -> (N, out_channels, OH, OW).
 
     kernel_size, stride, padding: int or (h, w). rng as for Linear. The output is an NCHW view
-    of (C, H, W, N) memory (see functional.py); NumPy treats it like any other array. NumPy
+    of (C, H, W, N) memory (see ddl/kernels/numpy.py); NumPy treats it like any other array. NumPy
     kernels run im2col and one GEMM; compiled ones pick an algorithm from the shape.
     needs_input_grad (see Module): False skips the input gradient, a third of the backward work.
     """
+
+    op = "conv2d"   # what a backend's plan knows it by
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  rng=None):
         super().__init__()
         rng = np.random.default_rng(rng)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (F.pair(kernel_size), F.pair(stride),
-                                                       F.pair(padding))
+        self.kernel_size, self.stride, self.padding = (pair(kernel_size), pair(stride),
+                                                       pair(padding))
         kh, kw = self.kernel_size
         bound = 1 / math.sqrt(in_channels * kh * kw)
         self.weight = Parameter(_uniform(rng, bound, (out_channels, in_channels, kh, kw)))
         self.bias = Parameter(_uniform(rng, bound, (out_channels,))) if bias else None
-        self._ws = F.Workspace()
+        self._ws = Workspace()
 
     def forward(self, x):
-        return self.run(kernels.backend(), x)
+        return self.run(kernels.get(), x)
 
     def run(self, backend, x, **fused):
-        """forward with the kernels of `backend`; `fused` (pool=True, relu=...) asks the compiled
-        backend to max-pool 2x2 (and ReLU) in the same pass (see ddl/nn/fused.py)."""
+        """forward with the kernels of `backend`; `fused` (pool=True, relu=...) asks the numba
+        backend to max-pool 2x2 (and ReLU) in the same pass (its `plan`)."""
         self._x_shape, self._backend = x.shape, backend
         b = None if self.bias is None else self.bias.data
         y, self._ctx = backend.conv2d_forward(x, self.weight.data, b, self.stride, self.padding,
@@ -101,8 +103,8 @@ class Conv2d(Module):
 class _Pool2d(Module):
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size = F.pair(kernel_size)
-        self.stride = self.kernel_size if stride is None else F.pair(stride)
+        self.kernel_size = pair(kernel_size)
+        self.stride = self.kernel_size if stride is None else pair(stride)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
@@ -111,8 +113,10 @@ class _Pool2d(Module):
 class MaxPool2d(_Pool2d):
     """Max over each window: (N, C, H, W) -> (N, C, OH, OW); gradient to the first maximum only."""
 
+    op = "maxpool2d"
+
     def forward(self, x):
-        return self.run(kernels.backend(), x)
+        return self.run(kernels.get(), x)
 
     def run(self, backend, x, relu=False):
         """forward with the kernels of `backend`, followed by ReLU when `relu` (both backends)."""
@@ -129,11 +133,11 @@ class AvgPool2d(_Pool2d):
     """Mean over each window: (N, C, H, W) -> (N, C, OH, OW)."""
 
     def forward(self, x):
-        self._x = x
-        return F.avgpool2d_forward(x, self.kernel_size, self.stride)
+        self._x, self._backend = x, kernels.get()
+        return self._backend.avgpool2d_forward(x, self.kernel_size, self.stride)
 
     def backward(self, grad_y):
-        return F.avgpool2d_backward(grad_y, self._x, self.kernel_size, self.stride)
+        return self._backend.avgpool2d_backward(grad_y, self._x, self.kernel_size, self.stride)
 
 
 class GlobalAvgPool2d(Module):
@@ -151,8 +155,10 @@ class GlobalAvgPool2d(Module):
 
 
 class ReLU(Module):
+    op = "relu"
+
     def forward(self, x):
-        self._backend = kernels.backend()
+        self._backend = kernels.get()
         y, self._ctx = self._backend.relu_forward(x)
         return y
 

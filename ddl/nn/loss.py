@@ -30,7 +30,7 @@ class CrossEntropyLoss(_Loss):
         bad = (labels < 0) | (labels >= c)
         if bad.any():
             raise ValueError(f"labels must lie in [0, {c}): got {np.unique(labels[bad])[:10]}")
-        loss, grad = kernels.backend().cross_entropy(logits, np.ascontiguousarray(labels, np.int64))
+        loss, grad = kernels.get().cross_entropy(logits, np.ascontiguousarray(labels, np.int64))
         if self.reduction == "mean":
             loss = loss / n
             grad /= np.float32(n)            # a new array from either backend

@@ -13,11 +13,12 @@ from ddl import kernels
 
 class Parameter:
     """A trainable array: `data` and its gradient `grad`, same shape and dtype, in C order (the
-    compiled optimizers update it through a flat view)."""
+    optimizers' update rules work on flat views), allocated by the backend in use."""
 
     def __init__(self, data, dtype=np.float32):
-        self.data = np.array(data, dtype=dtype, order="C")
-        self.grad = np.zeros_like(self.data)
+        backend = kernels.get()     # its arrays live where its kernels run
+        self.data = backend.array(data, dtype)
+        self.grad = backend.zeros(self.data.shape, self.data.dtype)
 
     @property
     def shape(self):
@@ -103,7 +104,7 @@ class Module:
         The hook wraps each instance's own methods, so it sees the calls that a parent (or a
         user's module) makes directly too. A layer with a `run` method (Conv2d, MaxPool2d) is
         hooked there instead of in forward: its forward calls run, and so do the fused groups
-        of ddl/nn/fused.py, which never call the pool's or the ReLU's forward."""
+        of the numba backend's plan, which never call the pool's or the ReLU's forward."""
         for m in self.modules():
             for method, direction in (("run" if hasattr(m, "run") else "forward", "forward"),
                                       ("backward", "backward")):
@@ -180,8 +181,8 @@ def _hooked(method, module, direction, hook):
 class Sequential(Module):
     """Modules applied in order; backward runs them in reverse; step steps each trainable child.
 
-    With the compiled kernels, neighbours that fuse (a convolution, its max pool and ReLU) run as
-    one step (ddl/nn/fused.py); backward follows the steps of the last forward.
+    With the numba backend, neighbours that fuse (a convolution, its max pool and ReLU) run as
+    one step (its `plan`); backward follows the steps of the last forward.
     """
 
     def __init__(self, *modules):
@@ -210,15 +211,11 @@ class Sequential(Module):
             self[0].needs_input_grad = needed
 
     def steps(self):
-        """The layers as the active kernels run them: fused groups with the compiled ones."""
-        layers = list(self)
-        key = (kernels.active(), [id(m) for m in layers])
+        """The layers as the backend in use runs them (its `plan`: fused groups with numba)."""
+        layers, backend = list(self), kernels.get()
+        key = (backend.name, [id(m) for m in layers])
         if self._plan[0] != key:
-            if kernels.active() == "numba":
-                from ddl.nn.fused import plan  # here: it needs the layers, and numba
-                self._plan = (key, plan(layers))
-            else:
-                self._plan = (key, layers)
+            self._plan = (key, backend.plan(layers))
         return self._plan[1]
 
     def forward(self, x):
@@ -233,8 +230,19 @@ class Sequential(Module):
         return grad_y
 
     def step(self, optimizer):
+        """Each child steps its own parameters; when none does anything else, in one call of the
+        optimizer, which then updates a flat buffer's parameters in one pass."""
+        if _steps_plainly(self):
+            optimizer.step(self.parameters())
+            return
         for m in self:
             m.step(optimizer)
+
+
+def _steps_plainly(module):
+    """Whether `module.step(optimizer)` amounts to `optimizer.step(module.parameters())`."""
+    own = type(module).step
+    return own is Module.step or (own is Sequential.step and all(map(_steps_plainly, module)))
 
 
 class Residual(Module):

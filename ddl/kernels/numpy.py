@@ -1,7 +1,8 @@
-"""The NumPy kernels: im2col convolution, 2-D pooling, ReLU and the cross-entropy.
+"""The NumPy backend, the readable reference: im2col convolution, 2-D pooling, ReLU, the
+cross-entropy, the optimizers' update rules, array allocation and `plan`.
 
-This is the readable reference backend (`ddl.kernels.use("numpy")`); ddl/kernels/compiled.py
-offers the same functions compiled with numba, each tested against its twin here.
+`ddl.kernels.use("numpy")` runs it; ddl/kernels/numba.py offers the same operations
+(ddl.kernels.OPERATIONS) compiled with numba, each tested against its twin here.
 
 Layout note: the convolution keeps activations in (C, H, W, N) memory order, channels outermost
 and the batch innermost. Its columns matrix is then (C*kh*kw, OH*OW*N), built from kh*kw copies
@@ -9,24 +10,16 @@ whose inner runs are whole (OW, N) rows; the GEMM `W @ cols` yields (O, OH*OW*N)
 output is a transposed view of it. ReLU and pooling preserve whatever memory order they are given
 (NumPy allocates elementwise results in their input's order), so the next convolution finds its
 input already in place, and Flatten of (C, H, W, N) memory is a free (N, C*H*W) transposed view.
-The compiled backend keeps the same memory order; every function of both takes and returns
+The numba backend keeps the same memory order; every function of both takes and returns
 logically NCHW arrays, whatever their memory order.
 """
+import math
+
 import numpy as np
 
+from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
-def pair(v):
-    """An int or a (h, w) pair as a (h, w) tuple of ints."""
-    h, w = (v, v) if np.isscalar(v) else v
-    return int(h), int(w)
-
-
-def out_size(size, kernel, stride, padding=0):
-    """Output length along one axis (PyTorch's floor mode)."""
-    out = (size + 2 * padding - kernel) // stride + 1
-    if out < 1:
-        raise ValueError(f"kernel {kernel} larger than padded input {size + 2 * padding}")
-    return out
+name = "numpy"
 
 
 def taps(a, kernel, stride, out_hw):
@@ -37,49 +30,7 @@ def taps(a, kernel, stride, out_hw):
             for i in range(kh) for j in range(kw)]
 
 
-def matmul_like(a, b, like):
-    """a @ b stored in the memory order of `like` (C or Fortran): the gradient of an input comes
-    back laid out like that input, so the layers before it keep their memory order."""
-    if like.flags.f_contiguous and not like.flags.c_contiguous:
-        return (b.T @ a.T).T
-    return a @ b
-
-
 # --- convolution ----------------------------------------------------------------------------------
-class Workspace:
-    """Scratch arrays kept from one call to the next, by name. A layer's big temporaries (the
-    im2col columns: 9 MB for ref-cnn's second convolution at batch 64, 36 MB at 256) have the same
-    shape every step, and a fresh multi-MB array costs page faults on every step."""
-
-    def __init__(self):
-        self._arrays = {}
-
-    def empty(self, name, shape, dtype):
-        a = self._arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(shape, dtype)
-        return a
-
-    def zeros(self, name, shape, dtype):
-        """As `empty`, but zeroed when it is made: for a buffer whose every use writes one same
-        part of it (a padded input's interior), so that the rest stays zero."""
-        a = self._arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._arrays[name] = np.zeros(shape, dtype)
-        return a
-
-
-def chwn(x):
-    """x (N, C, H, W) as contiguous (C, H, W, N) memory: a view when it already is."""
-    t = x.transpose(1, 2, 3, 0)
-    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
-
-
-def nchw(a):
-    """(C, H, W, N) memory seen as (N, C, H, W)."""
-    return a.transpose(3, 0, 1, 2)
-
-
 def _chwn(x, padding):
     """x (N, C, H, W), zero-padded, as a (C, N, H', W') view of contiguous (C, H', W', N) memory;
     no copy when x is already that memory and unpadded."""
@@ -253,3 +204,80 @@ def cross_entropy(logits, labels):
     grad[rows, labels] -= 1
     # float64: long sums stay accurate
     return float(-log_p[rows, labels].sum(dtype=np.float64)), grad
+
+
+# --- the optimizers' update rules (ddl/optim.py writes each out) ------------------------------
+# Each updates `data` and its state in place from `grad`, all flat arrays of one size (one
+# parameter, or a run of them lying end to end in a flat buffer); state that the hyperparameters
+# leave unused arrives empty. Hyperparameters are Python floats.
+def _decayed(data, grad, weight_decay):
+    """The gradient with L2 weight decay folded in (PyTorch's coupled `weight_decay`)."""
+    return grad + weight_decay * data if weight_decay else grad
+
+
+def sgd(data, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """torch.optim.SGD's step; buf is the momentum buffer (unused without momentum), `first`
+    when it holds nothing yet."""
+    g = _decayed(data, grad, weight_decay)
+    if momentum:
+        if first:
+            buf[...] = g
+        else:
+            buf *= momentum
+            buf += (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    data -= lr * g
+
+
+def adam(data, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    """torch.optim.Adam's step number `step` (a float, from 1)."""
+    g = _decayed(data, grad, weight_decay)
+    exp_avg *= beta1
+    exp_avg += (1 - beta1) * g
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    denom = np.sqrt(exp_avg_sq) / math.sqrt(1 - beta2 ** step) + eps
+    data -= (lr / (1 - beta1 ** step)) * exp_avg / denom
+
+
+def rmsprop(data, grad, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay, momentum,
+            centered):
+    """torch.optim.RMSprop's step; grad_avg is used only when centered, buf only with momentum."""
+    g = _decayed(data, grad, weight_decay)
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    if centered:
+        grad_avg *= alpha
+        grad_avg += (1 - alpha) * g
+        # s >= a**2 in exact arithmetic; float32 rounding can dip below and give NaN.
+        avg = np.sqrt(np.maximum(square_avg - grad_avg * grad_avg, 0)) + eps
+    else:
+        avg = np.sqrt(square_avg) + eps
+    if momentum:
+        buf *= momentum
+        buf += g / avg
+        data -= lr * buf
+    else:
+        data -= lr * (g / avg)
+
+
+# --- arrays and the plan ----------------------------------------------------------------------
+def empty(shape, dtype):
+    """A new uninitialised C-ordered array where this backend's kernels run (main memory)."""
+    return np.empty(shape, dtype)
+
+
+def zeros(shape, dtype):
+    """As `empty`, zeroed."""
+    return np.zeros(shape, dtype)
+
+
+def array(data, dtype):
+    """A C-ordered copy of `data` (any array-like) as `dtype`, where this backend's kernels run."""
+    return np.array(data, dtype=dtype, order="C")
+
+
+def plan(layers):
+    """The steps that run `layers` (a Sequential's modules, in order): the layers themselves, one
+    by one; the reference fuses nothing."""
+    return list(layers)

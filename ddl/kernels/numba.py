@@ -1,0 +1,196 @@
+"""The numba backend: the operations of ddl/kernels/numpy.py, with the same arguments and results,
+run by compiled kernels, plus the fused passes that only this backend has (a convolution with
+the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
+
+A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
+stride-1 layers with several input channels, a direct convolution for other stride-1 layers, and
+NumPy's im2col and one GEMM for strided and 1x1 layers, where GEMMs beat them. Activations keep
+the NumPy backend's memory order, (C, H, W, N) with the batch innermost, behind logically
+(N, C, H, W) arrays, so layers of either backend can follow one another.
+"""
+import sys
+
+import numpy as np
+
+from ddl.kernels import direct, loss, optim, pool, winograd
+from ddl.kernels import numpy as reference
+from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
+
+name = "numba"
+
+# Fewer input channels than this make Winograd's GEMMs too thin: direct wins ref-cnn's first
+# layer (C = 1), Winograd its second (C = 32).
+WINOGRAD_MIN_CHANNELS = 4
+
+
+def algorithm(weight_shape, stride):
+    """"direct", "winograd" or "im2col" for a convolution with this weight (O, C, kh, kw)."""
+    _, c, kh, kw = weight_shape
+    if stride != (1, 1) or (kh, kw) == (1, 1):
+        return "im2col"
+    return "winograd" if (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS else "direct"
+
+
+def fusable(conv, pool_layer):
+    """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
+    return (algorithm(conv.weight.shape, conv.stride) != "im2col"
+            and pool_layer.kernel_size == pool_layer.stride == (2, 2))
+
+
+_ALGORITHMS = {"direct": (direct.forward, direct.backward),
+               "winograd": (winograd.forward, winograd.backward)}
+
+
+def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=False):
+    """As reference.conv2d_forward; with `pool` (a fusable layer), max-pooled 2x2 and, with
+    `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
+    algo = algorithm(weight.shape, stride)
+    ws = ws or Workspace()
+    if algo == "im2col":
+        y, ctx = reference.conv2d_forward(x, weight, bias, stride, padding, ws)
+    else:
+        b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+        y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, b, padding, pool, relu, ws)
+        y = nchw(y)
+    return y, (algo, ctx)
+
+
+def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=True, ws=None):
+    """As reference.conv2d_backward, for either kind of conv2d_forward."""
+    algo, ctx = ctx
+    ws = ws or Workspace()
+    if algo == "im2col":
+        return reference.conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding,
+                                          input_grad, ws)
+    grad_w = np.zeros_like(weight)
+    grad_b = np.zeros(weight.shape[0], weight.dtype)
+    gxp = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
+    if gxp is None:
+        return None, grad_w, grad_b
+    (ph, pw), (h, w) = padding, x_shape[2:]
+    return nchw(gxp[:, ph:ph + h, pw:pw + w]), grad_w, grad_b
+
+
+def maxpool2d_forward(x, kernel, stride, relu=False):
+    """As reference.maxpool2d_forward (ReLU'd too if `relu`); the result's ctx is the code."""
+    xc = chwn(x)
+    out_hw = [out_size(size, k, s) for size, k, s in zip(xc.shape[1:3], kernel, stride)]
+    y = np.empty((xc.shape[0], *out_hw, xc.shape[3]), x.dtype)
+    code = np.empty(y.shape, np.uint8)
+    pool.max_pool(xc, *kernel, *stride, relu, y, code)
+    return nchw(y), code
+
+
+def maxpool2d_backward(grad_y, code, x, kernel, stride):
+    """As reference.maxpool2d_backward."""
+    n, c, h, w = x.shape
+    gx = np.zeros((c, h, w, n), grad_y.dtype)
+    pool.max_pool_grad(chwn(grad_y), code, *kernel, *stride, gx)
+    return nchw(gx)
+
+
+def _flat(a):
+    """a's elements in memory order as a 1-D view, or None unless a fills one contiguous block."""
+    t = a.transpose(np.argsort(a.strides)[::-1])
+    return t.reshape(-1) if t.flags.c_contiguous else None
+
+
+def relu_forward(x):
+    """As reference.relu_forward; the ctx is the output."""
+    xf = _flat(x)
+    if xf is None:
+        return reference.relu_forward(x)
+    y = np.empty_like(x)   # x's memory order, so the flat views line up
+    pool.relu(xf, _flat(y))
+    return y, y
+
+
+def relu_backward(grad_y, ctx):
+    """As reference.relu_backward, given the forward's ctx."""
+    if ctx.dtype == bool:                  # the forward fell back to NumPy: ctx is its mask
+        return reference.relu_backward(grad_y, ctx)
+    if grad_y.strides != ctx.strides:      # laid out unlike the output: no common flat view
+        return reference.relu_backward(grad_y, ctx > 0)
+    gx = np.empty_like(ctx)
+    pool.relu_grad(_flat(ctx), _flat(grad_y), _flat(gx))
+    return gx
+
+
+# The same as the reference's: pooling by averages is rare, and allocation is NumPy's.
+avgpool2d_forward, avgpool2d_backward = reference.avgpool2d_forward, reference.avgpool2d_backward
+empty, zeros, array = reference.empty, reference.zeros, reference.array
+cross_entropy = loss.cross_entropy
+sgd, adam, rmsprop = optim.sgd, optim.adam, optim.rmsprop
+
+
+# --- fused layer groups ---------------------------------------------------------------------------
+# `plan(layers)` is what a Sequential runs: its layers in order, except that a convolution followed
+# by a 2x2 max pool (and a ReLU before or after the pool) becomes one `ConvPool` step, and a max
+# pool next to a ReLU becomes one `PoolReLU` step. ReLU and max pooling commute, outputs and
+# gradients alike (ties included), so both layer orders fuse. A group only calls its layers' own
+# kernels with their own parameters and caches: the module tree, `parameters()` and `state_dict()`
+# do not change, and so neither does anything that reads them. Layers are known by the `op` their
+# class declares ("conv2d", "maxpool2d", "relu"), not by importing them: ddl.nn imports the
+# kernels, never the other way round.
+class ConvPool:
+    """Conv2d -> MaxPool2d(2) [-> ReLU], or Conv2d -> ReLU -> MaxPool2d(2): one pass that never
+    stores the convolution's full-resolution output."""
+
+    def __init__(self, conv, relu):
+        self.conv, self.relu = conv, relu
+
+    def forward(self, x):
+        return self.conv.run(_self, x, pool=True, relu=self.relu)
+
+    def backward(self, grad_y):
+        return self.conv.backward(grad_y)
+
+    def __repr__(self):
+        return f"{self.conv!r} + max pool 2x2" + (" + ReLU" if self.relu else "")
+
+
+class PoolReLU:
+    """MaxPool2d and ReLU, in either order: one pass."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool.run(_self, x, relu=True)
+
+    def backward(self, grad_y):
+        return self.pool.backward(grad_y)
+
+    def __repr__(self):
+        return f"{self.pool!r} + ReLU"
+
+
+def _op(layer):
+    """The op that `layer`'s own class declares (None for a subclass that does not declare it
+    again: it may run differently)."""
+    return vars(type(layer)).get("op") if layer is not None else None
+
+
+def plan(layers):
+    """The steps that run `layers` (a list of modules) with fused groups where possible."""
+    steps, i = [], 0
+    while i < len(layers):
+        a, b, c = (layers[i:i + 3] + [None, None])[:3]
+        ops = (_op(a), _op(b), _op(c))
+        if ops[:2] == ("conv2d", "maxpool2d") and fusable(a, b):
+            relu = ops[2] == "relu"
+            steps.append(ConvPool(a, relu))
+            i += 3 if relu else 2
+        elif ops == ("conv2d", "relu", "maxpool2d") and fusable(a, c):
+            steps.append(ConvPool(a, True))
+            i += 3
+        elif ops[:2] in (("maxpool2d", "relu"), ("relu", "maxpool2d")):
+            steps.append(PoolReLU(a if ops[0] == "maxpool2d" else b))
+            i += 2
+        else:
+            steps.append(a)
+            i += 1
+    return steps
+
+
+_self = sys.modules[__name__]   # this backend, which the fused groups run their layers with
