@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MNIST, ROOT, run, run_ddl, run_mpi
+from conftest import MNIST, ROOT, needs, run, run_ddl, run_mpi
 from ddl import checkpoint
 from ddl.models import build
 
@@ -35,10 +35,21 @@ def _slurm_here():
     return ""
 
 
-SLURM_MISSING = _slurm_here()
-needs_openmpi = pytest.mark.skipif(not OPENMPI, reason="no mpirun.openmpi (apt-get install "
-                                   "openmpi-bin, or bash .ci/cluster.sh)")
-needs_slurm = pytest.mark.skipif(bool(SLURM_MISSING), reason=SLURM_MISSING)
+@pytest.fixture(scope="session")
+def openmpi():
+    if not OPENMPI:
+        needs("openmpi", "no mpirun.openmpi (apt-get install openmpi-bin, or bash .ci/cluster.sh)")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    missing = _slurm_here()
+    if missing:
+        needs("slurm", missing)
+
+
+needs_openmpi = pytest.mark.usefixtures("openmpi")
+needs_slurm = pytest.mark.usefixtures("slurm")
 
 
 def openmpi_run(*args, **env):
