@@ -9,7 +9,7 @@ at once: Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process.
 import signal
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StopRequest:
