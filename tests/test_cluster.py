@@ -21,18 +21,26 @@ OPENMPI = shutil.which("mpirun.openmpi")
 HOST = socket.gethostname().split(".")[0]
 
 
-def _slurm_here():
-    """Why Slurm cannot run a job on this machine now, or '' when it can."""
+def _slurm_here(patience=60):
+    """Why Slurm cannot run a job on this machine now, or '' when it can. A Slurm just started
+    (by .ci/cluster.sh) may take a while to answer and to call its node idle: `patience`
+    seconds."""
     if not (shutil.which("srun") and shutil.which("sbatch") and shutil.which("salloc")):
         return "no Slurm client (bash .ci/cluster.sh starts a single-node Slurm)"
-    try:
-        nodes = subprocess.run(["sinfo", "-h", "-N", "-n", HOST, "-o", "%t"],
-                               capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo does not answer"
-    if nodes.stdout.split()[:1] not in (["idle"], ["mix"]):
-        return f"no idle Slurm node on {HOST} ({(nodes.stderr or nodes.stdout).strip()})"
-    return ""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            nodes = subprocess.run(["sinfo", "-h", "-N", "-n", HOST, "-o", "%t"],
+                                   capture_output=True, text=True, timeout=10)
+            state = nodes.stdout.split()[:1]
+            if state in (["idle"], ["mix"]):
+                return ""
+            why = f"no idle Slurm node on {HOST} ({(nodes.stderr or nodes.stdout).strip()})"
+        except subprocess.TimeoutExpired:
+            why = "sinfo does not answer"
+        if time.monotonic() > deadline:
+            return f"{why} after {patience} s"
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")
