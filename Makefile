@@ -7,7 +7,7 @@ RAW    ?= $(firstword $(wildcard ../shared/data/mnist) data/raw)
 DATA   := data/mnist.h5
 NP     ?= 4
 
-.PHONY: install test lint data train bench clean
+.PHONY: install install-torch test lint data train bench clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,plot]'
 	$(BIN)/python -m ddl.kernels
+	touch $@
+
+# PyTorch's CPU build, the anchor of the parity tests (tests/test_torch_parity.py, which skip
+# without it) and of make bench; CI installs it.
+install-torch: $(VENV)/.torch
+
+$(VENV)/.torch: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,plot,bench]'
 	touch $@
 
 test: install
@@ -36,7 +44,7 @@ train: install data
 	    --metrics data/metrics.jsonl --plot data/curves.png --overwrite
 	$(BIN)/ddl predict --data $(DATA) --checkpoint data/checkpoint.h5 --index 0 --out data/prediction.png
 
-bench: install
+bench: install-torch
 	$(BIN)/python scripts/benchmark.py --out docs/benchmarks.md
 
 clean:

@@ -1,15 +1,16 @@
-"""SIGTERM and SIGINT as a request to stop after the current step.
+"""SIGTERM, SIGINT and SIGHUP as a request to stop after the current step.
 
 Schedulers send SIGTERM some time before they kill a job (Slurm's KillWait, Kubernetes' grace
-period), and `ddl launch` forwards a Ctrl-C as one. While training, the signal only raises a flag;
+period), `ddl launch` forwards a Ctrl-C as one, and a closed terminal or a lost ssh session sends
+SIGHUP. While training, the signal only raises a flag;
 the loop sends it with the step's gradients, so that every rank learns of it at the same step,
 finishes that step, and rank 0 saves a checkpoint there. A second signal gets the usual treatment
-at once: Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process.
+at once: Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP end the process.
 """
 import signal
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StopRequest:

@@ -3,6 +3,7 @@ images as an .npz and as an image folder, an mpiexec runner, and the checks that
 kept its promise (one line, its status, nothing touched)."""
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,30 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW = Path(os.environ.get("DDL_MNIST_RAW", ROOT.parent / "shared" / "data" / "mnist"))
 MNIST = ((1, 28, 28), 10)          # what build() gets for MNIST: in_shape, num_classes
 COLOURS = ["cat", "dog", "frog", "ship"]      # the synthetic set's classes, sorted
+
+
+# Components that a test may need and CI installs (.ci/run lists them in DDL_REQUIRE): where one
+# is missing the test skips with a reason that starts "needs COMPONENT:", and pytest -ra prints
+# it; where DDL_REQUIRE names it, that skip is a failure, so that a broken install in CI cannot
+# pass as a row of skips.
+REQUIRED = set(filter(None, os.environ.get("DDL_REQUIRE", "").split(",")))
+_NEEDS = re.compile(r"needs ([\w-]+):")
+
+
+def needs(component, reason):
+    """Skip the calling test, or fixture, saying `reason`: `component` is not here."""
+    pytest.skip(f"needs {component}: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.skipped and isinstance(report.longrepr, tuple):
+        found = _NEEDS.search(report.longrepr[2])
+        if found and found[1] in REQUIRED:
+            report.outcome = "failed"
+            report.longrepr = (f"{report.longrepr[2]}; but DDL_REQUIRE={','.join(sorted(REQUIRED))}"
+                               f" says this machine has {found[1]}")
 
 
 def quiet(_):
@@ -157,16 +182,18 @@ def rank_env():
     return dict(env(), PYTHONPATH=str(ROOT))
 
 
-def run(cmd, timeout=120, **env):
-    """CMD (a launcher's, say) in the ranks' environment plus ENV; returns the CompletedProcess."""
+def run(cmd, timeout=120, cwd=None, **env):
+    """CMD (a launcher's, say) in folder `cwd` (default: this one), in the ranks' environment plus
+    ENV; returns the CompletedProcess."""
     return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout,
-                          env=dict(rank_env(), **env), stdin=subprocess.DEVNULL)
+                          env=dict(rank_env(), **env), stdin=subprocess.DEVNULL, cwd=cwd)
 
 
-def run_mpi(n, args, timeout=120, **env):
-    """`mpiexec -n N python ARGS...` with the project's mpiexec; returns the CompletedProcess."""
+def run_mpi(n, args, timeout=120, cwd=None, **env):
+    """`mpiexec -n N python ARGS...` with the project's mpiexec, in folder `cwd`; returns the
+    CompletedProcess."""
     from ddl.launch import find_mpiexec
-    return run([find_mpiexec(), "-n", n, sys.executable, *args], timeout, **env)
+    return run([find_mpiexec(), "-n", n, sys.executable, *args], timeout, cwd, **env)
 
 
 def run_ddl(args, timeout=120, n=None):

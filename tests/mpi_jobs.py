@@ -118,6 +118,37 @@ def job_nan(comm, out, args):
     cli.main(["train", *args])
 
 
+def job_late(comm, out, args):
+    """`ddl train ARGS[1:]` with rank 1 arriving ARGS[0] seconds late at its second step's
+    all-reduce: a slow rank, not a hung one."""
+    import time
+    from ddl import cli, train
+    original, steps = train.train_step, []
+
+    def late(*rest):
+        steps.append(1)
+        if comm.rank == 1 and len(steps) == 2:
+            time.sleep(float(args[0]))
+        return original(*rest)
+    train.train_step = late
+    cli.main(["train", *args[1:]])
+
+
+def job_drift(comm, out, args):
+    """`ddl train ARGS` with rank 1's first weight nudged after its third step: replicas that
+    drift apart, as a user's nondeterministic layer would make them."""
+    from ddl import cli, train
+    original, steps = train.train_step, []
+
+    def nudged(model, *rest):
+        steps.append(1)
+        if comm.rank == 1 and len(steps) == 3:
+            model.parameters()[0].data.flat[0] += 1e-3
+        return original(model, *rest)
+    train.train_step = nudged
+    cli.main(["train", *args])
+
+
 def job_quota(comm, out, args):
     """`ddl train ARGS[1:]` with files limited to ARGS[0] bytes, as a quota would: a write past
     that fails with EFBIG. Set only now, since MPI's start-up writes shared-memory files."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MNIST, ROOT, run, run_ddl, run_mpi
+from conftest import MNIST, ROOT, needs, run, run_ddl, run_mpi
 from ddl import checkpoint
 from ddl.models import build
 
@@ -21,24 +21,43 @@ OPENMPI = shutil.which("mpirun.openmpi")
 HOST = socket.gethostname().split(".")[0]
 
 
-def _slurm_here():
-    """Why Slurm cannot run a job on this machine now, or '' when it can."""
+def _slurm_here(patience=60):
+    """Why Slurm cannot run a job on this machine now, or '' when it can. A Slurm just started
+    (by .ci/cluster.sh) may take a while to answer and to call its node idle: `patience`
+    seconds."""
     if not (shutil.which("srun") and shutil.which("sbatch") and shutil.which("salloc")):
         return "no Slurm client (bash .ci/cluster.sh starts a single-node Slurm)"
-    try:
-        nodes = subprocess.run(["sinfo", "-h", "-N", "-n", HOST, "-o", "%t"],
-                               capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo does not answer"
-    if nodes.stdout.split()[:1] not in (["idle"], ["mix"]):
-        return f"no idle Slurm node on {HOST} ({(nodes.stderr or nodes.stdout).strip()})"
-    return ""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            nodes = subprocess.run(["sinfo", "-h", "-N", "-n", HOST, "-o", "%t"],
+                                   capture_output=True, text=True, timeout=10)
+            state = nodes.stdout.split()[:1]
+            if state in (["idle"], ["mix"]):
+                return ""
+            why = f"no idle Slurm node on {HOST} ({(nodes.stderr or nodes.stdout).strip()})"
+        except subprocess.TimeoutExpired:
+            why = "sinfo does not answer"
+        if time.monotonic() > deadline:
+            return f"{why} after {patience} s"
+        time.sleep(2)
 
 
-SLURM_MISSING = _slurm_here()
-needs_openmpi = pytest.mark.skipif(not OPENMPI, reason="no mpirun.openmpi (apt-get install "
-                                   "openmpi-bin, or bash .ci/cluster.sh)")
-needs_slurm = pytest.mark.skipif(bool(SLURM_MISSING), reason=SLURM_MISSING)
+@pytest.fixture(scope="session")
+def openmpi():
+    if not OPENMPI:
+        needs("openmpi", "no mpirun.openmpi (apt-get install openmpi-bin, or bash .ci/cluster.sh)")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    missing = _slurm_here()
+    if missing:
+        needs("slurm", missing)
+
+
+needs_openmpi = pytest.mark.usefixtures("openmpi")
+needs_slurm = pytest.mark.usefixtures("slurm")
 
 
 def openmpi_run(*args, **env):

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import refused, run_ddl, run_mpi, untouched
+from conftest import needs, refused, run_ddl, run_mpi, untouched
 from ddl import checkpoint, cli
 from ddl.errors import OutputError
 from ddl.config import Config
@@ -310,7 +310,7 @@ def tiny_disk(tmp_path):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
                              capture_output=True)
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        needs("mount", f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
 

@@ -12,7 +12,7 @@ import pytest
 from ddl import kernels, nn
 from ddl.kernels import jit
 from ddl.kernels import numba as compiled
-from conftest import MNIST
+from conftest import MNIST, needs
 from ddl.models import MODELS, build
 from ddl.kernels.numba import ConvPool, PoolReLU
 from gradcheck import check_module
@@ -339,7 +339,7 @@ def read_only(tmp_path):
             os.chmod(d, 0o755)
         return
     if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(folder)]).returncode:
-        pytest.skip("cannot mount a tmpfs to make a folder read-only for root")
+        needs("mount", "cannot mount a tmpfs to make a folder read-only for root")
     try:
         yield folder, lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)],
                                              check=True)

@@ -1,15 +1,24 @@
-"""ddl against PyTorch, when torch is installed (`pip install torch==2.13.0`; CI runs without it):
+"""ddl against PyTorch, when torch is installed (`make install-torch`, which CI runs):
 the same weights give the same logits, loss, gradients and BatchNorm statistics, with either kernel
 set, and state dicts go both ways."""
 import numpy as np
 import pytest
 
-from conftest import MNIST
+from conftest import MNIST, needs
 from ddl import nn
 from ddl.models import MODELS, build, to_torch
 
-torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.usefixtures("backend")  # NumPy and compiled kernels alike
+try:
+    import torch
+except ImportError:
+    torch = None
+pytestmark = pytest.mark.usefixtures("torch_here", "backend")  # NumPy and compiled kernels alike
+
+
+@pytest.fixture(scope="module")
+def torch_here():
+    if torch is None:
+        needs("torch", "torch is not installed (make install-torch)")
 
 
 def assert_close(got, expected, what, rtol=1e-3, scale=1e-5, floor=0.0):
