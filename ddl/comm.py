@@ -23,7 +23,7 @@ _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_T
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 _LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE")
 # When ranks outnumber cores, a rank waiting in a collective must not spin on a core that a
-# computing rank needs (the README's Speed section has the figures). Read at MPI_Init.
+# computing rank needs (docs/measured.md has the figures). Read at MPI_Init.
 _YIELD_WHEN_IDLE = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1",
                     "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
                     "OMPI_MCA_mpi_yield_when_idle": "1"}

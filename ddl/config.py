@@ -33,7 +33,7 @@ def option(default, help=None, *, choices=None, at_least=None, finite=None, show
 @dataclasses.dataclass
 class Config:
     """Options of `ddl train`; the defaults are the tuned recipe for MNIST (what each choice buys,
-    measured, is in the README's "The recipe")."""
+    measured, is in docs/training.md, "The recipe")."""
     model: str = option("seed-cnn", f"{', '.join(MODELS)}, or your own: FILE.py:FUNCTION, where "
                                     f"FUNCTION(in_shape, num_classes) returns an nn.Module.")
     epochs: int = option(7, at_least=1)

@@ -1,5 +1,5 @@
 """Every error a user can fix, in one place: the CLI prints its one-line message, no traceback, and
-exits with its `status` (the table is in the README). Anything else is a bug and keeps its
+exits with its `status` (the table is in docs/faults.md). Anything else is a bug and keeps its
 traceback.
 """
 

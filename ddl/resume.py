@@ -4,7 +4,7 @@ lose (an earlier run's outputs).
 What --resume may not change: the run's identity, which its weights, optimizer state and random
 streams belong to (the data set too, compared by content). What it ignores: where files go, what
 is shown, and when to save or give up. Any other change (epochs, lr, schedule, ...) it applies
-from the checkpoint's iteration on, and says so; the README lists both.
+from the checkpoint's iteration on, and says so; docs/training.md lists both.
 """
 import dataclasses
 import os

@@ -11,7 +11,7 @@ OFF = Off()         # the timeline of a step that records none
 
 def micro_batches(x, y, size):
     """(x, y) in slices of `size` images (0: whole). Small slices keep a step's activations in
-    cache (the README's Speed section has the measurements)."""
+    cache (docs/measured.md has the measurements)."""
     size = size or len(y)
     return ((x[i:i + size], y[i:i + size]) for i in range(0, len(y), size))
 

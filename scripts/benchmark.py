@@ -40,7 +40,7 @@ MODELS = ("seed-cnn", "ref-cnn")
 MNIST = ((1, 28, 28), 10)  # in_shape and classes: what the synthetic batches are
 BATCHES = (64, 256)
 # (ranks, extra environment, label). (MPICH's busy polling, which once made 4 ranks on 2 cores
-# far slower (the README's Speed section), no longer shows: ddl's collectives wait in the
+# far slower (docs/measured.md), no longer shows: ddl's collectives wait in the
 # watchdog's sleeping loop.)
 # The row of ranks that train alone (no all-reduce) is what sharing the machine costs by itself.
 ALONE = "DDL_BENCH_ALONE"

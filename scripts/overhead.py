@@ -1,5 +1,5 @@
 """What the failure machinery costs in throughput: the watchdog's waits, the timeline, checkpoints
-every 100 steps. Prints markdown tables (figures for the README).
+every 100 steps. Prints markdown tables (figures for docs/overheads.md).
 
     python scripts/overhead.py [--rounds 10] [--data data/mnist.h5]
 
