@@ -109,7 +109,40 @@ class H5Dataset:
         if bad.size:
             raise self._error(f"'{self.split}/labels' row {bad[0]} is {self.labels[bad[0]]}, "
                               f"outside 0..{self.num_classes - 1}")
-        self._gap_rows = READ_GAP_BYTES // max(1, int(np.prod(self.image_shape)))
+        self._row_bytes = int(np.prod(self.image_shape))
+        self._gap_rows = READ_GAP_BYTES // max(1, self._row_bytes)
+        self._fd, self._chunk_rows, self._offsets = self._direct()
+
+    def _direct(self):
+        """Where rows lie in the file, for reading them with pread: (file descriptor, rows per
+        chunk, file offset of each chunk), or (None, 0, None) where HDF5 must read them: the
+        images compressed or filtered, in another file, or not all written.
+
+        An HDF5 read of a row costs about 10 times a pread (h5py's selections, the chunk index),
+        and holds the GIL that training needs; a pread lets it go (docs/streaming.md). `ddl
+        prepare` writes uncompressed chunks of whole rows; a contiguous dataset is one chunk.
+        """
+        images, none = self._images, (None, 0, None)
+        plist = images.id.get_create_plist()
+        if (plist.get_nfilters() or plist.get_external_count() or self.n == 0
+                or not hasattr(images.id, "chunk_iter")):
+            return none
+        try:
+            fd = self._file.id.get_vfd_handle()
+        except (OSError, ValueError, TypeError):     # a driver without a file descriptor
+            return none
+        if plist.get_layout() == h5py.h5d.CONTIGUOUS:
+            offset = images.id.get_offset()
+            return none if offset is None else (fd, self.n, np.array([offset]))
+        if plist.get_layout() != h5py.h5d.CHUNKED or images.chunks[1:] != self.image_shape:
+            return none
+        rows = images.chunks[0]
+        offsets = np.full(-(-self.n // rows), -1, np.int64)
+
+        def note(chunk):
+            offsets[chunk.chunk_offset[0] // rows] = chunk.byte_offset
+        images.id.chunk_iter(note)
+        return none if (offsets < 0).any() else (fd, rows, offsets)
 
     def _error(self, problem):
         return DataError(f"{self.path}: {problem}")
@@ -127,13 +160,36 @@ class H5Dataset:
         """
         rows = self._check_rows(rows)
         images = np.empty((len(rows),) + self.image_shape, np.uint8)
-        if len(rows):
-            cuts = np.flatnonzero(np.diff(rows) > self._gap_rows) + 1
-            for start, group in zip(np.r_[0, cuts], np.split(rows, cuts)):
-                block = self._images[group[0]:group[-1] + 1]
-                dense = (np.diff(group) == 1).all()      # the common cases: one row, or a block
-                images[start:start + len(group)] = block if dense else block[group - group[0]]
+        steps = np.diff(rows)
+        distinct = bool((steps > 0).all())
+        cuts = (np.flatnonzero(steps > self._gap_rows) + 1).tolist()
+        # Python ints, not NumPy arrays, per run: a batch is mostly runs of one row, whose cost is
+        # that of the h5py call.
+        for a, b in zip([0] + cuts, cuts + [len(rows)] if len(rows) else []):
+            lo, hi = int(rows[a]), int(rows[b - 1]) + 1
+            if distinct and hi - lo == b - a:
+                self._read_block(lo, hi, images[a:b])
+            else:
+                block = np.empty((hi - lo,) + self.image_shape, np.uint8)
+                self._read_block(lo, hi, block)
+                images[a:b] = block[rows[a:b] - lo]
         return images, self.labels[rows].astype(np.int64)
+
+    def _read_block(self, lo, hi, out):
+        """Rows lo..hi-1 into `out`, a C-contiguous uint8 (hi - lo, C, H, W)."""
+        if self._fd is None:
+            out[...] = self._images[lo:hi]
+            return
+        view, done = memoryview(out).cast("B"), 0
+        while lo < hi:
+            chunk, first = divmod(lo, self._chunk_rows)
+            take = min(hi, (chunk + 1) * self._chunk_rows) - lo
+            size = take * self._row_bytes
+            at = int(self._offsets[chunk]) + first * self._row_bytes
+            if os.preadv(self._fd, [view[done:done + size]], at) != size:
+                raise self._error(f"'{self.split}/images' rows {lo}..{lo + take - 1} lie past "
+                                  f"the end of the file: it is truncated")
+            done, lo = done + size, lo + take
 
     def read(self, rows):
         """Normalised images float32 (k, C, H, W) and labels int64 (k,) of sorted `rows` (k,)."""

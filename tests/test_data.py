@@ -325,26 +325,38 @@ def in_memory_epoch(ds, images, labels, sampler, shift=0, flip=False):
         yield ds.normalize(x), labels[batch].astype(np.int64)
 
 
-@pytest.mark.parametrize("gap_bytes, draw_block, prefetch", [(0, 5, False), (60, 7, True),
-                                                             (data.READ_GAP_BYTES, 1 << 16, False)])
+LAYOUTS = {  # how images may lie in a file, and whether rows are then read with pread
+    "chunks of 8 rows": (dict(chunks=(8,) + SHAPE), True),
+    "contiguous": ({}, True),
+    "gzip chunks": (dict(chunks=(8,) + SHAPE, compression="gzip"), False),
+    "chunks of part rows": (dict(chunks=(8, 1, 2, 5)), False),
+}
+
+
+@pytest.mark.parametrize("gap_bytes, draw_block, prefetch, layout", [
+    (0, 5, False, "chunks of 8 rows"), (60, 7, True, "chunks of 8 rows"),
+    (data.READ_GAP_BYTES, 1 << 16, False, "contiguous"), (60, 7, False, "gzip chunks"),
+    (0, 5, False, "chunks of part rows")])
 def test_streaming_serves_what_the_in_memory_loader_served(tmp_path, monkeypatch, gap_bytes,
-                                                           draw_block, prefetch):
+                                                           draw_block, prefetch, layout):
     """Bit for bit, on every rank of 1, 2 and 3, from the start of an epoch and resumed within
     it, on a subset and on the whole file, shuffled with augmentation and in evaluation's order;
-    the file in chunks of 8 rows, so that reads cross chunk boundaries, and the draws made in
-    blocks that do not divide the rows."""
+    in files whose rows HDF5 reads, or pread, with reads that cross chunk boundaries, and the
+    draws made in blocks that do not divide the rows."""
     monkeypatch.setattr(data, "READ_GAP_BYTES", gap_bytes)
     monkeypatch.setattr(data, "DRAW_BLOCK", draw_block)
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (N,) + SHAPE, dtype=np.uint8)
     labels = rng.integers(0, 10, N).astype(np.uint8)
+    storage, direct = LAYOUTS[layout]
     with h5py.File(tmp_path / "chunked.h5", "w") as f:
         f.attrs.update({"format_version": 2, "mean": [0.5], "std": [0.25], "num_classes": 10})
-        f.create_dataset("train/images", data=images, chunks=(8,) + SHAPE)
-        f.create_dataset("train/labels", data=labels, chunks=(8,))
+        f.create_dataset("train/images", data=images, **storage)
+        f.create_dataset("train/labels", data=labels)
     cases = [dict(shift=2, flip=True), dict(shift=1), dict(flip=True), {}]
     checked = 0
     with H5Dataset(tmp_path / "chunked.h5", "train") as ds:
+        assert (ds._fd is not None) == direct
         for (n, world), options in zip([(N, 1), (77, 2), (N, 3), (90, 2)], cases):
             for rank in range(world):
                 for shuffle in (True, False):
@@ -362,6 +374,18 @@ def test_streaming_serves_what_the_in_memory_loader_served(tmp_path, monkeypatch
                             np.testing.assert_array_equal(y, y_ref)
                             checked += 1
     assert checked > 200
+
+
+def test_a_file_truncated_while_open_is_one_error(tmp_path):
+    n = 50
+    path = write_h5(tmp_path / "t.h5", np.ones((n,) + SHAPE, np.uint8), np.zeros(n, np.uint8))
+    with H5Dataset(path, "train") as ds:
+        assert ds.read_raw([n - 1])[0].all()
+        with open(path, "r+b") as f:
+            f.truncate(ds._offsets[0] + 10 * 20)    # rows 10.. gone
+        assert ds.read_raw([9])[0].all()
+        with pytest.raises(DataError, match=r"rows 10\.\.10 lie past the end of the file"):
+            ds.read_raw([10])
 
 
 def test_draws_in_blocks_are_the_draws_of_one_call(monkeypatch):
