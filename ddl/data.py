@@ -153,43 +153,38 @@ class H5Dataset:
     def read_raw(self, rows):
         """Images uint8 (k, C, H, W) and labels int64 (k,) of the sorted row indices `rows` (k,).
 
-        Runs of rows less than READ_GAP_BYTES apart are one slice read each, from the run's first
-        to its last row, the wanted rows picked in memory: a contiguous block is one read, and the
-        bytes read stay within READ_GAP_BYTES a row of those wanted. h5py fancy indexing instead
-        builds one selection of every row, 10 times slower on a random batch (docs/streaming.md).
+        With pread (see _direct), each run of consecutive rows within a chunk is one pread into
+        the result. Through HDF5, runs of rows less than READ_GAP_BYTES apart are one slice read
+        each, from the run's first to its last row, the wanted rows picked in memory. h5py fancy
+        indexing instead builds one selection of every row, 10 times slower on a random batch
+        (docs/streaming.md).
         """
         rows = self._check_rows(rows)
         images = np.empty((len(rows),) + self.image_shape, np.uint8)
+        if len(rows):
+            (self._pread if self._fd is not None else self._hdf5_read)(rows, images)
+        return images, self.labels[rows].astype(np.int64)
+
+    def _pread(self, rows, out):
+        chunk, first = np.divmod(rows, self._chunk_rows)
+        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(chunk) != 0)) + 1
+        starts = np.r_[0, cuts]
+        at = self._offsets[chunk[starts]] + first[starts] * self._row_bytes
+        view, size = memoryview(out).cast("B"), self._row_bytes
+        # Python ints: most runs are one row, whose cost is then that of the system call.
+        for a, b, offset in zip(starts.tolist(), cuts.tolist() + [len(rows)], at.tolist()):
+            if os.preadv(self._fd, [view[a * size:b * size]], offset) != (b - a) * size:
+                raise self._error(f"'{self.split}/images' row {rows[a]} lies past the end of "
+                                  f"the file: it is truncated")
+
+    def _hdf5_read(self, rows, out):
         steps = np.diff(rows)
         distinct = bool((steps > 0).all())
         cuts = (np.flatnonzero(steps > self._gap_rows) + 1).tolist()
-        # Python ints, not NumPy arrays, per run: a batch is mostly runs of one row, whose cost is
-        # that of the h5py call.
-        for a, b in zip([0] + cuts, cuts + [len(rows)] if len(rows) else []):
+        for a, b in zip([0] + cuts, cuts + [len(rows)]):
             lo, hi = int(rows[a]), int(rows[b - 1]) + 1
-            if distinct and hi - lo == b - a:
-                self._read_block(lo, hi, images[a:b])
-            else:
-                block = np.empty((hi - lo,) + self.image_shape, np.uint8)
-                self._read_block(lo, hi, block)
-                images[a:b] = block[rows[a:b] - lo]
-        return images, self.labels[rows].astype(np.int64)
-
-    def _read_block(self, lo, hi, out):
-        """Rows lo..hi-1 into `out`, a C-contiguous uint8 (hi - lo, C, H, W)."""
-        if self._fd is None:
-            out[...] = self._images[lo:hi]
-            return
-        view, done = memoryview(out).cast("B"), 0
-        while lo < hi:
-            chunk, first = divmod(lo, self._chunk_rows)
-            take = min(hi, (chunk + 1) * self._chunk_rows) - lo
-            size = take * self._row_bytes
-            at = int(self._offsets[chunk]) + first * self._row_bytes
-            if os.preadv(self._fd, [view[done:done + size]], at) != size:
-                raise self._error(f"'{self.split}/images' rows {lo}..{lo + take - 1} lie past "
-                                  f"the end of the file: it is truncated")
-            done, lo = done + size, lo + take
+            out[a:b] = (self._images[lo:hi] if distinct and hi - lo == b - a else
+                        self._images[lo:hi][rows[a:b] - lo])
 
     def read(self, rows):
         """Normalised images float32 (k, C, H, W) and labels int64 (k,) of sorted `rows` (k,)."""

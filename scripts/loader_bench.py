@@ -138,6 +138,7 @@ def training_rows(data, rounds):
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     rates = json.loads(out.stdout.strip().splitlines()[-1])
+    print("training blocks, images/s:", json.dumps(rates), file=sys.stderr)
     return [(f"training, MNIST, 2 ranks, blocks of {STEPS} steps", rates["in-memory"],
              rates["streaming"])]
 

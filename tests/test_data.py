@@ -384,7 +384,7 @@ def test_a_file_truncated_while_open_is_one_error(tmp_path):
         with open(path, "r+b") as f:
             f.truncate(ds._offsets[0] + 10 * 20)    # rows 10.. gone
         assert ds.read_raw([9])[0].all()
-        with pytest.raises(DataError, match=r"rows 10\.\.10 lie past the end of the file"):
+        with pytest.raises(DataError, match="row 10 lies past the end of the file"):
             ds.read_raw([10])
 
 
