@@ -54,23 +54,28 @@ class InMemoryLoader(Loader):
 LOADERS = {"in-memory": InMemoryLoader, "streaming": Loader}
 
 
-def loader_rate(kind, dataset, epoch):
-    """Images/s of one whole epoch of rank 0 of 2, prefetch thread on."""
+def loader_rate(kind, dataset, epoch, prefetch):
+    """Images/s of one whole epoch of rank 0 of 2, and CPU microseconds per image (the process's:
+    the loader's work, its thread's included, and nothing else)."""
     sampler = DistributedSampler(dataset.n, 2, 0, BATCH, seed=0)
-    loader = LOADERS[kind](dataset, sampler, shift=SHIFT)
+    loader = LOADERS[kind](dataset, sampler, shift=SHIFT, prefetch=prefetch)
     loader.set_epoch(epoch)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     images = sum(len(y) for _, y in loader)
-    return images / (time.perf_counter() - started)
+    return images / (time.perf_counter() - started), (time.process_time() - cpu) / images * 1e6
 
 
 def loader_rows(data, big, rounds):
     rates = {kind: [] for kind in LOADERS}
+    cpu = {kind: [] for kind in LOADERS}
     with H5Dataset(data, "train") as dataset:
         for r in range(rounds):
             for kind in (list(LOADERS) if r % 2 == 0 else list(LOADERS)[::-1]):
-                rates[kind].append(loader_rate(kind, dataset, r))
-    rows = [("loader only, MNIST, rank 0 of 2", rates["in-memory"], rates["streaming"])]
+                rates[kind].append(loader_rate(kind, dataset, r, True)[0])
+                cpu[kind].append(loader_rate(kind, dataset, r, False)[1])
+    rows = [("loader only, MNIST, rank 0 of 2", rates["in-memory"], rates["streaming"]),
+            ("loader only, CPU us per image (no prefetch thread)", cpu["in-memory"],
+             cpu["streaming"])]
     if big:
         with H5Dataset(big, "train") as dataset:
             # An epoch of 2M images is long: time the first 200 batches of an epoch instead.
@@ -114,11 +119,11 @@ def worker(data, rounds):
             loader.set_epoch(epoch)
             yield from loader
     feeds = {kind: batches(kind) for kind in LOADERS}
-    rates = {kind: [] for kind in LOADERS}
+    rates, cpu_ms = {kind: [] for kind in LOADERS}, {kind: [] for kind in LOADERS}
     for r in range(rounds):
         for kind in (list(LOADERS) if r % 2 == 0 else list(LOADERS)[::-1]):
             comm.barrier()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for _ in range(STEPS):
                 x, y = next(feeds[kind])
                 replicas.zero_grad()
@@ -127,8 +132,10 @@ def worker(data, rounds):
                 model.step(optimizer)
             elapsed = comm.allreduce_obj(time.perf_counter() - started, "max")
             rates[kind].append(STEPS * BATCH / elapsed)
+            spent = comm.allreduce_obj(time.process_time() - cpu, "sum") / comm.size
+            cpu_ms[kind].append(spent / STEPS * 1e3)
     if comm.rank == 0:
-        print(json.dumps(rates))
+        print(json.dumps(dict(rates=rates, cpu_ms=cpu_ms)))
 
 
 def training_rows(data, rounds):
@@ -137,10 +144,12 @@ def training_rows(data, rounds):
     out = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    rates = json.loads(out.stdout.strip().splitlines()[-1])
-    print("training blocks, images/s:", json.dumps(rates), file=sys.stderr)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    rates, cpu = got["rates"], got["cpu_ms"]
     return [(f"training, MNIST, 2 ranks, blocks of {STEPS} steps", rates["in-memory"],
-             rates["streaming"])]
+             rates["streaming"]),
+            ("training, CPU ms per step and rank (its loader thread's included)",
+             cpu["in-memory"], cpu["streaming"])]
 
 
 def cpu_model():
@@ -153,14 +162,16 @@ def cpu_model():
 
 
 def table(rows, rounds):
-    print(f"CPU: {cpu_model()}; {rounds} rounds; images/s, medians (min-max)\n")
-    print("| case | in-memory | streaming | streaming / in-memory (median of rounds) |")
+    print(f"CPU: {cpu_model()}; {rounds} rounds; images/s unless said, medians (min-max)\n")
+    print("| case | in-memory | streaming | streaming / in-memory (median, min-max of rounds) |")
     print("| --- | ---: | ---: | ---: |")
 
     def cell(rates):
         if rates is None:
             return "-"
-        return f"{statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f})"
+        digits = 0 if min(rates) >= 100 else 2
+        return (f"{statistics.median(rates):,.{digits}f} "
+                f"({min(rates):,.{digits}f}-{max(rates):,.{digits}f})")
     for name, base, new in rows:
         ratio = (f"{statistics.median(np.divide(new, base)):.3f}"
                  f" ({min(np.divide(new, base)):.3f}-{max(np.divide(new, base)):.3f})"
