@@ -208,6 +208,7 @@ class H5Dataset:
         return rows
 
     def close(self):
+        self._fd = None          # the file's descriptor, which the OS may hand out again
         self._file.close()
 
     def __enter__(self):

@@ -325,18 +325,20 @@ def in_memory_epoch(ds, images, labels, sampler, shift=0, flip=False):
         yield ds.normalize(x), labels[batch].astype(np.int64)
 
 
-LAYOUTS = {  # how images may lie in a file, and whether rows are then read with pread
-    "chunks of 8 rows": (dict(chunks=(8,) + SHAPE), True),
-    "contiguous": ({}, True),
-    "gzip chunks": (dict(chunks=(8,) + SHAPE, compression="gzip"), False),
-    "chunks of part rows": (dict(chunks=(8, 1, 2, 5)), False),
+LAYOUTS = {  # how images may lie in a file (the file's and the dataset's options), and whether
+    # rows are then read with pread
+    "chunks of 8 rows": ({}, dict(chunks=(8,) + SHAPE), True),
+    "contiguous": ({}, {}, True),
+    "chunks after a user block": (dict(userblock_size=1024), dict(chunks=(8,) + SHAPE), True),
+    "gzip chunks": ({}, dict(chunks=(8,) + SHAPE, compression="gzip"), False),
+    "chunks of part rows": ({}, dict(chunks=(8, 1, 2, 5)), False),
 }
 
 
 @pytest.mark.parametrize("gap_bytes, draw_block, prefetch, layout", [
     (0, 5, False, "chunks of 8 rows"), (60, 7, True, "chunks of 8 rows"),
     (data.READ_GAP_BYTES, 1 << 16, False, "contiguous"), (60, 7, False, "gzip chunks"),
-    (0, 5, False, "chunks of part rows")])
+    (0, 5, False, "chunks of part rows"), (0, 5, True, "chunks after a user block")])
 def test_streaming_serves_what_the_in_memory_loader_served(tmp_path, monkeypatch, gap_bytes,
                                                            draw_block, prefetch, layout):
     """Bit for bit, on every rank of 1, 2 and 3, from the start of an epoch and resumed within
@@ -348,8 +350,8 @@ def test_streaming_serves_what_the_in_memory_loader_served(tmp_path, monkeypatch
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (N,) + SHAPE, dtype=np.uint8)
     labels = rng.integers(0, 10, N).astype(np.uint8)
-    storage, direct = LAYOUTS[layout]
-    with h5py.File(tmp_path / "chunked.h5", "w") as f:
+    file_options, storage, direct = LAYOUTS[layout]
+    with h5py.File(tmp_path / "chunked.h5", "w", **file_options) as f:
         f.attrs.update({"format_version": 2, "mean": [0.5], "std": [0.25], "num_classes": 10})
         f.create_dataset("train/images", data=images, **storage)
         f.create_dataset("train/labels", data=labels)
