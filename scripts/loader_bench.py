@@ -3,6 +3,10 @@ the loader it replaced (each rank's whole shard read into memory at the start of
 Prints markdown tables (figures for docs/streaming.md).
 
     python scripts/loader_bench.py [--rounds 5] [--data data/mnist.h5] [--big /tmp/2m.h5]
+                                   [--only reads|loader|training]
+
+- reads: microseconds per row of a random batch read from the file by h5py (with and without
+  HDF5's chunk cache, a slice per row or one fancy-indexed selection) and by H5Dataset.read_raw.
 
 - loader only: the images/s that one Loader, its prefetch thread included, delivers to a consumer
   that does nothing else: rank 0 of 2, the recipe's global batch of 128 and --shift 1, one whole
@@ -95,6 +99,32 @@ def loader_rows(data, big, rounds):
     return rows
 
 
+def read_rows(path, rounds):
+    """Microseconds per row of a random sorted batch of 64 rows (rank 0's of the recipe's 128) read
+    four ways: h5py slices per row with HDF5's default chunk cache (1 MiB), the same without a
+    chunk cache, h5py fancy indexing (one selection of all rows) without one, and read_raw."""
+    import h5py
+    rng = np.random.default_rng(0)
+    times = {}
+    for cache, how in [(None, "slices"), (0, "slices"), (0, "fancy"), (0, "read_raw")]:
+        options = {} if cache is None else dict(rdcc_nbytes=cache)
+        with h5py.File(path, "r", **options) as f, H5Dataset(path, "train") as dataset:
+            images = f["train/images"]
+            batches = [np.sort(rng.choice(len(images), BATCH // 2, replace=False))
+                       for _ in range(20 * rounds)]
+            started = time.perf_counter()
+            for rows in batches:
+                if how == "slices":
+                    [images[r:r + 1] for r in rows.tolist()]
+                else:
+                    images[rows] if how == "fancy" else dataset.read_raw(rows)
+            spent = (time.perf_counter() - started) / len(batches) / (BATCH // 2) * 1e6
+        name = "read_raw (pread)" if how == "read_raw" else \
+            f"h5py {how}, chunk cache {'default' if cache is None else cache}"
+        times[name] = spent
+    return times
+
+
 def worker(data, rounds):
     """Rank side of the training comparison: prints rank 0's images/s per loader and block."""
     from threadpoolctl import threadpool_limits
@@ -184,11 +214,17 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--data", default="data/mnist.h5")
     parser.add_argument("--big", default="", help="a large file for the loader-only figure")
-    parser.add_argument("--only", choices=["loader", "training"], default=None)
+    parser.add_argument("--only", choices=["reads", "loader", "training"], default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.data, args.rounds)
+    if args.only in (None, "reads"):
+        for path in [args.data] + ([args.big] if args.big else []):
+            print(f"reading random rows of {path}, us per row: " + ", ".join(
+                f"{name} {spent:.1f}" for name, spent in read_rows(path, args.rounds).items()))
+        if args.only:
+            return
     rows = []
     if args.only != "training":
         rows += loader_rows(args.data, args.big, args.rounds)
