@@ -15,7 +15,7 @@ from ddl.errors import DataError
 READ_GAP_BYTES = 64 << 10
 # No HDF5 chunk cache: a read of a row of an uncompressed chunk then copies that row alone, where a
 # cache that holds the chunk (1 MiB, the default size) would first read all of its 1,337 MNIST
-# rows, 14 times slower for a random batch (docs/streaming.md).
+# rows: tens of times slower for a random batch (docs/streaming.md).
 CHUNK_CACHE_BYTES = 0
 PREFETCH_DEPTH = 2  # batches the loader's thread may run ahead of training
 DRAW_BLOCK = 1 << 16  # rows whose augmentation draws are made at once (a bounded temporary)
@@ -118,14 +118,13 @@ class H5Dataset:
         chunk, file offset of each chunk), or (None, 0, None) where HDF5 must read them: the
         images compressed or filtered, in another file, or not all written.
 
-        An HDF5 read of a row costs about 10 times a pread (h5py's selections, the chunk index),
+        An HDF5 read of a row costs about 3 times a pread (h5py's selections, the chunk index),
         and holds the GIL that training needs; a pread lets it go (docs/streaming.md). `ddl
         prepare` writes uncompressed chunks of whole rows; a contiguous dataset is one chunk.
         """
         images, none = self._images, (None, 0, None)
         plist = images.id.get_create_plist()
-        if (plist.get_nfilters() or plist.get_external_count() or self.n == 0
-                or not hasattr(images.id, "chunk_iter")):
+        if plist.get_nfilters() or plist.get_external_count() or self.n == 0:
             return none
         try:
             fd = self._file.id.get_vfd_handle()
@@ -134,7 +133,8 @@ class H5Dataset:
         if plist.get_layout() == h5py.h5d.CONTIGUOUS:
             offset = images.id.get_offset()
             return none if offset is None else (fd, self.n, np.array([offset]))
-        if plist.get_layout() != h5py.h5d.CHUNKED or images.chunks[1:] != self.image_shape:
+        if (plist.get_layout() != h5py.h5d.CHUNKED or images.chunks[1:] != self.image_shape
+                or not hasattr(images.id, "chunk_iter")):      # HDF5 before 1.12.3
             return none
         rows = images.chunks[0]
         offsets = np.full(-(-self.n // rows), -1, np.int64)

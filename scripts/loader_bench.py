@@ -15,7 +15,9 @@ Prints markdown tables (figures for docs/streaming.md).
   that fits in memory).
 - training: seed-cnn's training steps on 2 ranks (the recipe: batch 128, micro-batch 64, SGD),
   fed by one loader or the other, in blocks of STEPS that alternate within one MPI job, as in
-  scripts/overhead.py: a shared machine's load then moves both alike.
+  scripts/overhead.py: a shared machine's load then moves both alike. Per block: images/s, CPU
+  time per step (the loader's thread included), and the time a step waited for its batch (near
+  0 while the prefetch thread keeps up).
 
 A shared machine's other load moves single figures a lot: compare the ratios, taken within rounds.
 """
@@ -149,13 +151,15 @@ def worker(data, rounds):
             loader.set_epoch(epoch)
             yield from loader
     feeds = {kind: batches(kind) for kind in LOADERS}
-    rates, cpu_ms = {kind: [] for kind in LOADERS}, {kind: [] for kind in LOADERS}
+    rates, cpu_ms, wait_ms = ({kind: [] for kind in LOADERS} for _ in range(3))
     for r in range(rounds):
         for kind in (list(LOADERS) if r % 2 == 0 else list(LOADERS)[::-1]):
             comm.barrier()
-            started, cpu = time.perf_counter(), time.process_time()
+            started, cpu, waited = time.perf_counter(), time.process_time(), 0.0
             for _ in range(STEPS):
+                before = time.perf_counter()
                 x, y = next(feeds[kind])
+                waited += time.perf_counter() - before
                 replicas.zero_grad()
                 replicas.reduced[-1] = train_step(model, criterion, x, y, 64)
                 comm.allreduce(replicas.reduced)
@@ -164,8 +168,9 @@ def worker(data, rounds):
             rates[kind].append(STEPS * BATCH / elapsed)
             spent = comm.allreduce_obj(time.process_time() - cpu, "sum") / comm.size
             cpu_ms[kind].append(spent / STEPS * 1e3)
+            wait_ms[kind].append(comm.allreduce_obj(waited, "max") / STEPS * 1e3)
     if comm.rank == 0:
-        print(json.dumps(dict(rates=rates, cpu_ms=cpu_ms)))
+        print(json.dumps(dict(rates=rates, cpu_ms=cpu_ms, wait_ms=wait_ms)))
 
 
 def training_rows(data, rounds):
@@ -175,11 +180,13 @@ def training_rows(data, rounds):
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    rates, cpu = got["rates"], got["cpu_ms"]
+    rates, cpu, wait = got["rates"], got["cpu_ms"], got["wait_ms"]
     return [(f"training, MNIST, 2 ranks, blocks of {STEPS} steps", rates["in-memory"],
              rates["streaming"]),
             ("training, CPU ms per step and rank (its loader thread's included)",
-             cpu["in-memory"], cpu["streaming"])]
+             cpu["in-memory"], cpu["streaming"]),
+            ("training, ms per step waiting for the next batch (the slower rank)",
+             wait["in-memory"], wait["streaming"])]
 
 
 def cpu_model():
