@@ -10,9 +10,15 @@ import numpy as np
 
 from ddl.errors import DataError
 
-# One HDF5 read covers at most this many bytes of rows: few calls, a bounded temporary buffer.
-READ_BLOCK_BYTES = 4 << 20
+# Wanted rows this close (gap in bytes) are read in one HDF5 call, the rows between them read and
+# dropped: copying 64 KiB costs about what one more call does (docs/streaming.md).
+READ_GAP_BYTES = 64 << 10
+# No HDF5 chunk cache: a read of a row of an uncompressed chunk then copies that row alone, where a
+# cache that holds the chunk (1 MiB, the default size) would first read all of its 1,337 MNIST
+# rows: tens of times slower for a random batch (docs/streaming.md).
+CHUNK_CACHE_BYTES = 0
 PREFETCH_DEPTH = 2  # batches the loader's thread may run ahead of training
+DRAW_BLOCK = 1 << 16  # rows whose augmentation draws are made at once (a bounded temporary)
 # What `ddl prepare` writes (the schema is in ddl/prepare.py), and what this reader takes: format 1,
 # MNIST's files from before ddl took other images, is format 2 with one channel, a scalar mean and
 # std, and no class names.
@@ -24,8 +30,9 @@ class H5Dataset:
     """One split ("train" or "test") of a prepared HDF5 file, opened read-only and validated.
 
     Attributes: n (rows), image_shape (C, H, W), num_classes, class_names (num_classes strings),
-    mean and std float64 (C,) (each channel of the training pixels scaled to [0, 1]), labels int64
-    (n,) (all labels, read once to validate them).
+    mean and std float64 (C,) (each channel of the training pixels scaled to [0, 1]), labels (n,)
+    (all labels, as stored: an integer type of 1 or 2 bytes from `ddl prepare`, read once to
+    validate them; read_raw gives them as int64). Images stay in the file: read_raw reads rows.
     """
 
     def __init__(self, path, split):
@@ -35,7 +42,7 @@ class H5Dataset:
         if not h5py.is_hdf5(self.path):
             raise DataError(f"{self.path}: not an HDF5 file")
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
         except OSError as e:
             raise DataError(f"{self.path}: cannot open ({e})") from None
         try:
@@ -97,12 +104,45 @@ class H5Dataset:
         if len(self.class_names) != self.num_classes:
             raise self._error(f"attribute 'class_names' holds {len(self.class_names)} names for "
                               f"{self.num_classes} classes")
-        self.labels = labels[...].astype(np.int64)
+        self.labels = labels[...]
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
         if bad.size:
             raise self._error(f"'{self.split}/labels' row {bad[0]} is {self.labels[bad[0]]}, "
                               f"outside 0..{self.num_classes - 1}")
-        self._block_rows = max(1, READ_BLOCK_BYTES // max(1, int(np.prod(self.image_shape))))
+        self._row_bytes = int(np.prod(self.image_shape))
+        self._gap_rows = READ_GAP_BYTES // max(1, self._row_bytes)
+        self._fd, self._chunk_rows, self._offsets = self._direct()
+
+    def _direct(self):
+        """Where rows lie in the file, for reading them with pread: (file descriptor, rows per
+        chunk, file offset of each chunk), or (None, 0, None) where HDF5 must read them: the
+        images compressed or filtered, in another file, or not all written.
+
+        An HDF5 read of a row costs about 3 times a pread (h5py's selections, the chunk index),
+        and holds the GIL that training needs; a pread lets it go (docs/streaming.md). `ddl
+        prepare` writes uncompressed chunks of whole rows; a contiguous dataset is one chunk.
+        """
+        images, none = self._images, (None, 0, None)
+        plist = images.id.get_create_plist()
+        if plist.get_nfilters() or plist.get_external_count() or self.n == 0:
+            return none
+        try:
+            fd = self._file.id.get_vfd_handle()
+        except (OSError, ValueError, TypeError):     # a driver without a file descriptor
+            return none
+        if plist.get_layout() == h5py.h5d.CONTIGUOUS:
+            offset = images.id.get_offset()
+            return none if offset is None else (fd, self.n, np.array([offset]))
+        if (plist.get_layout() != h5py.h5d.CHUNKED or images.chunks[1:] != self.image_shape
+                or not hasattr(images.id, "chunk_iter")):      # HDF5 before 1.12.3
+            return none
+        rows = images.chunks[0]
+        offsets = np.full(-(-self.n // rows), -1, np.int64)
+
+        def note(chunk):
+            offsets[chunk.chunk_offset[0] // rows] = chunk.byte_offset
+        images.id.chunk_iter(note)
+        return none if (offsets < 0).any() else (fd, rows, offsets)
 
     def _error(self, problem):
         return DataError(f"{self.path}: {problem}")
@@ -113,19 +153,38 @@ class H5Dataset:
     def read_raw(self, rows):
         """Images uint8 (k, C, H, W) and labels int64 (k,) of the sorted row indices `rows` (k,).
 
-        Rows are grouped by aligned blocks of READ_BLOCK_BYTES; each touched block is one slice
-        read, from its first to its last wanted row, and the wanted rows are picked in memory.
-        h5py fancy indexing instead makes one selection per row, far slower (the README says how
-        much).
+        With pread (see _direct), each run of consecutive rows within a chunk is one pread into
+        the result. Through HDF5, runs of rows less than READ_GAP_BYTES apart are one slice read
+        each, from the run's first to its last row, the wanted rows picked in memory. h5py fancy
+        indexing instead builds one selection of every row, 10 times slower on a random batch
+        (docs/streaming.md).
         """
         rows = self._check_rows(rows)
         images = np.empty((len(rows),) + self.image_shape, np.uint8)
         if len(rows):
-            cuts = np.flatnonzero(np.diff(rows // self._block_rows)) + 1
-            for start, group in zip(np.r_[0, cuts], np.split(rows, cuts)):
-                lo = group[0]
-                images[start:start + len(group)] = self._images[lo:group[-1] + 1][group - lo]
-        return images, self.labels[rows]
+            (self._pread if self._fd is not None else self._hdf5_read)(rows, images)
+        return images, self.labels[rows].astype(np.int64)
+
+    def _pread(self, rows, out):
+        chunk, first = np.divmod(rows, self._chunk_rows)
+        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(chunk) != 0)) + 1
+        starts = np.r_[0, cuts]
+        at = self._offsets[chunk[starts]] + first[starts] * self._row_bytes
+        view, size = memoryview(out).cast("B"), self._row_bytes
+        # Python ints: most runs are one row, whose cost is then that of the system call.
+        for a, b, offset in zip(starts.tolist(), cuts.tolist() + [len(rows)], at.tolist()):
+            if os.preadv(self._fd, [view[a * size:b * size]], offset) != (b - a) * size:
+                raise self._error(f"'{self.split}/images' row {rows[a]} lies past the end of "
+                                  f"the file: it is truncated")
+
+    def _hdf5_read(self, rows, out):
+        steps = np.diff(rows)
+        distinct = bool((steps > 0).all())
+        cuts = (np.flatnonzero(steps > self._gap_rows) + 1).tolist()
+        for a, b in zip([0] + cuts, cuts + [len(rows)]):
+            lo, hi = int(rows[a]), int(rows[b - 1]) + 1
+            out[a:b] = (self._images[lo:hi] if distinct and hi - lo == b - a else
+                        self._images[lo:hi][rows[a:b] - lo])
 
     def read(self, rows):
         """Normalised images float32 (k, C, H, W) and labels int64 (k,) of sorted `rows` (k,)."""
@@ -149,6 +208,7 @@ class H5Dataset:
         return rows
 
     def close(self):
+        self._fd = None          # the file's descriptor, which the OS may hand out again
         self._file.close()
 
     def __enter__(self):
@@ -227,10 +287,11 @@ class DistributedSampler:
 class Loader:
     """One rank's batches `(x float32 (b, C, H, W), y int64 (b,))`, in the sampler's order.
 
-    Each epoch first reads the rank's whole shard (its sorted rows, in few block reads) into a
-    uint8 array, so memory per rank is its shard, not the dataset, and HDF5 never sees a scattered
-    per-batch read. Batches are then gathered from it, augmented and normalised one at a time. With
-    prefetch, a daemon thread does that work up to PREFETCH_DEPTH batches ahead of training.
+    Each batch is read from the file when it is made: its rows in file order (see
+    H5Dataset.read_raw), put back in the sampler's order, augmented and normalised. With prefetch, a
+    daemon thread does that work up to PREFETCH_DEPTH batches ahead of training. Memory is a few
+    batches whatever the file's size, plus 3 bytes a row for the epoch's augmentation draws (and
+    the sampler's permutation, 8) (docs/streaming.md).
 
     Augmentation (training): `shift` moves each image by up to that many pixels each way (the
     uncovered border is black), `flip` mirrors half of them left to right. The draws come from
@@ -253,22 +314,38 @@ class Loader:
         return _prefetch(batches) if self.prefetch else batches
 
     def _epoch(self, batches, epoch):
-        rows = np.unique(np.concatenate(batches or [np.empty(0, np.int64)]))
-        images, labels = self.dataset.read_raw(rows)
-        # One draw per row of the whole set, so that a row's draw does not depend on the shard.
-        rng = np.random.default_rng((self.sampler.seed, epoch, 1))
-        n = self.sampler.n
-        shifts = rng.integers(-self.shift, self.shift + 1, (n, 2)) if self.shift else None
-        flips = rng.random(n) < 0.5 if self.flip else None
+        shifts, flips = draws(self.sampler.seed, epoch, self.sampler.n, self.shift, self.flip)
         for batch in batches:
-            where = np.searchsorted(rows, batch)
-            x = images[where]
+            order = np.argsort(batch, kind="stable")
+            images, labels = self.dataset.read_raw(batch[order])
+            x, y = np.empty_like(images), np.empty_like(labels)
+            x[order], y[order] = images, labels
             if shifts is not None:
-                x = translate(x, shifts[batch], self.shift)
+                x = translate(x, shifts[batch].astype(np.intp), self.shift)
             if flips is not None:
                 mirrored = flips[batch]
                 x[mirrored] = x[mirrored, :, :, ::-1]
-            yield self.dataset.normalize(x), labels[where]
+            yield self.dataset.normalize(x), y
+
+
+def draws(seed, epoch, n, shift, flip):
+    """The augmentation of every row 0..n-1 in epoch `epoch`: shifts (n, 2) (down, right) in
+    [-shift, shift] of the smallest integer type that holds them, or None without shift; flips bool
+    (n,), or None without flip. One generator seeded (seed, epoch, 1) draws all shifts, then all
+    flips, so a row's draw does not depend on the shard. They are drawn DRAW_BLOCK rows at a time:
+    the same numbers as one call for all n rows (a generator's state, any half-used 64-bit word
+    included, carries over between calls), without an 8-bytes-a-number temporary of all n."""
+    rng = np.random.default_rng((seed, epoch, 1))
+    shifts = np.empty((n, 2), np.min_scalar_type(-shift)) if shift else None
+    flips = np.empty(n, bool) if flip else None
+    if shift:
+        for lo in range(0, n, DRAW_BLOCK):
+            shifts[lo:lo + DRAW_BLOCK] = rng.integers(-shift, shift + 1,
+                                                      (min(DRAW_BLOCK, n - lo), 2))
+    if flip:
+        for lo in range(0, n, DRAW_BLOCK):
+            flips[lo:lo + DRAW_BLOCK] = rng.random(min(DRAW_BLOCK, n - lo)) < 0.5
+    return shifts, flips
 
 
 def translate(images, moves, reach):

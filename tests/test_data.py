@@ -33,9 +33,9 @@ def tiny(tmp_path):
 
 
 # --- H5Dataset ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("block_bytes", [7 * 20, data.READ_BLOCK_BYTES])
-def test_read_raw_returns_the_requested_rows(tiny, monkeypatch, block_bytes):
-    monkeypatch.setattr(data, "READ_BLOCK_BYTES", block_bytes)  # 7-row blocks cross boundaries
+@pytest.mark.parametrize("gap_bytes", [0, 7 * 20, data.READ_GAP_BYTES])
+def test_read_raw_returns_the_requested_rows(tiny, monkeypatch, gap_bytes):
+    monkeypatch.setattr(data, "READ_GAP_BYTES", gap_bytes)  # 0: a read per run of rows in a row
     path, images, labels = tiny
     rng = np.random.default_rng(1)
     cases = [[], [0], [N - 1], [3, 3, 4], [6, 7], np.arange(N), np.arange(20, 60)]
@@ -152,7 +152,8 @@ def test_each_channel_is_normalised_with_its_own_statistics(tmp_path):
                     num_classes=300, class_names=[f"c{k}" for k in range(300)])
     with H5Dataset(path, "train") as ds:
         x, _ = ds.read(np.arange(5))
-        assert ds.class_names[299] == "c299" and ds.labels.dtype == np.int64
+        labels = ds.read_raw([4])[1]
+        assert ds.class_names[299] == "c299" and labels.dtype == np.int64 and labels == [0]
     expected = (images / 255 - mean[:, None, None]) / std[:, None, None]
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
 
@@ -248,7 +249,7 @@ def test_loader_serves_the_sampler_batches(tiny, prefetch):
                 np.testing.assert_array_equal(y, labels[rows])
 
 
-def test_prefetch_changes_nothing_and_reads_only_the_shard(tiny, monkeypatch):
+def test_prefetch_changes_nothing_and_reads_each_batch_in_file_order(tiny, monkeypatch):
     with H5Dataset(tiny[0], "train") as ds:
         reads = []
         read_raw = ds.read_raw
@@ -259,9 +260,9 @@ def test_prefetch_changes_nothing_and_reads_only_the_shard(tiny, monkeypatch):
     for (x1, y1), (x2, y2) in zip(plain, prefetched):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
-    assert len(reads) == 2  # one shard read per epoch
-    for rows in reads:
-        np.testing.assert_array_equal(rows, np.sort(sampler.indices()))
+    assert len(reads) == 2 * len(plain)  # one read a batch, never the shard at once
+    for rows, batch in zip(reads, 2 * sampler.batches()):
+        np.testing.assert_array_equal(rows, np.sort(batch))
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -307,6 +308,97 @@ def test_abandoned_epoch_leaves_no_thread(tmp_path):
         iterator.close()
         assert not _prefetch_threads()
         assert time.perf_counter() - start < 2
+
+
+def in_memory_epoch(ds, images, labels, sampler, shift=0, flip=False):
+    """The reference: the loader as it was before it streamed, every image in memory and each
+    epoch's draws made in one call for all rows."""
+    rng = np.random.default_rng((sampler.seed, sampler.epoch, 1))
+    shifts = rng.integers(-shift, shift + 1, (sampler.n, 2)) if shift else None
+    flips = rng.random(sampler.n) < 0.5 if flip else None
+    for batch in sampler.batches():
+        x = images[batch]
+        if shift:
+            x = data.translate(x, shifts[batch], shift)
+        if flip:
+            x[flips[batch]] = x[flips[batch], :, :, ::-1]
+        yield ds.normalize(x), labels[batch].astype(np.int64)
+
+
+LAYOUTS = {  # how images may lie in a file (the file's and the dataset's options), and whether
+    # rows are then read with pread
+    "chunks of 8 rows": ({}, dict(chunks=(8,) + SHAPE), True),
+    "contiguous": ({}, {}, True),
+    "chunks after a user block": (dict(userblock_size=1024), dict(chunks=(8,) + SHAPE), True),
+    "gzip chunks": ({}, dict(chunks=(8,) + SHAPE, compression="gzip"), False),
+    "chunks of part rows": ({}, dict(chunks=(8, 1, 2, 5)), False),
+}
+
+
+@pytest.mark.parametrize("gap_bytes, draw_block, prefetch, layout", [
+    (0, 5, False, "chunks of 8 rows"), (60, 7, True, "chunks of 8 rows"),
+    (data.READ_GAP_BYTES, 1 << 16, False, "contiguous"), (60, 7, False, "gzip chunks"),
+    (0, 5, False, "chunks of part rows"), (0, 5, True, "chunks after a user block")])
+def test_streaming_serves_what_the_in_memory_loader_served(tmp_path, monkeypatch, gap_bytes,
+                                                           draw_block, prefetch, layout):
+    """Bit for bit, on every rank of 1, 2 and 3, from the start of an epoch and resumed within
+    it, on a subset and on the whole file, shuffled with augmentation and in evaluation's order;
+    in files whose rows HDF5 reads, or pread, with reads that cross chunk boundaries, and the
+    draws made in blocks that do not divide the rows."""
+    monkeypatch.setattr(data, "READ_GAP_BYTES", gap_bytes)
+    monkeypatch.setattr(data, "DRAW_BLOCK", draw_block)
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (N,) + SHAPE, dtype=np.uint8)
+    labels = rng.integers(0, 10, N).astype(np.uint8)
+    file_options, storage, direct = LAYOUTS[layout]
+    with h5py.File(tmp_path / "chunked.h5", "w", **file_options) as f:
+        f.attrs.update({"format_version": 2, "mean": [0.5], "std": [0.25], "num_classes": 10})
+        f.create_dataset("train/images", data=images, **storage)
+        f.create_dataset("train/labels", data=labels)
+    cases = [dict(shift=2, flip=True), dict(shift=1), dict(flip=True), {}]
+    checked = 0
+    with H5Dataset(tmp_path / "chunked.h5", "train") as ds:
+        assert (ds._fd is not None) == direct
+        for (n, world), options in zip([(N, 1), (77, 2), (N, 3), (90, 2)], cases):
+            for rank in range(world):
+                for shuffle in (True, False):
+                    sampler = DistributedSampler(n, world, rank, 12, seed=9, shuffle=shuffle,
+                                                 drop_last=shuffle)
+                    loader = Loader(ds, sampler, prefetch=prefetch, **options)
+                    for epoch, start in [(0, 0), (1, 0), (1, 3), (2, 5)]:
+                        loader.set_epoch(epoch, start)
+                        got = collect(loader)
+                        expected = list(in_memory_epoch(ds, images, labels, sampler, **options))
+                        assert len(got) == len(expected) == len(loader) - start > 0
+                        for (x, y), (x_ref, y_ref) in zip(got, expected):
+                            assert x.dtype == x_ref.dtype and y.dtype == y_ref.dtype
+                            np.testing.assert_array_equal(x, x_ref)
+                            np.testing.assert_array_equal(y, y_ref)
+                            checked += 1
+    assert checked > 200
+
+
+def test_a_file_truncated_while_open_is_one_error(tmp_path):
+    n = 50
+    path = write_h5(tmp_path / "t.h5", np.ones((n,) + SHAPE, np.uint8), np.zeros(n, np.uint8))
+    with H5Dataset(path, "train") as ds:
+        assert ds.read_raw([n - 1])[0].all()
+        with open(path, "r+b") as f:
+            f.truncate(ds._offsets[0] + 10 * 20)    # rows 10.. gone
+        assert ds.read_raw([9])[0].all()
+        with pytest.raises(DataError, match="row 10 lies past the end of the file"):
+            ds.read_raw([10])
+
+
+def test_draws_in_blocks_are_the_draws_of_one_call(monkeypatch):
+    monkeypatch.setattr(data, "DRAW_BLOCK", 333)
+    for shift, n in [(1, 1000), (3, 999), (100, 4001)]:
+        shifts, flips = data.draws(4, 2, n, shift, True)
+        rng = np.random.default_rng((4, 2, 1))
+        np.testing.assert_array_equal(shifts, rng.integers(-shift, shift + 1, (n, 2)))
+        np.testing.assert_array_equal(flips, rng.random(n) < 0.5)
+        assert shifts.itemsize == 1
+    assert data.draws(4, 2, 10, 0, False) == (None, None)
 
 
 # --- augmentation ---------------------------------------------------------------------------------
