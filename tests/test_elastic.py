@@ -227,7 +227,7 @@ def run_args(mnist_h5, folder):
     """800 steps of the mlp (4 epochs of 200 steps of 120 images: 40 per rank on 3, 60 on 2)."""
     return ["train", "--data", mnist_h5, "--model", "mlp", "--subset", "24000", "--batch-size",
             "120", "--epochs", "4", "--checkpoint", folder / "c.h5", "--checkpoint-every", EVERY,
-            "--timeout", TIMEOUT, "--metrics", folder / "m.jsonl"]
+            "--timeout", TIMEOUT, "--metrics", folder / "m.jsonl", "--timeline", folder / "t.json"]
 
 
 def history(folder):
@@ -297,6 +297,12 @@ def test_a_node_lost_mid_epoch_does_not_end_the_job(how, two_nodes, mnist_h5, tm
     # The metrics show the change: an epoch that ran on both sizes lists them.
     sizes = [w for r in records for w in r.get("world_sizes", [r["world_size"]])]
     assert sizes[0] == 3 and sizes[-1] == 2 and sorted(sizes, reverse=True) == sizes, records
+    # And the timeline, which covers the run since the restart.
+    marks = [e["name"] for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+             if e["ph"] == "i"]
+    assert len(marks) == 1 and re.fullmatch(r"resumed at step [\d,]+ on 2 rank\(s\), after 3 "
+                                            r"rank\(s\)", marks[0]), marks
+    assert marks[0] in err
     # The watchdog's timeout and its grace, the agent's 3 s connect timeout, a restart (with
     # slack for a machine shared with other work).
     assert took <= TIMEOUT + 1 + 3 + 2 * startup + 5, err
