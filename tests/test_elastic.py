@@ -177,11 +177,12 @@ EVERY = 10                  # --checkpoint-every
 
 @pytest.fixture(scope="module")
 def cluster():
-    """el1..el3 at 1 Gbit/s, taken down (with any process left on a node) whatever happens."""
+    """el1..el3 at 1 Gbit/s, taken down (with any process left on a node) whatever happens,
+    once up: a refused `up` (such a cluster is up already) leaves the one that is up alone."""
     env = dict(os.environ, DDL_CLUSTER_PREFIX=PREFIX)
     up = subprocess.run([SCRIPT, "up", "3", "1gbit"], capture_output=True, text=True, env=env)
+    assert up.returncode == 0, up.stderr
     try:
-        assert up.returncode == 0, up.stderr
         yield
     finally:
         subprocess.run([SCRIPT, "down"], capture_output=True, env=env)

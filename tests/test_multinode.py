@@ -85,10 +85,12 @@ needs_nodes = pytest.mark.skipif(bool(CANNOT), reason=CANNOT)
 
 @pytest.fixture(scope="module")
 def cluster():
-    """n1..n4 at 1 Gbit/s, taken down (with any process left on a node) whatever happens."""
+    """n1..n4 at 1 Gbit/s, taken down (with any process left on a node) whatever happens. A
+    failed `up` cleans up after itself; one refused because another cluster is up (another
+    session's, started since the check) must not take that one down."""
     up = subprocess.run([SCRIPT, "up", str(NODES), "1gbit"], capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
     try:
-        assert up.returncode == 0, up.stderr
         yield
     finally:
         subprocess.run([SCRIPT, "down"], capture_output=True)
