@@ -87,9 +87,10 @@ def regroup(hosts, candidates, stderr, agent, nprocs):
     """After a failed job that ran on `hosts`, [(host, slots or None)]: the hosts to go on with,
     from `candidates` (the same list, or the host source read again), and lines for the log: each
     dropped host and why, each host that is back. Returns (hosts, ranks, lines)."""
+    # A host that the watchdog named is gone whatever a probe would say: only the others wait
+    # for one (an unreachable host takes the agent's whole connect timeout).
     gone = named_by_watchdog(stderr, [h for h, _ in candidates])
-    for host, why in unreachable([h for h, _ in candidates], agent).items():
-        gone[host] = f"{gone[host]}; {why}" if host in gone else why
+    gone.update(unreachable([h for h, _ in candidates if h not in gone], agent))
     before = {h for h, _ in hosts}
     keep = [(h, n) for h, n in candidates if h not in gone]
     lines = [f"dropping {host}: {why}" for host, why in gone.items() if host in before]

@@ -59,13 +59,17 @@ def test_a_lost_host_is_dropped_and_one_that_is_back_is_used_again(agent, monkey
     monkeypatch.setenv("GONE", "n3")
     hosts, ranks, lines = elastic.regroup(three, three, f"Error: {HUNG}", agent, 3)
     assert (hosts, ranks) == (three[:2], 2)
-    assert lines == ["dropping n3: its ranks did not reach the gradient all-reduce of step 34; "
-                     "the remote shell cannot reach it (ssh: connect to host n3 port 22: No "
-                     "route to host)"]
-    # Named by the watchdog alone (its ranks hang, the machine answers): dropped too.
+    assert lines == ["dropping n3: its ranks did not reach the gradient all-reduce of step 34"]
+    # Named by the watchdog alone (its ranks hang, the machine answers): dropped too; out of the
+    # agent's reach alone (its ranks died with it, unnamed): dropped too.
     monkeypatch.setenv("GONE", "")
     assert elastic.regroup(three, three, HUNG, agent, 3)[:2] == (three[:2], 2)
+    monkeypatch.setenv("GONE", "n2")
+    assert elastic.regroup(three, three, "killed", agent, 3) == (
+        [three[0], three[2]], 2, ["dropping n2: the remote shell cannot reach it (ssh: connect "
+                                  "to host n2 port 22: No route to host)"])
     # The hostfile read again: n3 answers again, and -n caps the ranks that its slots add.
+    monkeypatch.setenv("GONE", "")
     again = three[:2] + [("n3", 2)]
     hosts, ranks, lines = elastic.regroup(three[:2], again, "", agent, 3)
     assert (hosts, ranks, lines) == (again, 3, ["n3 answers again: using it"])
