@@ -103,6 +103,28 @@ def test_the_job_goes_on_on_the_hosts_that_remain(agent, monkeypatch, tmp_path, 
     assert "work lost: every step so far (no checkpoint yet)" in err
 
 
+@pytest.mark.parametrize("source", ["reread", "discovery"])
+def test_a_host_that_is_back_is_used_at_the_next_restart(source, agent, monkeypatch, tmp_path,
+                                                         capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("n1\nn2\nn3\n")
+    monkeypatch.setenv("GONE", "n3")
+    calls = _attempts(monkeypatch, (5, False, f"Error: {HUNG}\n"), (1, False, "killed\n"),
+                      (0, False, ""))
+    original = launch._run
+
+    def attempt(*a, **k):                     # n3 back after the first restart
+        monkeypatch.setenv("GONE", "" if calls else "n3")
+        return original(*a, **k)
+    monkeypatch.setattr(launch, "_run", attempt)
+    given = (dict(hostfile=str(hostfile), reread=True) if source == "reread" else
+             dict(discovery=f"cat {hostfile}"))
+    args = ["train", "--batch-size", "120", "--checkpoint", str(tmp_path / "c.h5")]
+    assert launch.launch(3, args, max_restarts=2, agent=agent, min_ranks=2, **given) == 0
+    assert [n for n, _, _ in calls] == [3, 2, 3]
+    assert "ddl launch: n3 answers again: using it" in capsys.readouterr().err
+
+
 def test_fewer_ranks_than_the_minimum_end_the_job(agent, monkeypatch, tmp_path, capsys):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("n1\nn2\nn3\n")
