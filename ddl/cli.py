@@ -91,11 +91,23 @@ def train(threads, **options):
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0,
               help="Run `train ... --checkpoint PATH` again from its checkpoint when it fails, "
                    "up to N times.")
+@click.option("--min-ranks", type=click.IntRange(min=1), default=None, metavar="M",
+              help="Elastic: a restart leaves out the hosts that are gone (lost by the "
+                   "watchdog, or out of the agent's reach) and goes on on the others with the "
+                   "same global batch, while at least M ranks remain (docs/elastic.md).")
+@click.option("--hosts-file-reread", "reread", is_flag=True,
+              help="With --min-ranks: read --hostfile again before each restart (a host that "
+                   "is back is used again).")
+@click.option("--host-discovery-script", "discovery", default=None, metavar="CMD",
+              help="With --min-ranks: the hosts are what the shell command CMD prints "
+                   "(`host:N` lines), run again before each restart.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
-def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, args):
+def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, min_ranks, reread, discovery,
+           args):
     """Run `ddl ARGS...` on N ranks through mpiexec, e.g. `ddl launch -n 4 -- train`."""
     from ddl.launch import launch as run_launch
-    sys.exit(run_launch(nprocs, args, mpiexec, hostfile, max_restarts, agent, iface))
+    sys.exit(run_launch(nprocs, args, mpiexec, hostfile, max_restarts, agent, iface, min_ranks,
+                        reread, discovery))
 
 
 @cli.command()

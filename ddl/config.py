@@ -145,15 +145,35 @@ def check_options(cfg, world_size):
         low = meta["finite"]
         if low and not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
             raise UsageError(f"{flag(name)} must be a finite number {low}, got {value}")
-    if cfg.batch_size % world_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide by "
-                         f"the {world_size} ranks")
+    check_batch(cfg.batch_size, [world_size])
     for name in ("resume", "checkpoint_every", "checkpoint_seconds"):
         if getattr(cfg, name) and not cfg.checkpoint:
             raise UsageError(f"{flag(name)} needs --checkpoint PATH")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the checkpoint and --overwrite replaces it: "
                          "choose one")
+
+
+def check_batch(batch_size, sizes, allowed_by=""):
+    """Raise UsageError unless the global batch `batch_size` divides by each world size in
+    `sizes` (every rank takes an equal share); `allowed_by`: the options that allow several
+    sizes, for the message, which names the sizes the batch serves and the batches nearest it that
+    serve them all."""
+    bad = [w for w in sizes if batch_size % w]
+    if not bad:
+        return
+    if len(sizes) == 1:
+        raise UsageError(f"--batch-size {batch_size} (the global batch) does not divide by the "
+                         f"{sizes[0]} ranks")
+    serves = [w for w in sizes if not batch_size % w]
+    step = math.lcm(*sizes)
+    near = [b for b in (batch_size // step * step, (batch_size // step + 1) * step) if b]
+    raise UsageError(
+        f"--batch-size {batch_size} (the global batch) does not divide by "
+        f"{', '.join(map(str, bad))} rank(s), which {allowed_by} allow"
+        + (f" (it serves {', '.join(map(str, serves))})" if serves else "")
+        + f": a run goes on with the same global batch on fewer ranks; "
+        f"{' or '.join(map(str, near))} would serve {', '.join(map(str, sizes))} rank(s)")
 
 
 def claim_outputs(cfg):

@@ -21,9 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
-from ddl import config
-from ddl.errors import LaunchError
+from ddl import checkpoint, config, elastic
+from ddl.errors import DDLError, LaunchError
 
 
 def find_mpiexec(given=None):
@@ -79,6 +80,26 @@ def read_hostfile(path):
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LaunchError(f"--hostfile {path}: cannot read it ({e})") from None
+    return _parse_hosts(lines, f"--hostfile {path}")
+
+
+def discover_hosts(script):
+    """[(host, slots or None)] that the shell command `script` prints, one host a line in a
+    hostfile's spelling (Horovod's --host-discovery-script prints `host:N`)."""
+    where = f"--host-discovery-script {script}"
+    try:
+        done = subprocess.run(script, shell=True, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"{where}: no answer within 60 s") from None
+    if done.returncode:
+        said = (done.stderr.strip().splitlines() or [""])[-1]
+        raise LaunchError(f"{where}: exit status {done.returncode}"
+                          + (f" ({said})" if said else ""))
+    return _parse_hosts(done.stdout.splitlines(), where)
+
+
+def _parse_hosts(lines, where):
     hosts = []
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
@@ -93,20 +114,22 @@ def read_hostfile(path):
         else:
             hosts.append((m["host"], int(slots) if slots else None))
             continue
-        raise LaunchError(f"--hostfile {path} line {number}: {problem}")
+        raise LaunchError(f"{where} line {number}: {problem}")
     if not hosts:
-        raise LaunchError(f"--hostfile {path} lists no hosts")
+        raise LaunchError(f"{where} lists no hosts")
     return hosts
 
 
 def _in_spelling(hostfile, kind, workdir):
-    """A copy of `hostfile` in the spelling of an mpiexec of `kind`, written into `workdir`. A
-    host without a count gets one slot, written out: Hydra's meaning, where Open MPI's would be
-    every core of the host (so `-n 2` over two bare hosts would put both ranks on the first)."""
+    """A copy of `hostfile` (a path, or its [(host, slots or None)]) in the spelling of an mpiexec
+    of `kind` (Hydra's for another kind), written into `workdir`. A host without a count gets one
+    slot, written out: Hydra's meaning, where Open MPI's would be every core of the host (so `-n 2`
+    over two bare hosts would put both ranks on the first)."""
     spell = "{} slots={}" if kind == "openmpi" else "{}:{}"
+    hosts = hostfile if isinstance(hostfile, list) else read_hostfile(hostfile)
     path = os.path.join(workdir, "hosts")
     with open(path, "w") as f:
-        f.writelines(spell.format(h, n or 1) + "\n" for h, n in read_hostfile(hostfile))
+        f.writelines(spell.format(h, n or 1) + "\n" for h, n in hosts)
     return path
 
 
@@ -153,7 +176,8 @@ def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None, agent=None,
     """The command line that runs `ddl ARGS` on `nprocs` ranks: srun inside a Slurm allocation
     unless an mpiexec is named, else mpiexec in its own dialect (the hostfile translated for
     Hydra or Open MPI into `workdir`; processes on other hosts started through the remote shell
-    `agent`, talking over the network interface `iface`)."""
+    `agent`, talking over the network interface `iface`). `hostfile`: a path, or the hosts as
+    `read_hostfile` gives them."""
     program = [sys.executable, "-m", "ddl", *args]
     if mpiexec is None and "SLURM_JOB_ID" in os.environ:
         srun = shutil.which("srun")
@@ -178,7 +202,7 @@ def command(nprocs, args, mpiexec=None, hostfile=None, workdir=None, agent=None,
             cmd.append("--allow-run-as-root")
     cmd += _network(kind, agent, iface)
     if hostfile:
-        if kind:
+        if kind or isinstance(hostfile, list):
             hostfile = _in_spelling(hostfile, kind, workdir)
         cmd += ["-f" if kind == "hydra" else "--hostfile", hostfile]
     return cmd + program
@@ -192,42 +216,113 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
 
-def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0, agent=None, iface=None):
+def launch(nprocs, args, mpiexec=None, hostfile=None, max_restarts=0, agent=None, iface=None,
+           min_ranks=None, reread=False, discovery=None):
     """Run `ddl ARGS` on `nprocs` ranks; returns the job's exit status, 128+N when it ended on
     signal N, or on the signal N that was forwarded to it (srun reports such a job as killed).
     With `max_restarts`, `ARGS` must be `train ... --checkpoint PATH`: a job that fails is run
     again, up to that many times, with --resume once it has written its checkpoint (before that,
     as it was: with --overwrite, a checkpoint from an earlier run is not this job's to resume).
-    `agent` and `iface`: as for `command`."""
+    `agent` and `iface`: as for `command`. With `min_ranks` (elastic), a restart leaves out the
+    hosts that are gone (ddl/elastic.py) and goes on with as many ranks as the others hold, up to
+    `nprocs`, while at least `min_ranks` remain; the hosts come from `hostfile`, read again before
+    each restart with `reread`, or from the shell command `discovery`, run again likewise."""
     args = list(args)
     given = config.given(args[1:]) if args[:1] == ["train"] else {}
     path = given.get("checkpoint")
     if max_restarts and not (args[:1] == ["train"] and path):
         raise LaunchError("--max-restarts needs `train ... --checkpoint PATH`: a failed job "
                           "restarts from its checkpoint")
-    earlier, again = _file_version(path), args
-    where = dict(mpiexec=mpiexec, hostfile=hostfile, agent=agent, iface=iface)
+    source = _host_source(nprocs, given, hostfile, max_restarts, min_ranks, reread, discovery)
+    hosts = source and source()
+    if hosts and elastic.slots(hosts) < nprocs:
+        raise LaunchError(f"--min-ranks: the hosts hold {elastic.slots(hosts)} slot(s) for -n "
+                          f"{nprocs}: give each host its slots (host:N) so that a lost host's "
+                          f"ranks are known")
+    earlier, again, ranks = _file_version(path), args, nprocs
+    where = dict(mpiexec=mpiexec, agent=agent, iface=iface)
     for restart in range(max_restarts + 1):
-        code, stopped = _run(nprocs, again, **where)
+        code, stopped, said = _run(ranks, again, hostfile=hosts or hostfile, **where)
         if stopped or code in _FINAL:
             return code
-        if restart < max_restarts:
-            saved = _file_version(path) not in (None, earlier)
-            print(f"ddl launch: the job failed (exit status {code}); restarting it "
-                  + (f"from {path}" if saved else "afresh: it had not saved a checkpoint yet")
-                  + f" (restart {restart + 1} of {max_restarts})", file=sys.stderr, flush=True)
-            if saved:
-                again = ([a for a in args if a != config.flag("overwrite")]
-                         + [config.flag("resume")] * (not given.get("resume")))
+        if restart == max_restarts:
+            break
+        saved = _file_version(path) not in (None, earlier)
+        failed = f"ddl launch: the job failed (exit status {code})"
+        if source:
+            hosts, ranks, lines = elastic.regroup(hosts, source(), said, agent, nprocs)
+            lines.append(_work_lost(path if saved else None, elastic.failed_at(said)))
+            if ranks < min_ranks:
+                _say(failed, *lines, f"{ranks} rank(s) left, fewer than --min-ranks {min_ranks}: "
+                                     "giving up")
+                return code
+        _say(failed + "; restarting it "
+             + (f"from {path}" if saved else "afresh: it had not saved a checkpoint yet")
+             + f" (restart {restart + 1} of {max_restarts})",
+             *(lines + [f"{ranks} rank(s) go on, on {', '.join(h for h, _ in hosts)}, with the "
+                        f"same global batch"] if source else []))
+        if saved:
+            again = ([a for a in args if a != config.flag("overwrite")]
+                     + [config.flag("resume")] * (not given.get("resume")))
     if max_restarts:
         print(f"ddl launch: the job failed {max_restarts + 1} times; giving up", file=sys.stderr)
     return code
 
 
+def _say(*lines):
+    print("\nddl launch: ".join(lines), file=sys.stderr, flush=True)
+
+
+def _host_source(nprocs, given, hostfile, max_restarts, min_ranks, reread, discovery):
+    """With `min_ranks`: a function that lists the hosts as they are now ([(host, slots or
+    None)]), after the checks of the options and of the global batch; else None."""
+    if not min_ranks:
+        if reread or discovery:
+            raise LaunchError("--hosts-file-reread and --host-discovery-script need --min-ranks")
+        return None
+    if not max_restarts:
+        raise LaunchError("--min-ranks needs --max-restarts N: the job goes on on fewer hosts "
+                          "when it restarts")
+    if min_ranks > nprocs:
+        raise LaunchError(f"--min-ranks {min_ranks} is more than the {nprocs} ranks of -n")
+    if bool(hostfile) == bool(discovery):
+        raise LaunchError("--min-ranks needs the hosts: --hostfile FILE or "
+                          "--host-discovery-script CMD (one of them)")
+    if reread and not hostfile:
+        raise LaunchError("--hosts-file-reread needs --hostfile FILE")
+    config.check_batch(given.get("batch_size", config.Config.batch_size),
+                       list(range(min_ranks, nprocs + 1)),
+                       f"--min-ranks {min_ranks} and -n {nprocs}")
+    if discovery:
+        return lambda: discover_hosts(discovery)
+    if reread:
+        return lambda: read_hostfile(hostfile)
+    first = read_hostfile(hostfile)
+    return lambda: first
+
+
+def _work_lost(path, failed_at):
+    """The line that says what a failure cost: the steps since the checkpoint at `path` (None:
+    none written yet), up to the step `failed_at` that the job could not finish (None: unknown)."""
+    if path is None:
+        return "work lost: every step so far (no checkpoint yet)"
+    try:
+        saved = int(checkpoint.load(path)["schedule"]["last_epoch"])
+    except (DDLError, KeyError, ValueError):
+        return f"work lost: the steps since the last checkpoint ({path} cannot be read)"
+    if failed_at is None:
+        return f"work lost: the steps after step {saved:,}, where {path} was saved"
+    lost = max(0, failed_at - 1 - saved)
+    done = (f"step {saved + 1:,}" if lost == 1 else
+            f"{lost} steps, {saved + 1:,} to {failed_at - 1:,}," if lost else "no step")
+    return (f"work lost: {done} done since {path} was saved at step {saved:,}, and step "
+            f"{failed_at:,}, which did not finish")
+
+
 def _run(nprocs, args, **where):
     """Run the job once, placed by `where` (`command`'s keywords); returns (its exit status as
-    `launch` gives it, whether a signal was forwarded to it)."""
-    forwarded, proc = [], None
+    `launch` gives it, whether a signal was forwarded to it, the end of its stderr)."""
+    forwarded, proc, tail = [], None, []
 
     def forward(signum, _frame):
         forwarded.append(signum)
@@ -244,21 +339,45 @@ def _run(nprocs, args, **where):
         with tempfile.TemporaryDirectory(prefix="ddl-launch-") as workdir:
             cmd = command(nprocs, args, workdir=workdir, **where)
             # No standard input: a launcher in a background process group that reads the
-            # terminal would be stopped (SIGTTIN), and no rank reads it.
+            # terminal would be stopped (SIGTTIN), and no rank reads it. The job's stderr passes
+            # through here, which keeps its end: the watchdog's line names a lost host.
             proc = subprocess.Popen(cmd, env=rank_env(iface=where["iface"]),
-                                    stdin=subprocess.DEVNULL,
+                                    stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     preexec_fn=_owned_by(os.getpid()))
+            relay = threading.Thread(target=_relay, args=(proc.stderr, tail), daemon=True)
+            relay.start()
             if forwarded:                       # it came while the job was starting
                 proc.send_signal(signal.SIGTERM)
             code = proc.wait()
+            # A process that mpiexec left behind may hold the pipe open: not waited for.
+            relay.join(timeout=2)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if proc is not None and proc.poll() is None:     # this process is on its way out
             os.killpg(proc.pid, signal.SIGKILL)
+    said = b"".join(tail).decode(errors="replace")
     if code and forwarded:
-        return 128 + forwarded[0], True
-    return (128 - code if code < 0 else code), bool(forwarded)
+        return 128 + forwarded[0], True, said
+    return (128 - code if code < 0 else code), bool(forwarded), said
+
+
+_TAIL = 1 << 16         # bytes of the job's stderr kept: the watchdog's line comes last
+
+
+def _relay(pipe, tail):
+    """Copy `pipe` to this process's stderr as it comes, keeping its last _TAIL bytes in the
+    list `tail` (one item)."""
+    out = getattr(sys.stderr, "buffer", None)
+    kept = b""
+    while chunk := os.read(pipe.fileno(), 1 << 16):
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+        kept = (kept + chunk)[-_TAIL:]
+        tail[:] = [kept]
 
 
 def _owned_by(parent):

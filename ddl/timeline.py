@@ -56,25 +56,29 @@ class Timeline:
         comm.barrier(what="gradient all-reduce")
         self.lap("wait")
 
-    def write(self, comm, path, first_step):
+    def write(self, comm, path, first_step, note=""):
         """Gather every rank's phases on rank 0, which writes the trace to `path` and returns the
         summary lines; other ranks return []. `first_step`: the run's step count at the start
-        (a resumed run's steps go on from there)."""
+        (a resumed run's steps go on from there); `note`: what the start was, if worth a word
+        (a world size that changed), marked in the trace and said in the summary."""
         laps = np.frombuffer(self.laps, np.float64).reshape(-1, 3).copy()
         laps[:, 1:] -= self.origin
         ranks = comm.gather_obj((laps, socket.gethostname(), os.getpid()),
                                 what="gather of the timeline")
         if ranks is None:
             return []
-        write_bytes(path, json.dumps(trace(ranks, first_step)).encode())
-        return summary([laps for laps, _, _ in ranks], path)
+        write_bytes(path, json.dumps(trace(ranks, first_step, note)).encode())
+        return summary([laps for laps, _, _ in ranks], path) + [note] * bool(note)
 
 
-def trace(ranks, first_step):
+def trace(ranks, first_step, note=""):
     """The trace-event object of `ranks`, a list of (laps (k, 3), host, pid) in rank order: one
-    thread track per rank, each step a slice holding its phases."""
+    thread track per rank, each step a slice holding its phases; `note`, a global instant event
+    at the start."""
     events = [dict(ph="M", name="process_name", pid=0, tid=0,
                    args=dict(name=f"ddl train, {len(ranks)} rank(s)"))]
+    if note:
+        events.append(dict(ph="i", s="g", name=note, pid=0, tid=0, ts=0))
     for rank, (laps, host, pid) in enumerate(ranks):
         events += [dict(ph="M", name="thread_name", pid=0, tid=rank,
                         args=dict(name=f"rank {rank} ({host}, pid {pid})")),

@@ -80,6 +80,7 @@ class Run:
     partial: dict = dataclasses.field(default_factory=lambda: dict(loss_sum=0.0, seconds=0.0))
     history: list = dataclasses.field(default_factory=list)     # one dict per epoch done
     saved: str = ""                 # where the checkpoint is (_position; "" for none yet)
+    resumed_from: int = 0           # the world size of the checkpoint's run, when resumed
     last_save: float = 0.0          # time.monotonic() then
     timeline: object = OFF
 
@@ -99,8 +100,12 @@ class Run:
         """Rank 0 writes the timeline and shows its summary."""
         if self.cfg.timeline:
             begun = self.start * len(self.loader) + self.first
+            # A run that goes on on another number of ranks (an elastic restart) says so.
+            was = self.resumed_from
+            note = (f"resumed at step {begun:,} on {self.comm.size} rank(s), after "
+                    f"{was} rank(s)" if was and was != self.comm.size else "")
             for line in agree(self.comm, lambda: self.timeline.write(
-                    self.comm, self.cfg.timeline, begun), "timeline write"):
+                    self.comm, self.cfg.timeline, begun, note), "timeline write"):
                 log.info(line)
 
 
@@ -131,6 +136,7 @@ def set_up(cfg, comm, log):
     if state is not None:
         r.start, r.first, r.partial = int(state["epoch"]), int(state["step"]), state["partial"]
         r.history, r.saved = list(state["history"]), _position(r.start, r.first)
+        r.resumed_from = int(state["world_size"])
     log.info(f"{cfg.model} for {dims(train_set.image_shape)} images of "
              f"{train_set.num_classes} classes: {replicas.data.size:,} parameters on "
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
@@ -152,9 +158,13 @@ def _train(cfg, comm, log, r, on_epoch_end):
             begin = r.first if epoch == r.start else 0
             loader.set_epoch(epoch, begin)
             model.train()
-            # A resumed epoch's figures count the steps before the stop too.
-            loss_sum, before = ((r.partial["loss_sum"], r.partial["seconds"]) if begin else
-                                (0.0, 0.0))
+            # A resumed epoch's figures count the steps before the stop too, and the world sizes
+            # that took them (an elastic restart goes on on fewer ranks).
+            loss_sum, before, sizes = ((r.partial["loss_sum"], r.partial["seconds"],
+                                        list(r.partial.get("world_sizes", []))) if begin else
+                                       (0.0, 0.0, []))
+            if sizes[-1:] != [comm.size]:
+                sizes.append(comm.size)
             started = time.perf_counter()
             for step, (x, y) in enumerate(loader, begin + 1):
                 timeline.lap("data")
@@ -186,20 +196,23 @@ def _train(cfg, comm, log, r, on_epoch_end):
                                            and done % cfg.checkpoint_every == 0)
                     # The epoch's own checkpoint follows its last step within seconds.
                     if cfg.checkpoint and (signals.stop or (due and step < steps)):
-                        r.save(epoch, step, dict(loss_sum=loss_sum, seconds=before + elapsed))
+                        r.save(epoch, step, dict(loss_sum=loss_sum, seconds=before + elapsed,
+                                                 world_sizes=sizes))
                         timeline.lap("checkpoint")
                     if signals.stop:
                         r.finish_timeline(log)
                         raise _stopped(cfg, stop.signum, done, where, steps)
             with comm.at(f"at the end of epoch {epoch + 1}"):
                 seconds = before + time.perf_counter() - started
-                _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds)
+                _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes)
                 if on_epoch_end:
                     on_epoch_end(epoch + 1, model)
 
 
-def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds):
-    """After the last step of epoch `epoch` + 1: evaluate, record, save, write the metrics."""
+def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes):
+    """After the last step of epoch `epoch` + 1: evaluate, record, save, write the metrics.
+    `sizes`: the world sizes that took the epoch's steps, in turn (several after an elastic
+    restart, recorded then as `world_sizes`)."""
     r.replicas.average_buffers()
     r.replicas.check()
     test_loss, test_accuracy = evaluate(r.model, r.test_loader, comm)
@@ -214,7 +227,8 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds):
         epoch=epoch + 1, train_loss=loss_sum / steps,
         test_loss=float(test_loss), test_accuracy=float(test_accuracy),
         images_per_second=steps * cfg.batch_size / seconds, seconds=seconds,
-        world_size=comm.size, lr=float(r.optimizer.lr)))
+        world_size=comm.size, lr=float(r.optimizer.lr),
+        **(dict(world_sizes=sizes) if len(sizes) > 1 else {})))
     log.epoch(r.history[-1], cfg.epochs)
     if cfg.checkpoint:
         r.save(epoch + 1, 0, dict(loss_sum=0.0, seconds=0.0))

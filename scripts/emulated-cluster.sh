@@ -13,10 +13,19 @@
 # puts over /etc/hosts. scripts/netns-agent is the cluster's ssh: mpiexec on a node starts the
 # others' processes through it (docs/clusters-emulated.md). Needs root, iproute2, and the kernel's
 # veth, bridge and tbf.
+#
+# DDL_CLUSTER_PREFIX=P (lower-case letters; default n) names the nodes P1..PN instead, with a
+# switch and a state of their own: a second cluster beside the first, which the first's `down`
+# leaves alone (tests of different parts can run at once).
 set -euo pipefail
 
-SWITCH=ddl-switch
-STATE=/run/ddl-emulated-cluster      # "N RATE" while a cluster is up
+P=${DDL_CLUSTER_PREFIX:-n}
+[[ $P =~ ^[a-z]+$ ]] || { echo "emulated-cluster.sh: DDL_CLUSTER_PREFIX must be lower-case letters, not '$P'" >&2; exit 1; }
+if [ "$P" = n ]; then
+    SWITCH=ddl-switch STATE=/run/ddl-emulated-cluster       # STATE: "N RATE" while it is up
+else
+    SWITCH=ddl-switch-$P STATE=/run/ddl-emulated-cluster-$P
+fi
 SUBNET=10.99.0
 
 die() { echo "emulated-cluster.sh: $*" >&2; exit 1; }
@@ -39,7 +48,7 @@ up() {
     command -v ip >/dev/null && command -v tc >/dev/null || die "needs ip and tc (apt-get install iproute2)"
     [ -e "$STATE" ] && die "a cluster is already up ($(cat "$STATE")): run \`$0 down\` first"
     for k in $(seq 1 "$n"); do
-        ! ip netns list | grep -qw "n$k" || die "namespace n$k exists and is not this script's"
+        ! ip netns list | grep -qw "$P$k" || die "namespace $P$k exists and is not this script's"
     done
     ! ip netns list | grep -qw "$SWITCH" || die "namespace $SWITCH exists and is not this script's"
     echo "$n $rate" > "$STATE"
@@ -48,23 +57,23 @@ up() {
     ip -n "$SWITCH" link add br0 type bridge
     ip -n "$SWITCH" link set br0 up
     local hosts="127.0.0.1 localhost"$'\n'
-    for k in $(seq 1 "$n"); do hosts+="$SUBNET.$k n$k"$'\n'; done
+    for k in $(seq 1 "$n"); do hosts+="$SUBNET.$k $P$k"$'\n'; done
     for k in $(seq 1 "$n"); do
-        ip netns add "n$k"
-        mkdir -p "/etc/netns/n$k"
-        printf '%s' "$hosts" > "/etc/netns/n$k/hosts"
-        ip -n "$SWITCH" link add "n$k" type veth peer name eth0 netns "n$k"
-        ip -n "$SWITCH" link set "n$k" master br0 up
-        ip -n "n$k" addr add "$SUBNET.$k/24" dev eth0
-        ip -n "n$k" link set eth0 up
-        ip -n "n$k" link set lo up
+        ip netns add "$P$k"
+        mkdir -p "/etc/netns/$P$k"
+        printf '%s' "$hosts" > "/etc/netns/$P$k/hosts"
+        ip -n "$SWITCH" link add "$P$k" type veth peer name eth0 netns "$P$k"
+        ip -n "$SWITCH" link set "$P$k" master br0 up
+        ip -n "$P$k" addr add "$SUBNET.$k/24" dev eth0
+        ip -n "$P$k" link set eth0 up
+        ip -n "$P$k" link set lo up
         if [ "$rate" != none ]; then
-            shape "n$k" eth0 "$rate"            # the node's uplink
-            shape "$SWITCH" "n$k" "$rate"       # and the switch's port down to it
+            shape "$P$k" eth0 "$rate"           # the node's uplink
+            shape "$SWITCH" "$P$k" "$rate"      # and the switch's port down to it
         fi
     done
     trap - ERR
-    echo "emulated-cluster.sh: n1..n$n up at $SUBNET.1..$SUBNET.$n, links $rate"
+    echo "emulated-cluster.sh: ${P}1..$P$n up at $SUBNET.1..$SUBNET.$n, links $rate"
 }
 
 down() {
@@ -72,9 +81,9 @@ down() {
     [ -e "$STATE" ] && n=$(cut -d' ' -f1 "$STATE")
     for k in $(seq 1 "$n"); do
         # Processes left on a node (a job's, cut off by its link) would keep it alive unseen.
-        ip netns pids "n$k" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
-        ip netns del "n$k" 2>/dev/null || true
-        rm -rf "/etc/netns/n$k"
+        ip netns pids "$P$k" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+        ip netns del "$P$k" 2>/dev/null || true
+        rm -rf "/etc/netns/$P$k"
     done
     ip netns del "$SWITCH" 2>/dev/null || true
     rmdir /etc/netns 2>/dev/null || true
@@ -86,7 +95,7 @@ status() {
     echo "up: $(cut -d' ' -f1 "$STATE") nodes, links $(cut -d' ' -f2 "$STATE")"
     for k in $(nodes); do
         local s=/sys/class/net/eth0
-        ip netns exec "n$k" sh -c "echo n$k $SUBNET.$k eth0 \$(cat $s/operstate) \
+        ip netns exec "$P$k" sh -c "echo $P$k $SUBNET.$k eth0 \$(cat $s/operstate) \
             rx=\$(cat $s/statistics/rx_bytes) tx=\$(cat $s/statistics/tx_bytes)"
     done
 }
@@ -96,7 +105,7 @@ status() {
 # pin its first rank to core 0), and MPI told to use the link, not the shared memory that
 # processes in different namespaces of one machine could still reach.
 node_env() {
-    export DDL_NODES_SHARE_CORES=1 UCX_TLS=tcp,self UCX_NET_DEVICES=eth0 \
+    export DDL_CLUSTER_PREFIX=$P DDL_NODES_SHARE_CORES=1 UCX_TLS=tcp,self UCX_NET_DEVICES=eth0 \
         OMPI_MCA_btl=tcp,self OMPI_MCA_btl_tcp_if_include=eth0 OMPI_MCA_oob_tcp_if_include=eth0 \
         OMPI_MCA_hwloc_base_binding_policy=none
 }
@@ -104,8 +113,8 @@ node_env() {
 run_on() {
     local node=$1; shift
     [ -e "$STATE" ] || die "no emulated cluster is up"
-    [[ $node =~ ^n[0-9]+$ ]] && (( ${node#n} >= 1 && ${node#n} <= $(cut -d' ' -f1 "$STATE") )) \
-        || die "no node '$node' (the nodes are n1..n$(cut -d' ' -f1 "$STATE"))"
+    [[ $node =~ ^$P[0-9]+$ ]] && (( ${node#"$P"} >= 1 && ${node#"$P"} <= $(cut -d' ' -f1 "$STATE") )) \
+        || die "no node '$node' (the nodes are ${P}1..$P$(cut -d' ' -f1 "$STATE"))"
     node_env
     # A host name of its own too (a UTS namespace), as MPI_Get_processor_name reports it.
     exec ip netns exec "$node" unshare --uts sh -c 'echo "$0" > /proc/sys/kernel/hostname; exec "$@"' \

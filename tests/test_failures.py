@@ -165,7 +165,7 @@ def test_a_restart_resumes_only_the_jobs_own_checkpoint(tmp_path, monkeypatch, c
         if len(calls) == 2:                 # the second attempt saves, then fails
             (tmp_path / "new").write_bytes(b"this job's")
             os.replace(tmp_path / "new", ckpt)
-        return (0 if len(calls) == 3 else 1), False
+        return (0 if len(calls) == 3 else 1), False, ""
     monkeypatch.setattr(launch, "_run", attempt)
     args = ["train", "--checkpoint", str(ckpt), "--overwrite"]
     assert launch.launch(2, args, max_restarts=2) == 0

@@ -59,14 +59,14 @@ def test_emulated_nodes_share_the_machines_cores(env, over, monkeypatch):
     assert comm.oversubscribed() is over
 
 
-def _cannot_make_nodes():
-    """Why this machine cannot host the emulated cluster, or ''."""
+def _cannot_make_nodes(state="/run/ddl-emulated-cluster"):
+    """Why this machine cannot host the emulated cluster whose `state` file is named, or ''."""
     if os.geteuid() != 0:
         return "the emulated cluster needs root (network namespaces)"
     missing = [tool for tool in ("ip", "tc", "unshare") if not shutil.which(tool)]
     if missing:
         return f"the emulated cluster needs {', '.join(missing)} (apt-get install iproute2)"
-    if os.path.exists("/run/ddl-emulated-cluster"):
+    if os.path.exists(state):
         return "an emulated cluster is already up (scripts/emulated-cluster.sh down)"
     # A veth pair, a bridge and tbf, tried in a throwaway namespace of no name.
     tried = subprocess.run(
@@ -85,10 +85,12 @@ needs_nodes = pytest.mark.skipif(bool(CANNOT), reason=CANNOT)
 
 @pytest.fixture(scope="module")
 def cluster():
-    """n1..n4 at 1 Gbit/s, taken down (with any process left on a node) whatever happens."""
+    """n1..n4 at 1 Gbit/s, taken down (with any process left on a node) whatever happens. A
+    failed `up` cleans up after itself; one refused because another cluster is up (another
+    session's, started since the check) must not take that one down."""
     up = subprocess.run([SCRIPT, "up", str(NODES), "1gbit"], capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
     try:
-        assert up.returncode == 0, up.stderr
         yield
     finally:
         subprocess.run([SCRIPT, "down"], capture_output=True)
