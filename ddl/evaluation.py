@@ -10,7 +10,7 @@ from ddl import checkpoint
 from ddl.comm import agree
 from ddl.data import DistributedSampler, H5Dataset, Loader
 from ddl.errors import CheckpointError, DataError, dims, one_line
-from ddl.models import build
+from ddl.models import build, changed_file, trusted
 from ddl.nn import CrossEntropyLoss
 from ddl.step import micro_batches
 
@@ -32,12 +32,18 @@ def open_split(path, split, expect=None):
 
 
 @contextlib.contextmanager
-def reading(path):
+def reading(path, architecture=None):
     """Around loading the states of checkpoint `path`: whatever a state that does not fit makes
-    the loaders raise becomes one line naming the file."""
+    the loaders raise becomes one line naming the file, or the model file (of the checkpoint's
+    `architecture`) that was edited since the checkpoint was saved."""
     try:
         yield
     except (ValueError, KeyError, TypeError, AttributeError) as e:
+        changed = changed_file(architecture) if isinstance(architecture, dict) else None
+        if changed:
+            raise CheckpointError(f"{changed} changed since {path} was saved, and the saved "
+                                  f"weights no longer fit its model ({one_line(e)}): restore "
+                                  f"the file, or start a new run") from None
         raise CheckpointError(f"{path}: damaged checkpoint ({one_line(e)})") from None
 
 
@@ -55,10 +61,11 @@ def evaluate(model, loader, comm):
     return totals[0] / totals[2], totals[1] / totals[2]
 
 
-def restore(path, comm):
+def restore(path, comm, given=None, trust=False):
     """The model saved in checkpoint `path`, rebuilt from what the checkpoint records of it (rank
     0 reads it, every rank gets it), the tree, and what the model takes: (in_shape, num_classes,
-    who) for `open_split`."""
+    who) for `open_split`. A model file runs only if the user names it (`given`, their --model)
+    or trusts the checkpoint (`trust`, --trust-model): see models.trusted."""
     state = comm.bcast_obj(agree(comm, lambda: checkpoint.load(path) if comm.rank == 0 else None,
                                  "checkpoint read"), what="broadcast of the checkpoint")
     with reading(path):
@@ -66,8 +73,8 @@ def restore(path, comm):
         name, in_shape, classes = arch["model"], tuple(arch["in_shape"]), int(arch["num_classes"])
 
     def rebuild():
-        model = build(name, in_shape, classes)   # a user's model file may be gone: ModelError
-        with reading(path):
+        model = build(trusted(name, given, trust, path), in_shape, classes)  # a file may be gone
+        with reading(path, arch):
             model.load_state_dict(state["model"])
         return model
     return agree(comm, rebuild), state, (in_shape, classes, f"the model in {path} takes")
