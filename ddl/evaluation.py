@@ -47,17 +47,29 @@ def reading(path, architecture=None):
         raise CheckpointError(f"{path}: damaged checkpoint ({one_line(e)})") from None
 
 
-def evaluate(model, loader, comm):
+class EvaluationStopped(Exception):
+    """A stop signal came during `evaluate` (on any rank: every rank raises it together)."""
+
+
+def evaluate(model, loader, comm, stop=None):
     """Exact test loss and accuracy over every rank's part: sums are all-reduced, not means.
-    Leaves the model in eval mode (the training loop sets train mode at each epoch)."""
+    Leaves the model in eval mode (the training loop sets train mode at each epoch). `stop`, a
+    StopRequest: a signal that any rank receives ends every rank's evaluation at its next batch
+    (EvaluationStopped), so that a stop takes a batch, not a whole test set."""
     model.eval()
     criterion = CrossEntropyLoss(reduction="sum")
-    totals = np.zeros(3)                       # loss sum, correct, count
+    totals = np.zeros(4)                       # loss sum, correct, count, ranks stopped
     for x, y in loader:
+        if stop is not None and stop.signum:
+            totals[3] = 1
+            break
         for xs, ys in micro_batches(x, y, EVAL_MICRO_BATCH):
             logits = model(xs)
-            totals += (criterion(logits, ys), np.count_nonzero(logits.argmax(1) == ys), len(ys))
+            totals[:3] += (criterion(logits, ys), np.count_nonzero(logits.argmax(1) == ys),
+                           len(ys))
     comm.allreduce(totals, what="evaluation's all-reduce")
+    if totals[3]:
+        raise EvaluationStopped()
     return totals[0] / totals[2], totals[1] / totals[2]
 
 

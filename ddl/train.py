@@ -23,7 +23,7 @@ from ddl.config import check_options, claim_outputs
 from ddl.data import DistributedSampler, Loader
 from ddl.debug import finite_check
 from ddl.errors import Diverged, Stopped, dims
-from ddl.evaluation import eval_loader, evaluate
+from ddl.evaluation import EvaluationStopped, eval_loader, evaluate
 from ddl.log import Log
 from ddl.models import build, resolve, source_digest
 from ddl.nn import CrossEntropyLoss
@@ -200,16 +200,24 @@ def _train(cfg, comm, log, r, on_epoch_end):
                         raise _stopped(cfg, stop.signum, done, where, steps)
             with comm.at(f"at the end of epoch {epoch + 1}"):
                 seconds = before + time.perf_counter() - started
-                _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds)
+                try:
+                    _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, stop)
+                except EvaluationStopped:   # saved after its last step: --resume evaluates
+                    if cfg.checkpoint:
+                        r.save(epoch, steps, dict(loss_sum=loss_sum, seconds=seconds))
+                    r.finish_timeline(log)
+                    raise _stopped(cfg, stop.signum, done, _position(epoch, steps),
+                                   steps) from None
                 if on_epoch_end:
                     on_epoch_end(epoch + 1, model)
 
 
-def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds):
-    """After the last step of epoch `epoch` + 1: evaluate, record, save, write the metrics."""
+def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, stop):
+    """After the last step of epoch `epoch` + 1: evaluate (which `stop` may interrupt), record,
+    save, write the metrics."""
     r.replicas.average_buffers()
     r.replicas.check()
-    test_loss, test_accuracy = evaluate(r.model, r.test_loader, comm)
+    test_loss, test_accuracy = evaluate(r.model, r.test_loader, comm, stop)
     r.timeline.lap("evaluation")
     # The last step's finite gradient times a huge lr, or huge weights whose logits overflow:
     # nothing the steps saw, and still nothing to save.
