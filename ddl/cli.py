@@ -136,14 +136,16 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
             raise UsageError(f"{' and '.join(flag for flag, _ in given)}: give one source")
         if (no_verify or download) and (npz or image_folder):
             raise UsageError("--no-verify and --download are for --raw (IDX files) only")
-        if out:
-            check_out(out, [(flag, value) for flag, value in given if flag != "--raw"])
+        raw_dir = raw or "../shared/data/mnist"
+        if out:                                 # before the source is read
+            check_out(out, [(flag, value) for flag, value in given if flag != "--raw"]
+                      + ([] if npz or image_folder else sources.idx_inputs(raw_dir)))
         if npz:
             source = sources.npz(npz, log=click.echo)
         elif image_folder:
             source = sources.image_folder(image_folder, log=click.echo)
         else:
-            source = sources.idx(raw or "../shared/data/mnist", dataset or "mnist",
+            source = sources.idx(raw_dir, dataset or "mnist",
                                  verify=not no_verify, download=download, log=click.echo)
         if dataset:
             source.attrs["dataset"] = dataset

@@ -159,8 +159,13 @@ def idx(raw_dir, dataset="mnist", verify=True, download=False, log=print):
                                f"(expected < {len(names)})")
     return Source(splits, names, {"dataset": dataset, "source": "idx",
                                   **{f"md5_{k}": v for k, v in md5s.items()}},
-                  [("--raw", os.path.join(raw_dir, name)) for pair in IDX_FILES.values()
-                   for name in pair])
+                  idx_inputs(raw_dir))
+
+
+def idx_inputs(raw_dir):
+    """The IDX files that `idx(raw_dir)` reads, as Source.inputs."""
+    return [("--raw", os.path.join(raw_dir, name)) for pair in IDX_FILES.values()
+            for name in pair]
 
 
 class _IdxFile:
