@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ddl.atomic import write_bytes
+from ddl.data import MAX_CLASSES
 from ddl.errors import OutputError, PrepareError, dims, one_line
 
 SPLITS = ("train", "test")
@@ -54,12 +55,13 @@ def printable(name):
 
 def _class_names(labels, path):
     """"0".."K-1" for labels {split: (n,)} without names, K = the largest label + 1; a negative
-    label is refused."""
+    label, or one past the most classes a data file holds (which would make K names), is
+    refused."""
     for split, y in labels.items():
-        if y.min() < 0:
-            row = int(np.argmin(y))
-            raise PrepareError(f"{path}: {split} label {y[row]} at row {row} is out of range "
-                               f"(labels are 0..K-1)")
+        for row in (int(np.argmin(y)), int(np.argmax(y))):
+            if not 0 <= y[row] < MAX_CLASSES:
+                raise PrepareError(f"{path}: {split} label {y[row]} at row {row} is out of range "
+                                   f"(labels are 0..K-1, K <= {MAX_CLASSES})")
     return [str(i) for i in range(int(max(y.max() for y in labels.values())) + 1)]
 
 
@@ -312,7 +314,7 @@ def npz(path, log=print):
         splits[split] = Split(labels[split], chw,
                               functools.partial(_npz_chunks, path, members[key], key, last))
     names = _class_names(labels, path)
-    return Source(splits, names, {"dataset": os.path.splitext(os.path.basename(path))[0],
+    return Source(splits, names, {"dataset": printable(os.path.splitext(os.path.basename(path))[0]),
                                   "source": "npz"}, [("--npz", path)])
 
 

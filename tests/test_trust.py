@@ -107,6 +107,20 @@ def test_prepare_never_replaces_a_raw_idx_file(ddl, tmp_path):
                 "is the same file as --raw")
 
 
+def test_a_second_conversion_is_locked_out(ddl, npz, tmp_path):
+    with checkpoint.Lock(tmp_path / "d.h5", "--out"), untouched(tmp_path):
+        refused(ddl("prepare", "--npz", npz, "--out", tmp_path / "d.h5"), 2,
+                "being written by another job", "choose another --out")
+
+
+def test_an_npz_named_in_no_encoding_is_kept_escaped(ddl, npz, tmp_path):
+    os.rename(npz, os.fsencode(tmp_path) + b"/r\xe9sum\xe9.npz")
+    assert ddl("prepare", "--npz", os.fsdecode(os.fsencode(tmp_path) + b"/r\xe9sum\xe9.npz"),
+               "--out", tmp_path / "d.h5")[0] == 0
+    with h5py.File(tmp_path / "d.h5") as f:
+        assert f.attrs["dataset"] == "r\\xe9sum\\xe9"
+
+
 def test_prepare_replaces_its_own_file(ddl, npz, tmp_path):
     assert ddl("prepare", "--npz", npz, "--out", tmp_path / "d.h5")[0] == 0
     assert ddl("prepare", "--npz", npz, "--out", tmp_path / "d.h5")[0] == 0
@@ -238,7 +252,9 @@ def test_lying_data_files_are_refused_before_any_work(attrs, splits, words, ddl,
 def test_prepare_refuses_sets_that_cannot_be_learnt(ddl, tmp_path):
     (x, y), (xt, yt) = colour_images(64, 0), colour_images(32, 1)
     cases = {"one.npz": dict(x_train=x, y_train=np.zeros_like(y), x_test=xt, y_test=yt),
-             "flat.npz": dict(x_train=x[:, :0], y_train=y, x_test=xt[:, :0], y_test=yt)}
+             "flat.npz": dict(x_train=x[:, :0], y_train=y, x_test=xt[:, :0], y_test=yt),
+             "far.npz": dict(x_train=x, y_train=np.where(y == 3, 2 ** 40, y), x_test=xt,
+                             y_test=yt)}
     for name, arrays in cases.items():
         np.savez(tmp_path / name, **arrays)
     with untouched(tmp_path):
@@ -246,6 +262,8 @@ def test_prepare_refuses_sets_that_cannot_be_learnt(ddl, tmp_path):
                 "a single class")
         refused(ddl("prepare", "--npz", tmp_path / "flat.npz", "--out", tmp_path / "o.h5"), 2,
                 "no pixels")
+        refused(ddl("prepare", "--npz", tmp_path / "far.npz", "--out", tmp_path / "o.h5"), 2,
+                "train label 1099511627776 at row", "K <= 65536")
 
 
 @pytest.fixture
