@@ -156,7 +156,7 @@ def remove_leftovers(path):
     (`PATH.PID.RANDOM.tmp`, see `replacing`), those of processes no longer running here. Returns
     their names."""
     folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(name) + r"\.(\d+)\.[0-9a-f]+\.tmp")
+    pattern = re.compile(re.escape(name) + r"\.(\d+)(\.[0-9a-f]+)?\.tmp")  # (PATH.PID.tmp: before)
     removed = []
     for entry in sorted(os.listdir(folder)):
         found = pattern.fullmatch(entry)
