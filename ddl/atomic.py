@@ -200,6 +200,8 @@ def check_outputs(outputs, inputs=()):
             raise UsageError(f"{option} {path}: folder {folder} does not exist")
         if os.path.isdir(path):
             raise UsageError(f"{option} {path} is a folder, not a file")
+        if os.path.exists(path) and not os.path.isfile(path):   # a device, a FIFO: renaming
+            raise UsageError(f"{option} {path} is not a plain file (a device, FIFO or socket)")
         if not os.access(folder, os.W_OK) or (os.path.exists(path)
                                               and not os.access(path, os.W_OK)):
             raise UsageError(f"{option} {path}: not writable")

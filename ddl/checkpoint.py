@@ -88,6 +88,8 @@ def load(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a checkpoint")
+    if not os.path.isfile(path):        # a FIFO would block the read below for ever
+        raise CheckpointError(f"{path} is not a plain file (a device, FIFO or socket)")
     try:
         with open(path, "rb") as f:
             is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"

@@ -31,6 +31,13 @@ def _shown(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _unwritten(ds):
+    """Whether uncompressed dataset `ds` has less storage in the file than its shape declares:
+    reading it would make up rows (and allocate for them) that were never written."""
+    unfiltered = ds.id.get_create_plist().get_nfilters() == 0
+    return unfiltered and ds.id.get_storage_size() < ds.nbytes
+
+
 class H5Dataset:
     """One split ("train" or "test") of a prepared HDF5 file, opened read-only and validated.
 
@@ -41,8 +48,10 @@ class H5Dataset:
 
     def __init__(self, path, split):
         self.path, self.split = os.fspath(path), split
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             raise DataError(f"{self.path}: no such file (run `ddl prepare` to create it)")
+        if not os.path.isfile(self.path):   # a FIFO would block the reads below for ever
+            raise DataError(f"{self.path}: not a plain file")
         if not h5py.is_hdf5(self.path):
             raise DataError(f"{self.path}: not an HDF5 file")
         try:
@@ -92,6 +101,10 @@ class H5Dataset:
             raise self._error(f"'{self.split}' holds no images")
         if 0 in self.image_shape:
             raise self._error(f"'{self.split}/images' are {dims(self.image_shape)}: no pixels")
+        for ds in (self._images, labels):
+            if _unwritten(ds):
+                raise self._error(f"'{ds.name[1:]}' declares {ds.shape} but its data is not all "
+                                  f"in the file (damaged, or not written by `ddl prepare`)")
         channels = self.image_shape[0]
         self.mean, self.std = (self._floats(k) for k in ("mean", "std"))
         if self.mean.shape != (channels,) or self.std.shape != (channels,):

@@ -8,7 +8,7 @@ import numpy as np
 
 from ddl import checkpoint
 from ddl.comm import agree
-from ddl.data import DistributedSampler, H5Dataset, Loader
+from ddl.data import MAX_CLASSES, DistributedSampler, H5Dataset, Loader
 from ddl.errors import CheckpointError, DataError, dims, one_line
 from ddl.models import build, changed_file, trusted
 from ddl.nn import CrossEntropyLoss
@@ -83,6 +83,9 @@ def restore(path, comm, given=None, trust=False):
     with reading(path):
         arch = state["architecture"]
         name, in_shape, classes = arch["model"], tuple(arch["in_shape"]), int(arch["num_classes"])
+        if not (len(in_shape) == 3 and all(isinstance(v, int) and v > 0 for v in in_shape)
+                and 2 <= classes <= MAX_CLASSES):          # before they size a model
+            raise ValueError(f"architecture {in_shape} images of {classes} classes")
 
     def rebuild():
         model = build(trusted(name, given, trust, path), in_shape, classes)  # a file may be gone

@@ -178,6 +178,20 @@ def test_every_output_is_claimed(option, name, ddl, work):
     assert not (work / f"{name}.lock").exists()
 
 
+def test_special_files_are_refused_not_waited_for(work):
+    os.mkfifo(work / "pipe")
+    with untouched(work):
+        for args, words in ((["evaluate", "--data", "data.h5", "--checkpoint", "pipe"],
+                             ["pipe is not a plain file"]),
+                            (["evaluate", "--data", "pipe", "--checkpoint", "c.h5"],
+                             ["pipe: not a plain file"]),
+                            (train("--metrics", "/dev/null"), ["--metrics /dev/null is not a "
+                                                               "plain file"])):
+            done = subprocess.run([sys.executable, "-m", "ddl", *args], capture_output=True,
+                                  text=True, timeout=60)
+            refused((done.returncode, done.stdout + done.stderr), 2, *words)
+
+
 # --- 4. a checkpoint is data, never code --------------------------------------------------------
 @pytest.mark.parametrize("command", [["evaluate"], ["predict", "--index", "3"]])
 def test_a_checkpoint_runs_no_code_it_names(command, ddl, work):
@@ -247,6 +261,29 @@ def test_lying_data_files_are_refused_before_any_work(attrs, splits, words, ddl,
     with untouched(work):
         refused(ddl(*train("--data", bad)), 2, *words)
         refused(ddl("evaluate", "--data", bad, "--checkpoint", "c.h5"), 2, *words)
+
+
+def test_a_file_declaring_more_than_it_holds_is_refused_at_once(ddl, work):
+    with h5py.File(work / "big.h5", "w") as f:        # 3 KB, declaring 784 GB of images
+        f.attrs.update(format_version=2, num_classes=10, mean=[0.1], std=[0.3])
+        for split in ("train", "test"):
+            f.create_dataset(f"{split}/images", (10 ** 9, 1, 28, 28), np.uint8,
+                             chunks=(1000, 1, 28, 28))
+            f.create_dataset(f"{split}/labels", (10 ** 9,), np.uint8)
+    with untouched(work):
+        refused(ddl(*train("--data", "big.h5")), 2, "'train/images' declares (1000000000, 1, "
+                                                    "28, 28) but its data is not all in the file")
+
+
+def test_a_checkpoint_whose_architecture_lies_sizes_nothing(ddl, work):
+    tree = checkpoint.load(work / "c.h5")
+    for arch in ({"in_shape": [1, 10 ** 6, 10 ** 6, 5]}, {"num_classes": 10 ** 12},
+                 {"in_shape": [1, -28, 28]}, {"num_classes": "ten"}):
+        checkpoint.save(work / "lie.h5", dict(tree, architecture=dict(tree["architecture"],
+                                                                      **arch)))
+        with untouched(work):
+            refused(ddl("evaluate", "--data", "data.h5", "--checkpoint", "lie.h5"), 2,
+                    "lie.h5: damaged checkpoint")
 
 
 def test_prepare_refuses_sets_that_cannot_be_learnt(ddl, tmp_path):
