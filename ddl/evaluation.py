@@ -9,7 +9,7 @@ import numpy as np
 from ddl import checkpoint
 from ddl.comm import agree
 from ddl.data import MAX_CLASSES, DistributedSampler, H5Dataset, Loader
-from ddl.errors import CheckpointError, DataError, dims, one_line
+from ddl.errors import CheckpointError, DataError, ModelError, dims, one_line
 from ddl.models import build, changed_file, trusted
 from ddl.nn import CrossEntropyLoss
 from ddl.step import micro_batches
@@ -88,7 +88,13 @@ def restore(path, comm, given=None, trust=False):
             raise ValueError(f"architecture {in_shape} images of {classes} classes")
 
     def rebuild():
-        model = build(trusted(name, given, trust, path), in_shape, classes)  # a file may be gone
+        try:
+            model = build(trusted(name, given, trust, path), in_shape, classes)
+        except ModelError as e:         # a file gone, or edited so that it builds no longer
+            changed = not given and changed_file(arch)
+            if changed:
+                raise ModelError(f"{changed} changed since {path} was saved: {e}") from None
+            raise
         with reading(path, arch):
             model.load_state_dict(state["model"])
         return model

@@ -128,10 +128,10 @@ def trusted(name, given, trust, checkpoint):
 
 
 def changed_file(architecture):
-    """The model file of a checkpoint's `architecture` if its source is no longer the one it
-    records (the file was edited since), else None."""
-    recorded = architecture.get("source_sha256")
-    if recorded and source_digest(architecture["model"]) != recorded:
+    """The model file of a checkpoint's `architecture` if it is there but its source is no longer
+    the one the checkpoint records (the file was edited since), else None."""
+    recorded, current = architecture.get("source_sha256"), source_digest(architecture["model"])
+    if recorded and current and current != recorded:
         return model_file(architecture["model"])
     return None
 

@@ -225,6 +225,11 @@ def test_a_changed_model_file_is_named(ddl, work):
                            "--epochs", "2")), 2, f"{work}/net.py changed since n.h5 was saved")
         refused(ddl("evaluate", "--data", "data.h5", "--checkpoint", "n.h5", "--trust-model"),
                 2, f"{work}/net.py changed since n.h5 was saved")
+    (work / "net.py").write_text(NET.format(inputs=784).replace("num_classes))", "3))").replace(
+        "pathlib.Path(__file__).with_name('ran').touch()", ""))
+    with untouched(work):
+        refused(ddl("evaluate", "--data", "data.h5", "--checkpoint", "n.h5", "--trust-model"),
+                2, f"{work}/net.py changed since n.h5 was saved: model", "(3,) per image")
 
 
 # --- 5. data files validated, not trusted -------------------------------------------------------
