@@ -4,38 +4,63 @@ import contextlib
 import io
 import os
 import re
+import secrets
 
 from ddl.errors import OutputError, UsageError, one_line
 
 
+# A temporary file is PATH.PID.RANDOM.tmp: the PID lets `remove_leftovers` tell a dead writer's
+# file from a live one's, the random part makes the name unguessable, and it is created with
+# O_EXCL | O_NOFOLLOW, so that nothing planted at that name (a symbolic link to another file, say)
+# can receive the write.
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def create_new(path_prefix):
+    """A new file `path_prefix.RANDOM.tmp` that did not exist, opened for reading and writing:
+    (its name, a buffered binary file object). Mode 0666 less the umask, like open()'s."""
+    while True:
+        tmp = f"{path_prefix}.{secrets.token_hex(8)}.tmp"
+        try:
+            return tmp, os.fdopen(os.open(tmp, _CREATE, 0o666), "w+b")
+        except FileExistsError:         # 2**64 names: only a planted file comes here
+            continue
+
+
 @contextlib.contextmanager
 def replacing(path):
-    """Yield a temporary path beside `path`; on success rename it to `path` (atomic on one file
-    system), on any failure or interruption remove it. A crash mid-write thus never leaves a
-    half-written file that looks valid, nor clobbers the previous one. An OSError (a full disk, a
-    quota, a vanished folder) becomes an OutputError naming `path`."""
+    """Yield a new binary file (see `create_new`) beside `path`; on success sync it
+    and rename it to `path` (atomic on one file system), on any failure or interruption remove
+    it. A crash mid-write thus never leaves a half-written file that looks valid, nor clobbers
+    the previous one; the rename replaces a symbolic link at `path` itself, never the file it
+    points to. An OSError (a full disk, a quota, a vanished folder) becomes an OutputError
+    naming `path`."""
     path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = None
     try:
-        yield tmp
+        tmp, f = create_new(f"{path}.{os.getpid()}")
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
         _sync_folder(path)
     except OSError as e:
         kept = "; the previous file is kept" if os.path.exists(path) else ""
         reason = e.strerror or one_line(e)
         raise OutputError(f"cannot write {path} ({reason}){kept}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
 
 def write_bytes(path, data):
     """`data` (bytes or a buffer) into `path` through `replacing`, synced to the disk before the
     rename, so that even a power cut leaves the old file or the new one."""
-    with replacing(path) as tmp, open(tmp, "wb") as f:
+    with replacing(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class Sink(io.RawIOBase):
@@ -110,11 +135,10 @@ def streaming(path):
     to `path` (see `replacing`). The writer calls `check()` now and then to stop early; a write
     that failed is an OutputError naming `path` at the latest when the block ends, and the previous
     file is kept. Close the writer inside the block: its last writes come then."""
-    with replacing(path) as tmp, open(tmp, "w+b", buffering=0) as f:
-        sink = Sink(f)
+    with replacing(path) as f:
+        sink = Sink(f.raw)          # unbuffered: a failed write is seen at once
         yield sink
         sink.check()
-        os.fsync(f.fileno())
 
 
 def _sync_folder(path):
@@ -129,10 +153,10 @@ def _sync_folder(path):
 
 def remove_leftovers(path):
     """Remove the temporary files of `path` that a process killed mid-write left behind
-    (`PATH.PID.tmp`, see `replacing`), those of processes no longer running here. Returns their
-    names."""
+    (`PATH.PID.RANDOM.tmp`, see `replacing`), those of processes no longer running here. Returns
+    their names."""
     folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(name) + r"\.(\d+)\.tmp")
+    pattern = re.compile(re.escape(name) + r"\.(\d+)(\.[0-9a-f]+)?\.tmp")  # (PATH.PID.tmp: before)
     removed = []
     for entry in sorted(os.listdir(folder)):
         found = pattern.fullmatch(entry)
@@ -176,6 +200,8 @@ def check_outputs(outputs, inputs=()):
             raise UsageError(f"{option} {path}: folder {folder} does not exist")
         if os.path.isdir(path):
             raise UsageError(f"{option} {path} is a folder, not a file")
+        if os.path.exists(path) and not os.path.isfile(path):   # a device, a FIFO: renaming
+            raise UsageError(f"{option} {path} is not a plain file (a device, FIFO or socket)")
         if not os.access(folder, os.W_OK) or (os.path.exists(path)
                                               and not os.access(path, os.W_OK)):
             raise UsageError(f"{option} {path}: not writable")

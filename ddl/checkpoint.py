@@ -12,11 +12,13 @@ from before ddl took images other than MNIST's and checkpointed mid-epoch, reads
 model at step 0.
 """
 import copy
+import errno
 import fcntl
 import io
 import json
 import os
 import socket
+import stat
 
 import h5py
 import numpy as np
@@ -86,6 +88,8 @@ def load(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a checkpoint")
+    if not os.path.isfile(path):        # a FIFO would block the read below for ever
+        raise CheckpointError(f"{path} is not a plain file (a device, FIFO or socket)")
     try:
         with open(path, "rb") as f:
             is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
@@ -122,33 +126,42 @@ def load(path):
 
 
 class Lock:
-    """An exclusive flock on `PATH.lock`, held while a job may write checkpoint PATH, so that a
-    second job is refused instead of overwriting the first one's checkpoint. The file names its
-    holder and is removed on release; one left behind by a killed job holds no lock (the kernel
-    drops a flock with its process). Use as a context manager, or call `release()`."""
+    """An exclusive flock on `PATH.lock`, held while a job may write output PATH (the checkpoint,
+    or any other output of a run, named by `option` in messages), so that a second job is refused
+    instead of overwriting or interleaving with the first one's. The file names its holder and is
+    removed on release; one left behind by a killed job holds no lock (the kernel drops a flock
+    with its process). It is opened without following a symbolic link and must be a plain file of
+    one name, so that nothing planted at PATH.lock is truncated or written through. Use as a
+    context manager, or call `release()`."""
 
-    def __init__(self, path):
-        self.path = f"{os.fspath(path)}.lock"
+    def __init__(self, path, option="--checkpoint"):
+        self.path, self.option = f"{os.fspath(path)}.lock", option
         try:
             self.fd = self._take(path)
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        except OSError as e:            # a full disk, a read-only folder
+        except OSError as e:            # a full disk, a read-only folder, a link planted there
             if hasattr(self, "fd"):
                 self.release()
+            reason = ("a symbolic link: remove it" if e.errno == errno.ELOOP else e.strerror)
             raise CheckpointError(f"{path}: cannot create the lock file {self.path} "
-                                  f"({e.strerror})") from None
+                                  f"({reason})") from None
 
     def _take(self, path):
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                os.close(fd)
+                raise CheckpointError(f"{path}: the lock file {self.path} is not a plain file of "
+                                      f"its own (a link to another file?): remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise CheckpointError(f"{path} is being written by another job ({holder}): "
-                                      f"wait for it to end, or choose another --checkpoint"
+                                      f"wait for it to end, or choose another {self.option}"
                                       ) from None
             # The previous holder may have removed the file between our open and our flock:
             # then we hold a lock nobody else can see, so start again on the current file.

@@ -18,6 +18,16 @@ SHOWN = 10          # `ddl predict` lists every class up to this many, else the 
 DATA = config.click_option("data")
 
 
+def _model_options(command):
+    """--model and --trust-model, for the commands that rebuild a checkpoint's model: a
+    checkpoint is data, and runs no model file that the user did not name or confirm."""
+    command = click.option("--trust-model", is_flag=True,
+                           help="Run the model file that the checkpoint names (without it, "
+                                "ddl runs only a file you name with --model).")(command)
+    return click.option("--model", default=None, metavar="FILE.py:FUNCTION",
+                        help="Rebuild the checkpoint's model with this file's function.")(command)
+
+
 def _job(comm, fn):
     """Run `fn()` on every rank of `comm`, turning failures into exit codes (see module doc)."""
     try:
@@ -129,8 +139,7 @@ def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, min_ranks, rer
 def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
     """Convert an image classification set into the HDF5 file that training reads."""
     from ddl import sources
-    from ddl.atomic import same_file
-    from ddl.prepare import prepare as write
+    from ddl.prepare import check_out, prepare as write
 
     def job():
         given = [(flag, value) for flag, value in (("--raw", raw), ("--npz", npz),
@@ -139,18 +148,21 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
             raise UsageError(f"{' and '.join(flag for flag, _ in given)}: give one source")
         if (no_verify or download) and (npz or image_folder):
             raise UsageError("--no-verify and --download are for --raw (IDX files) only")
+        raw_dir = raw or "../shared/data/mnist"
+        if out:                                 # before the source is read
+            check_out(out, [(flag, value) for flag, value in given if flag != "--raw"]
+                      + ([] if npz or image_folder else sources.idx_inputs(raw_dir)))
         if npz:
             source = sources.npz(npz, log=click.echo)
         elif image_folder:
             source = sources.image_folder(image_folder, log=click.echo)
         else:
-            source = sources.idx(raw or "../shared/data/mnist", dataset or "mnist",
+            source = sources.idx(raw_dir, dataset or "mnist",
                                  verify=not no_verify, download=download, log=click.echo)
         if dataset:
             source.attrs["dataset"] = dataset
         path = out or f"data/{source.attrs['dataset']}.h5"
-        if npz and same_file(path, npz):
-            raise UsageError(f"--out {path} is the same file as --npz {npz}: choose another path")
+        check_out(path, source.inputs)
         write(source, path, log=click.echo)
     _job(SingleCommunicator(), job)
 
@@ -158,7 +170,8 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
 @cli.command()
 @click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
 @DATA
-def evaluate(checkpoint, data):
+@_model_options
+def evaluate(checkpoint, data, model, trust_model):
     """Test loss and accuracy of a checkpoint (also under mpirun)."""
     from ddl.comm import agree
     from ddl.evaluation import eval_loader, evaluate as run_eval, open_split, restore
@@ -166,9 +179,9 @@ def evaluate(checkpoint, data):
     comm = world()
 
     def job():
-        model, _, takes = restore(checkpoint, comm)
+        net, _, takes = restore(checkpoint, comm, model, trust_model)
         test = agree(comm, lambda: open_split(data, "test", takes))
-        loss, accuracy = run_eval(model, eval_loader(test, comm), comm)
+        loss, accuracy = run_eval(net, eval_loader(test, comm), comm)
         if comm.rank == 0:
             click.echo(f"test loss {loss:.4f}, accuracy {100 * accuracy:.2f}% "
                        f"({test.n:,} images, {comm.size} rank(s))")
@@ -180,22 +193,25 @@ def evaluate(checkpoint, data):
 @DATA
 @click.option("--index", type=int, default=0, show_default=True, help="Test image to classify.")
 @click.option("--out", default="", help="Write the image and its class probabilities here (PNG).")
-def predict(checkpoint, data, index, out):
+@_model_options
+def predict(checkpoint, data, index, out, model, trust_model):
     """Classify one test image and show the class probabilities."""
     from ddl.atomic import check_outputs
     from ddl.evaluation import open_split, restore
+    from ddl.models import model_inputs
 
     def job():
         if out:
             from ddl.plots import check_format
-            check_outputs([("--out", out)], [("--data", data), ("--checkpoint", checkpoint)])
+            check_outputs([("--out", out)], [("--data", data), ("--checkpoint", checkpoint)]
+                          + model_inputs(model))
             check_format(out, "--out")
-        model, _, takes = restore(checkpoint, SingleCommunicator())
+        net, _, takes = restore(checkpoint, SingleCommunicator(), model, trust_model)
         test = open_split(data, "test", takes)
         if not 0 <= index < test.n:
             raise UsageError(f"--index {index} is outside the {test.n} test images")
         raw, y = test.read_raw(np.array([index]))
-        logits = model.eval()(test.normalize(raw))[0].astype(np.float64)
+        logits = net.eval()(test.normalize(raw))[0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         names = test.class_names

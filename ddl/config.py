@@ -14,7 +14,7 @@ import click
 from ddl import checkpoint, kernels
 from ddl.atomic import check_outputs, remove_leftovers
 from ddl.errors import UsageError
-from ddl.models import MODELS, check_name
+from ddl.models import MODELS, check_name, model_inputs
 from ddl.optim import OPTIMIZERS
 from ddl.schedules import SCHEDULES
 from ddl.watchdog import DEFAULT_TIMEOUT
@@ -177,15 +177,22 @@ def check_batch(batch_size, sizes, allowed_by=""):
 
 
 def claim_outputs(cfg):
-    """Rank 0's checks of the output paths (none is the data file or another output; each can be
-    written), then the checkpoint's lock: returned held, for a `with` around the run. Temporary
-    files that a killed job left beside the outputs go."""
+    """Rank 0's checks of the output paths (none is an input, the data or the model file, nor
+    another output; each can be written), then a lock on every output (checkpoint.Lock), returned
+    held, for a `with` around the run: two jobs never write one file. Temporary files that a
+    killed job left beside the outputs go."""
     outputs = [(flag(name), getattr(cfg, name)) for name in OUTPUTS if getattr(cfg, name)]
-    check_outputs(outputs, [("--data", cfg.data)])
+    check_outputs(outputs, [("--data", cfg.data)] + model_inputs(cfg.model))
     if cfg.plot:
         from ddl.plots import check_format
         check_format(cfg.plot, "--plot")
-    lock = checkpoint.Lock(cfg.checkpoint) if cfg.checkpoint else contextlib.nullcontext()
+    locks = contextlib.ExitStack()
+    try:
+        for option, path in outputs:
+            locks.enter_context(checkpoint.Lock(path, option))
+    except BaseException:                   # a lock refused releases those already taken
+        locks.close()
+        raise
     for _, path in outputs:
         remove_leftovers(path)
-    return lock
+    return locks

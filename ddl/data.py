@@ -8,7 +8,7 @@ import threading
 import h5py
 import numpy as np
 
-from ddl.errors import DataError
+from ddl.errors import DataError, dims
 
 # Wanted rows this close (gap in bytes) are read in one HDF5 call, the rows between them read and
 # dropped: copying 64 KiB costs about what one more call does (docs/streaming.md).
@@ -26,6 +26,24 @@ FORMAT_VERSION = 2
 READS = (1, 2)
 
 
+# Labels are uint8, or uint16 past 256 classes (ddl/prepare.py): more classes than that is a
+# damaged attribute, not a data set, and would size the output layer by it.
+MAX_CLASSES = 1 << 16
+
+
+def _shown(value):
+    """An attribute's value in a message, cut short."""
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unwritten(ds):
+    """Whether uncompressed dataset `ds` has less storage in the file than its shape declares:
+    reading it would make up rows (and allocate for them) that were never written."""
+    unfiltered = ds.id.get_create_plist().get_nfilters() == 0
+    return unfiltered and ds.id.get_storage_size() < ds.nbytes
+
+
 class H5Dataset:
     """One split ("train" or "test") of a prepared HDF5 file, opened read-only and validated.
 
@@ -37,8 +55,10 @@ class H5Dataset:
 
     def __init__(self, path, split):
         self.path, self.split = os.fspath(path), split
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             raise DataError(f"{self.path}: no such file (run `ddl prepare` to create it)")
+        if not os.path.isfile(self.path):   # a FIFO would block the reads below for ever
+            raise DataError(f"{self.path}: not a plain file")
         if not h5py.is_hdf5(self.path):
             raise DataError(f"{self.path}: not an HDF5 file")
         try:
@@ -52,13 +72,13 @@ class H5Dataset:
             raise
 
     def _validate(self):
-        version = self._file.attrs.get("format_version")
+        version = self._integer("format_version", None)
         if version not in READS:
             rebuild = "rebuild it with `ddl prepare`"
             if version is None:
                 raise self._error(f"no 'format_version' attribute: not a file of `ddl prepare` "
                                   f"({rebuild})")
-            newer = isinstance(version, (int, np.integer)) and version > FORMAT_VERSION
+            newer = version > FORMAT_VERSION
             raise self._error(f"format_version {version}, but this ddl reads formats "
                               f"{' and '.join(map(str, READS))} ("
                               + ("upgrade ddl, or " if newer else "") + f"{rebuild})")
@@ -84,9 +104,16 @@ class H5Dataset:
             if key not in attrs:
                 raise self._error(f"attribute '{key}' missing")
         self.n, self.image_shape = len(self._images), self._images.shape[1:]
+        if self.n == 0:
+            raise self._error(f"'{self.split}' holds no images")
+        if 0 in self.image_shape:
+            raise self._error(f"'{self.split}/images' are {dims(self.image_shape)}: no pixels")
+        for ds in (self._images, labels):
+            if _unwritten(ds):
+                raise self._error(f"'{ds.name[1:]}' declares {ds.shape} but its data is not all "
+                                  f"in the file (damaged, or not written by `ddl prepare`)")
         channels = self.image_shape[0]
-        self.mean, self.std = (np.atleast_1d(np.asarray(attrs[k], np.float64)) for k in
-                               ("mean", "std"))
+        self.mean, self.std = (self._floats(k) for k in ("mean", "std"))
         if self.mean.shape != (channels,) or self.std.shape != (channels,):
             raise self._error(f"'{self.split}/images' have {channels} channel(s), but the "
                               f"attributes mean and std hold {self.mean.size} and "
@@ -98,9 +125,13 @@ class H5Dataset:
         # Per channel, as (C, 1, 1) factors: (x / 255 - mean) / std = x * scale - shift.
         self._scale = (1.0 / (255.0 * self.std)).astype(np.float32)[:, None, None]
         self._shift = (self.mean / self.std).astype(np.float32)[:, None, None]
-        self.num_classes = int(attrs["num_classes"])
-        self.class_names = [str(name) for name in
-                            attrs.get("class_names", range(self.num_classes))]
+        self.num_classes = self._integer("num_classes", (2, MAX_CLASSES))
+        names = attrs.get("class_names", range(self.num_classes))
+        if not (isinstance(names, range) or (isinstance(names, np.ndarray) and names.ndim == 1
+                                              and names.dtype.kind in "OSU")):
+            raise self._error("attribute 'class_names' is not a list of names")
+        self.class_names = [name.decode(errors="backslashreplace") if isinstance(name, bytes)
+                            else str(name) for name in names]
         if len(self.class_names) != self.num_classes:
             raise self._error(f"attribute 'class_names' holds {len(self.class_names)} names for "
                               f"{self.num_classes} classes")
@@ -146,6 +177,27 @@ class H5Dataset:
 
     def _error(self, problem):
         return DataError(f"{self.path}: {problem}")
+
+    def _integer(self, key, bounds):
+        """Attribute `key`, an integer scalar (bounds=None: any, missing: None) within `bounds`
+        (low, high), both included; else DataError."""
+        value = self._file.attrs.get(key)
+        if value is None and bounds is None:
+            return None
+        if isinstance(value, np.ndarray) and value.shape in ((), (1,)):
+            value = value.reshape(())[()]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise self._error(f"attribute '{key}' is {_shown(value)}, not an integer")
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            raise self._error(f"attribute '{key}' is {value}, outside {bounds[0]}..{bounds[1]}")
+        return int(value)
+
+    def _floats(self, key):
+        """Attribute `key` as float64 (k,) of numbers; else DataError."""
+        value = np.atleast_1d(self._file.attrs[key])
+        if value.ndim != 1 or value.dtype.kind not in "uif":
+            raise self._error(f"attribute '{key}' is {_shown(value)}, not numbers")
+        return value.astype(np.float64)
 
     def __len__(self):
         return self.n

@@ -60,6 +60,11 @@ class OutputError(DDLError):
     status = 4
 
 
+class KernelCacheError(DDLError):
+    """numba's kernel cache is damaged in a way that ddl could not repair by itself (truncated
+    files it removes and rebuilds); the message names the folder to remove."""
+
+
 class ReplicaDivergence(DDLError):
     """The replicas' parameters differ across ranks (a bug, or a user's model that is not
     deterministic): found by every rank together, from one all-gather, and named in the

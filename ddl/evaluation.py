@@ -8,9 +8,9 @@ import numpy as np
 
 from ddl import checkpoint
 from ddl.comm import agree
-from ddl.data import DistributedSampler, H5Dataset, Loader
-from ddl.errors import CheckpointError, DataError, dims, one_line
-from ddl.models import build
+from ddl.data import MAX_CLASSES, DistributedSampler, H5Dataset, Loader
+from ddl.errors import CheckpointError, DataError, ModelError, dims, one_line
+from ddl.models import build, changed_file, trusted
 from ddl.nn import CrossEntropyLoss
 from ddl.step import micro_batches
 
@@ -32,42 +32,70 @@ def open_split(path, split, expect=None):
 
 
 @contextlib.contextmanager
-def reading(path):
+def reading(path, architecture=None):
     """Around loading the states of checkpoint `path`: whatever a state that does not fit makes
-    the loaders raise becomes one line naming the file."""
+    the loaders raise becomes one line naming the file, or the model file (of the checkpoint's
+    `architecture`) that was edited since the checkpoint was saved."""
     try:
         yield
     except (ValueError, KeyError, TypeError, AttributeError) as e:
+        changed = changed_file(architecture) if isinstance(architecture, dict) else None
+        if changed:
+            raise CheckpointError(f"{changed} changed since {path} was saved, and the saved "
+                                  f"weights no longer fit its model ({one_line(e)}): restore "
+                                  f"the file, or start a new run") from None
         raise CheckpointError(f"{path}: damaged checkpoint ({one_line(e)})") from None
 
 
-def evaluate(model, loader, comm):
+class EvaluationStopped(Exception):
+    """A stop signal came during `evaluate` (on any rank: every rank raises it together)."""
+
+
+def evaluate(model, loader, comm, stop=None):
     """Exact test loss and accuracy over every rank's part: sums are all-reduced, not means.
-    Leaves the model in eval mode (the training loop sets train mode at each epoch)."""
+    Leaves the model in eval mode (the training loop sets train mode at each epoch). `stop`, a
+    StopRequest: a signal that any rank receives ends every rank's evaluation at its next batch
+    (EvaluationStopped), so that a stop takes a batch, not a whole test set."""
     model.eval()
     criterion = CrossEntropyLoss(reduction="sum")
-    totals = np.zeros(3)                       # loss sum, correct, count
+    totals = np.zeros(4)                       # loss sum, correct, count, ranks stopped
     for x, y in loader:
+        if stop is not None and stop.signum:
+            totals[3] = 1
+            break
         for xs, ys in micro_batches(x, y, EVAL_MICRO_BATCH):
             logits = model(xs)
-            totals += (criterion(logits, ys), np.count_nonzero(logits.argmax(1) == ys), len(ys))
+            totals[:3] += (criterion(logits, ys), np.count_nonzero(logits.argmax(1) == ys),
+                           len(ys))
     comm.allreduce(totals, what="evaluation's all-reduce")
+    if totals[3]:
+        raise EvaluationStopped()
     return totals[0] / totals[2], totals[1] / totals[2]
 
 
-def restore(path, comm):
+def restore(path, comm, given=None, trust=False):
     """The model saved in checkpoint `path`, rebuilt from what the checkpoint records of it (rank
     0 reads it, every rank gets it), the tree, and what the model takes: (in_shape, num_classes,
-    who) for `open_split`."""
+    who) for `open_split`. A model file runs only if the user names it (`given`, their --model)
+    or trusts the checkpoint (`trust`, --trust-model): see models.trusted."""
     state = comm.bcast_obj(agree(comm, lambda: checkpoint.load(path) if comm.rank == 0 else None,
                                  "checkpoint read"), what="broadcast of the checkpoint")
     with reading(path):
         arch = state["architecture"]
         name, in_shape, classes = arch["model"], tuple(arch["in_shape"]), int(arch["num_classes"])
+        if not (len(in_shape) == 3 and all(isinstance(v, int) and v > 0 for v in in_shape)
+                and 2 <= classes <= MAX_CLASSES):          # before they size a model
+            raise ValueError(f"architecture {in_shape} images of {classes} classes")
 
     def rebuild():
-        model = build(name, in_shape, classes)   # a user's model file may be gone: ModelError
-        with reading(path):
+        try:
+            model = build(trusted(name, given, trust, path), in_shape, classes)
+        except ModelError as e:         # a file gone, or edited so that it builds no longer
+            changed = not given and changed_file(arch)
+            if changed:
+                raise ModelError(f"{changed} changed since {path} was saved: {e}") from None
+            raise
+        with reading(path, arch):
             model.load_state_dict(state["model"])
         return model
     return agree(comm, rebuild), state, (in_shape, classes, f"the model in {path} takes")

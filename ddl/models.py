@@ -8,6 +8,7 @@ Sequential indices match the equivalent PyTorch nn.Sequential, so state_dict key
 of 10 classes the seeded weights are what they were when the models took MNIST only.
 """
 import functools
+import hashlib
 import importlib.util
 import inspect
 import os
@@ -88,6 +89,53 @@ def check_name(name):
                          f"FILE.py:FUNCTION)")
 
 
+def model_file(name):
+    """The path of model file reference `name` ("path.py:function"), or None for a named model."""
+    check_name(name)
+    return None if name in MODELS else _split(name)[0]
+
+
+def model_inputs(name):
+    """[("--model", path)] for a model file, which no output may replace; [] for a named model
+    or none."""
+    path = name and model_file(name)
+    return [("--model", path)] if path else []
+
+
+def source_digest(name):
+    """The SHA-256 (hex) of model file `name`'s source, which a checkpoint records so that a
+    changed file is named as such; None for a named model or a file that cannot be read."""
+    path = model_file(name)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def trusted(name, given, trust, checkpoint):
+    """The model to rebuild checkpoint `checkpoint`'s, which names model `name`: `given` (the
+    user's --model) if any, else `name` if it is a named model or the user trusts the checkpoint
+    (--trust-model). A checkpoint is data: the model file it names runs only when the user names
+    it or confirms it, else ModelError saying how."""
+    if given:
+        return resolve(given)
+    if name in MODELS or trust:
+        return name
+    raise ModelError(f"{checkpoint} was saved from the model file {model_file(name)}, and a "
+                     f"checkpoint does not choose the code that ddl runs: if you trust that file, "
+                     f"pass --model {name} (or --trust-model)")
+
+
+def changed_file(architecture):
+    """The model file of a checkpoint's `architecture` if it is there but its source is no longer
+    the one the checkpoint records (the file was edited since), else None."""
+    recorded, current = architecture.get("source_sha256"), source_digest(architecture["model"])
+    if recorded and current and current != recorded:
+        return model_file(architecture["model"])
+    return None
+
+
 def resolve(name):
     """`name` with a model file's path made absolute, so that the reference (which checkpoints
     record) holds from any folder."""
@@ -116,8 +164,30 @@ def build(name, in_shape, num_classes, seed=0, input_grad=True):
             raise ModelError(f"{name} cannot take {dims(in_shape)} images ({e})") from None
     else:
         model = _from_file(name, in_shape, num_classes, seed)
+    _check_structure(name, model)
     model.needs_input_grad = input_grad
     return model
+
+
+def _check_structure(name, model):
+    """ModelError for a model that ddl cannot train: one without parameters, or one that uses a
+    layer (or a parameter) in two places. Each layer keeps the input of its one call for its
+    backward pass, and the replicas' flat buffer holds each parameter once."""
+    seen = {}
+    for where, module in model.named_modules():
+        if id(module) in seen:
+            first = seen[id(module)] or "the model"
+            raise ModelError(f"model {name} uses one layer twice, as {first} and as {where}: "
+                             f"make a layer for each place")
+        seen.setdefault(id(module), where)
+    owners = {}
+    for where, p in model.named_parameters():
+        if id(p) in owners:
+            raise ModelError(f"model {name} shares one parameter between {owners[id(p)]} and "
+                             f"{where}: give each layer its own")
+        owners[id(p)] = where
+    if not owners:
+        raise ModelError(f"model {name} has no parameters: there is nothing to train")
 
 
 def _from_file(name, in_shape, num_classes, seed):

@@ -34,8 +34,8 @@ def check_format(path, option):
 def _save(plt, fig, path):
     """Write `fig` to `path` whole or not at all (the format from the name, as matplotlib does)."""
     try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=100, format=_format(path))
+        with replacing(path) as f:
+            fig.savefig(f, dpi=100, format=_format(path))
     finally:
         plt.close(fig)
 

@@ -22,9 +22,10 @@ import time
 import h5py
 import numpy as np
 
-from ddl.atomic import remove_leftovers, streaming
+from ddl.atomic import remove_leftovers, same_file, streaming
+from ddl.checkpoint import Lock
 from ddl.data import FORMAT_VERSION
-from ddl.errors import PrepareError, dims
+from ddl.errors import PrepareError, UsageError, dims, one_line
 
 # Rows per HDF5 chunk: about this many bytes (1,337 MNIST images). Uncompressed: the loader reads
 # every epoch, and gzip chunks made a full read of MNIST's training images several times slower
@@ -37,6 +38,7 @@ def prepare(source, out_path, log=print):
     path, dataset, train and test (row counts), shape (C, H, W), classes, mean and std (lists,
     per channel), seconds."""
     start = time.perf_counter()
+    _check_source(source)
     folder = os.path.dirname(os.path.abspath(out_path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -45,7 +47,8 @@ def prepare(source, out_path, log=print):
     shape = source.splits["train"].shape
     labels_dtype = np.min_scalar_type(len(source.class_names) - 1)
     remove_leftovers(out_path)          # a killed conversion's temporary file, a data set's size
-    with streaming(out_path) as sink, h5py.File(sink, "w") as f:
+    # (the lock: no second conversion writes the file meanwhile)
+    with Lock(out_path, "--out"), streaming(out_path) as sink, h5py.File(sink, "w") as f:
         for name, split in source.splits.items():
             counts = _write_split(f.create_group(name), split, labels_dtype, sink)
             if name == "train":
@@ -63,6 +66,65 @@ def prepare(source, out_path, log=print):
         f"of {dims(shape)}, {summary['classes']} classes, mean "
         f"{_floats(mean)} std {_floats(std)}, {summary['seconds']:.2f} s")
     return summary
+
+
+def _check_source(source):
+    """PrepareError for a set that no model can learn from or be tested on: an empty split,
+    images of no pixels, fewer than two classes (in the class names or among the training
+    labels)."""
+    where = source.attrs.get("dataset", "the source")
+    shape = source.splits["train"].shape
+    if 0 in shape:
+        raise PrepareError(f"{where}: images of {dims(shape)}, no pixels")
+    for name, split in source.splits.items():
+        if len(split.labels) == 0:
+            raise PrepareError(f"{where}: the {name} split holds no images")
+    if len(source.class_names) < 2 or len(np.unique(source.splits["train"].labels)) < 2:
+        raise PrepareError(f"{where}: the training images hold a single class: a classifier "
+                           f"needs two at least")
+
+
+def check_out(path, inputs=()):
+    """UsageError unless `path` may become the data file, checked before any work: not a folder,
+    nor an existing file of another kind (a checkpoint, anything but a file of `ddl prepare`:
+    never replaced), nor one of `inputs` ((option, path) pairs, by real path and by inode) or
+    inside an input folder (where a later conversion would read it as an input)."""
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a folder, not a file")
+    real = os.path.realpath(path)
+    for option, used in inputs:
+        if os.path.isdir(used):
+            if real.startswith(os.path.join(os.path.realpath(used), "")):
+                raise UsageError(f"--out {path} is inside {option} {used}: choose a path "
+                                 f"outside it")
+        elif same_file(path, used):
+            raise UsageError(f"--out {path} is the same file as {option} {used}: choose "
+                             f"another path")
+    if os.path.lexists(path):
+        kind = _kind(path)
+        if kind:
+            raise UsageError(f"--out {path} exists and is {kind}, not a data file of `ddl "
+                             f"prepare`: it is never replaced; choose another path")
+
+
+def _kind(path):
+    """What the existing `path` is if not a data file of `ddl prepare` ("a checkpoint", "not an
+    HDF5 file", ...), else None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "a broken symbolic link"
+    if not os.path.isfile(path):
+        return "not a plain file"
+    try:
+        if not h5py.is_hdf5(path):
+            return "not an HDF5 file"
+        with h5py.File(path, "r") as f:
+            if "ddl_checkpoint" in f.attrs:
+                return "a ddl checkpoint"
+            if "format_version" not in f.attrs:
+                return "an HDF5 file of another program"
+    except OSError as e:
+        return f"unreadable ({e.strerror or one_line(e)})"
+    return None
 
 
 def _floats(values):

@@ -12,7 +12,7 @@ import os
 from ddl import checkpoint
 from ddl.comm import agree
 from ddl.config import OUTPUTS, flag
-from ddl.errors import CheckpointError, UsageError
+from ddl.errors import CheckpointError, UsageError, dims
 from ddl.evaluation import open_split, reading
 
 FIXED = ("model", "optimizer", "momentum", "batch_size", "seed", "subset")
@@ -37,6 +37,10 @@ def check_inputs(cfg, comm):
     n = min(cfg.subset or train.n, train.n)
     if cfg.batch_size > n:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
+    side = min(train.image_shape[1:])
+    if cfg.shift >= side:                     # every image would move out of its own frame
+        raise UsageError(f"--shift {cfg.shift} moves the {dims(train.image_shape)} images out "
+                         f"of the frame: it must be less than {side}")
     state, changes = None, []
     if comm.rank == 0 and cfg.resume and os.path.lexists(cfg.checkpoint):
         state = checkpoint.load(cfg.checkpoint)
@@ -84,7 +88,7 @@ def load_resumed(cfg, state, model, optimizer, schedule):
     """Load the checkpoint's states. What --resume may change comes from `cfg`, not from the
     checkpoint: the weight decay, and the lr on which the schedule (rebuilt for the epochs) goes
     on from the saved iteration."""
-    with reading(cfg.checkpoint):
+    with reading(cfg.checkpoint, state["architecture"]):
         model.load_state_dict(state["model"])
         saved = state["optimizer"]
         optimizer.load_state_dict(dict(saved, hyper=dict(saved["hyper"],

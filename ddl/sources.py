@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ddl.atomic import write_bytes
+from ddl.data import MAX_CLASSES
 from ddl.errors import OutputError, PrepareError, dims, one_line
 
 SPLITS = ("train", "test")
@@ -36,21 +37,31 @@ class Split:
 
 @dataclasses.dataclass
 class Source:
-    """The splits by name ("train", "test"), the class names (index = label) and what the file
-    records of where it came from (`dataset` and `source`, at least)."""
+    """The splits by name ("train", "test"), the class names (index = label), what the file
+    records of where it came from (`dataset` and `source`, at least), and the inputs that the
+    output may not replace nor lie inside: (option, path) pairs, files or (an image folder)
+    folders."""
     splits: dict
     class_names: list
     attrs: dict
+    inputs: list = dataclasses.field(default_factory=list)
+
+
+def printable(name):
+    """A file name as text that any file and terminal take: bytes that are not UTF-8 (which
+    os.listdir gives as surrogates) kept as backslash escapes, e.g. "caf\\xe9"."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _class_names(labels, path):
     """"0".."K-1" for labels {split: (n,)} without names, K = the largest label + 1; a negative
-    label is refused."""
+    label, or one past the most classes a data file holds (which would make K names), is
+    refused."""
     for split, y in labels.items():
-        if y.min() < 0:
-            row = int(np.argmin(y))
-            raise PrepareError(f"{path}: {split} label {y[row]} at row {row} is out of range "
-                               f"(labels are 0..K-1)")
+        for row in (int(np.argmin(y)), int(np.argmax(y))):
+            if not 0 <= y[row] < MAX_CLASSES:
+                raise PrepareError(f"{path}: {split} label {y[row]} at row {row} is out of range "
+                                   f"(labels are 0..K-1, K <= {MAX_CLASSES})")
     return [str(i) for i in range(int(max(y.max() for y in labels.values())) + 1)]
 
 
@@ -149,7 +160,14 @@ def idx(raw_dir, dataset="mnist", verify=True, download=False, log=print):
                                f"{labels[split][bad[0]]} at row {bad[0]} is out of range "
                                f"(expected < {len(names)})")
     return Source(splits, names, {"dataset": dataset, "source": "idx",
-                                  **{f"md5_{k}": v for k, v in md5s.items()}})
+                                  **{f"md5_{k}": v for k, v in md5s.items()}},
+                  idx_inputs(raw_dir))
+
+
+def idx_inputs(raw_dir):
+    """The IDX files that `idx(raw_dir)` reads, as Source.inputs."""
+    return [("--raw", os.path.join(raw_dir, name)) for pair in IDX_FILES.values()
+            for name in pair]
 
 
 class _IdxFile:
@@ -296,8 +314,8 @@ def npz(path, log=print):
         splits[split] = Split(labels[split], chw,
                               functools.partial(_npz_chunks, path, members[key], key, last))
     names = _class_names(labels, path)
-    return Source(splits, names, {"dataset": os.path.splitext(os.path.basename(path))[0],
-                                  "source": "npz"})
+    return Source(splits, names, {"dataset": printable(os.path.splitext(os.path.basename(path))[0]),
+                                  "source": "npz"}, [("--npz", path)])
 
 
 def _npy_header(archive, member, path):
@@ -386,7 +404,11 @@ def _npy_rows(f, shape, dtype, rows, where):
 
 # --- ImageFolder: DIR/train/<class>/*.png, DIR/test/<class>/*.png --------------------------------
 # Pillow's modes without colour: their images take one channel, every other mode three (RGB).
-GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# Modes of more than 8 bits a channel (16-bit, 32-bit integers, floats) are refused: Pillow's
+# conversion to 8 bits clips them, and no one rule (shift, scale by the maximum, by the file's
+# range) is right for every such set.
+GRAY_MODES = {"1", "L", "LA", "La"}
+WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F", "I;32", "F;32"}
 
 
 def image_folder(root, log=print):
@@ -423,6 +445,12 @@ def image_folder(root, log=print):
                 this, mode = im.size, im.mode
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise PrepareError(f"{path}: not an image ({one_line(e)})") from None
+        if mode in WIDE_MODES or mode.startswith(("I;", "F;")):
+            raise PrepareError(f"{path}: pixels of more than 8 bits (Pillow mode {mode}), which "
+                               f"ddl does not scale down by guesswork: convert the images to "
+                               f"8 bits per channel first")
+        if 0 in this:
+            raise PrepareError(f"{path}: an image of no pixels ({this[1]}x{this[0]})")
         if size is None:
             size, first = this, path
         elif this != size:
@@ -433,8 +461,9 @@ def image_folder(root, log=print):
     log(f"{root}: {len(names)} classes, {dims(shape)} images")
     splits = {split: Split(np.array(labels[split], np.int64), shape,
                            functools.partial(_decode, files[split], shape)) for split in SPLITS}
-    return Source(splits, names, {"dataset": os.path.basename(os.path.normpath(root)),
-                                  "source": "image-folder"})
+    return Source(splits, [printable(name) for name in names],
+                  {"dataset": printable(os.path.basename(os.path.normpath(root))),
+                   "source": "image-folder"}, [("--image-folder", root)])
 
 
 def _class_folders(folder):
@@ -450,11 +479,17 @@ def _class_folders(folder):
 
 
 def _image_files(folder):
-    """Every visible file under `folder`, subfolders included, in sorted order; none: refused."""
+    """Every visible file under `folder`, subfolders included, in sorted order; none, or one that
+    is not a plain file (a FIFO, which would block the reader for ever, a device, a socket, a
+    broken link): refused."""
     found = []
     for parent, dirs, names in os.walk(folder):
         dirs[:] = _visible(dirs)
         found += [os.path.join(parent, name) for name in _visible(names)]
+    for path in found:
+        if not os.path.isfile(path):
+            raise PrepareError(f"{printable(path)}: not a plain file (a FIFO, device, socket or "
+                               f"broken link): only images go in a class folder")
     if not found:
         raise PrepareError(f"{folder}: an empty class (no images)")
     return found

@@ -23,9 +23,9 @@ from ddl.config import check_options, claim_outputs
 from ddl.data import DistributedSampler, Loader
 from ddl.debug import finite_check
 from ddl.errors import Diverged, Stopped, dims
-from ddl.evaluation import eval_loader, evaluate
+from ddl.evaluation import EvaluationStopped, eval_loader, evaluate
 from ddl.log import Log
-from ddl.models import build, resolve
+from ddl.models import build, resolve, source_digest
 from ddl.nn import CrossEntropyLoss
 from ddl.optim import make_optimizer
 from ddl.parallel import Replicas
@@ -87,7 +87,11 @@ class Run:
     def save(self, epoch, step, partial):
         """Rank 0 writes the checkpoint after `step` steps of epoch `epoch` + 1 (0: after epoch
         `epoch`), and every rank hears whether it could: a full disk ends the whole job with one
-        line, the previous file kept."""
+        line, the previous file kept. A state that is not finite (a BatchNorm running statistic
+        that overflowed, say) is never saved: the run stops as diverged."""
+        if not finite(self.model):
+            raise _diverged(self.cfg, _position(epoch, step), self.saved,
+                            "a weight or buffer of the model")
         agree(self.comm, lambda: self.comm.rank == 0 and checkpoint.save(self.cfg.checkpoint, dict(
             model=self.model.state_dict(), architecture=self.record["architecture"],
             optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
@@ -128,8 +132,11 @@ def set_up(cfg, comm, log):
                                cfg.weight_decay)
     schedule = make_schedule(cfg.schedule, optimizer, cfg.epochs, steps, cfg.warmup)
     # The model fits the data: its images and classes, recorded in the checkpoint to rebuild it.
+    # A model file's source is hashed too, so that a file edited since is named as such.
     architecture = dict(model=cfg.model, in_shape=list(train_set.image_shape),
                         num_classes=train_set.num_classes)
+    if source_digest(cfg.model):
+        architecture["source_sha256"] = source_digest(cfg.model)
     r = Run(cfg, comm, model, replicas, optimizer, schedule, loader, test_loader,
             dict(architecture=architecture, data=data_identity(train_set, test_set)), check)
     state = resume(cfg, comm, log, state, changes, model, optimizer, schedule, steps)
@@ -204,22 +211,30 @@ def _train(cfg, comm, log, r, on_epoch_end):
                         raise _stopped(cfg, stop.signum, done, where, steps)
             with comm.at(f"at the end of epoch {epoch + 1}"):
                 seconds = before + time.perf_counter() - started
-                _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes)
+                try:
+                    _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes, stop)
+                except EvaluationStopped:   # saved after its last step: --resume evaluates
+                    if cfg.checkpoint:
+                        r.save(epoch, steps, dict(loss_sum=loss_sum, seconds=seconds,
+                                                  world_sizes=sizes))
+                    r.finish_timeline(log)
+                    raise _stopped(cfg, stop.signum, done, _position(epoch, steps),
+                                   steps) from None
                 if on_epoch_end:
                     on_epoch_end(epoch + 1, model)
 
 
-def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes):
-    """After the last step of epoch `epoch` + 1: evaluate, record, save, write the metrics.
-    `sizes`: the world sizes that took the epoch's steps, in turn (several after an elastic
-    restart, recorded then as `world_sizes`)."""
+def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes, stop):
+    """After the last step of epoch `epoch` + 1: evaluate (which `stop` may interrupt), record,
+    save, write the metrics. `sizes`: the world sizes that took the epoch's steps, in turn
+    (several after an elastic restart, recorded then as `world_sizes`)."""
     r.replicas.average_buffers()
     r.replicas.check()
-    test_loss, test_accuracy = evaluate(r.model, r.test_loader, comm)
+    test_loss, test_accuracy = evaluate(r.model, r.test_loader, comm, stop)
     r.timeline.lap("evaluation")
     # The last step's finite gradient times a huge lr, or huge weights whose logits overflow:
     # nothing the steps saw, and still nothing to save.
-    if not (math.isfinite(test_loss) and np.isfinite(r.replicas.data).all()):
+    if not (math.isfinite(test_loss) and finite(r.model)):
         raise _diverged(cfg, f"the end of epoch {epoch + 1}", r.saved,
                         "the weights or the test loss")
     steps = len(r.loader)
@@ -234,6 +249,12 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes):
         r.save(epoch + 1, 0, dict(loss_sum=0.0, seconds=0.0))
     agree(comm, lambda: comm.rank == 0 and log.metrics(r.history), "metrics write")
     r.timeline.lap("checkpoint")
+
+
+def finite(model):
+    """Whether every array that a checkpoint of `model` holds, weights and buffers (BatchNorm's
+    running statistics), is finite: what `checkpoint.load` will demand of it."""
+    return all(np.isfinite(v).all() for v in model.state_dict().values())
 
 
 def _position(epoch, step):

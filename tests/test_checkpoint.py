@@ -75,17 +75,17 @@ def test_format_1_reads_as_an_mnist_model_at_the_start_of_an_epoch(tmp_path, mon
 
 
 def test_leftovers_of_a_killed_write_are_removed(tmp_path):
-    """A write killed between creating its temporary file and the rename leaves PATH.PID.tmp;
+    """A write killed between creating its temporary file and the rename leaves PATH.PID.RANDOM.tmp;
     the next job removes it, but not one of a process that still runs (a write under way)."""
     from ddl.atomic import remove_leftovers
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / f"c.h5.{dead.pid}.tmp").write_bytes(b"half a checkpoint")
-    (tmp_path / f"c.h5.{os.getpid()}.tmp").write_bytes(b"being written")
+    (tmp_path / f"c.h5.{dead.pid}.5eed.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / f"c.h5.{os.getpid()}.5eed.tmp").write_bytes(b"being written")
     (tmp_path / "c.h5.backup.tmp").write_bytes(b"the user's")
-    assert remove_leftovers(tmp_path / "c.h5") == [f"c.h5.{dead.pid}.tmp"]
+    assert remove_leftovers(tmp_path / "c.h5") == [f"c.h5.{dead.pid}.5eed.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"c.h5.{os.getpid()}.tmp", "c.h5.backup.tmp"])
+        [f"c.h5.{os.getpid()}.5eed.tmp", "c.h5.backup.tmp"])
 
 
 def test_a_vanished_folder_is_one_line(tmp_path):

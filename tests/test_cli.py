@@ -143,8 +143,8 @@ EXAMPLE = ROOT / "examples" / "custom_model.py"
 
 def test_your_own_data_and_model(colour_folder, tmp_path):
     """Images in class folders and a model file: prepare, train (the model recorded in the
-    checkpoint), then evaluate and predict with nothing but the checkpoint and the data, which
-    names the classes."""
+    checkpoint), then evaluate and predict with the checkpoint and the data, which names the
+    classes, once the user trusts the model file (by naming it, or with --trust-model)."""
     data, ckpt = tmp_path / "colours.h5", tmp_path / "c.h5"
     done = run_ddl(["prepare", "--image-folder", colour_folder, "--out", data])
     assert done.returncode == 0 and "4 classes, 3x32x32 images" in done.stdout, done.stderr
@@ -152,12 +152,13 @@ def test_your_own_data_and_model(colour_folder, tmp_path):
                     "--batch-size", "32", "--shift", "2", "--flip", "--checkpoint", ckpt])
     assert done.returncode == 0, done.stderr
     assert "make_model for 3x32x32 images of 4 classes" in done.stderr
-    done = run_ddl(["evaluate", "--data", data, "--checkpoint", ckpt])
+    done = run_ddl(["evaluate", "--data", data, "--checkpoint", ckpt, "--model",
+                    f"{EXAMPLE}:make_model"])
     assert done.returncode == 0 and "(128 images, 1 rank(s))" in done.stdout, done.stderr
     accuracy = float(done.stdout.split("accuracy ")[1].split("%")[0])
     assert accuracy > 50, done.stdout
     done = run_ddl(["predict", "--data", data, "--checkpoint", ckpt, "--index", "127",
-                    "--out", tmp_path / "p.png"])
+                    "--out", tmp_path / "p.png", "--trust-model"])
     assert done.returncode == 0, done.stderr
     assert "(label ship, p=" in done.stdout and "cat:" in done.stdout and "frog:" in done.stdout
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

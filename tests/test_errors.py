@@ -234,17 +234,20 @@ def test_data_must_fit_the_model_before_any_work(ddl, work, small_h5):
 
 
 def test_a_model_file_that_goes_missing_is_one_line(ddl, work):
-    """The checkpoint records the user's model by its file: evaluate rebuilds it from there."""
+    """The checkpoint records the user's model by its file: evaluate rebuilds it from there, once
+    the user trusts it (tests/test_trust.py: not before)."""
     (work / "sub" / "net.py").write_text(
         "from ddl import nn\n\n\ndef make(in_shape, num_classes):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))\n")
     assert ddl(*train("--model", "sub/net.py:make", "--epochs", "1", "--checkpoint",
                       "sub/n.h5"))[0] == 0
-    code, output = ddl("evaluate", "--data", "data.h5", "--checkpoint", "sub/n.h5")
+    code, output = ddl("evaluate", "--data", "data.h5", "--checkpoint", "sub/n.h5",
+                       "--trust-model")
     assert code == 0 and "accuracy" in output
     (work / "sub" / "net.py").rename(work / "sub" / "moved.py")
     with untouched(work):
-        refused(ddl("evaluate", "--data", "data.h5", "--checkpoint", "sub/n.h5"), 2,
+        refused(ddl("evaluate", "--data", "data.h5", "--checkpoint", "sub/n.h5",
+                    "--trust-model"), 2,
                 f"model {work}/sub/net.py:make: no such file {work}/sub/net.py")
         refused(ddl(*train("--model", "sub/moved.py:make", "--checkpoint", "sub/n.h5",
                            "--resume", "--epochs", "2")), 2,

@@ -293,7 +293,7 @@ def test_a_killed_conversions_leftover_goes(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / f"data.h5.{dead.pid}.tmp").write_bytes(b"half a data set")
+    (tmp_path / "out" / f"data.h5.{dead.pid}.5eed.tmp").write_bytes(b"half a data set")
     quiet_prepare(tmp_path / "raw", tmp_path / "out" / "data.h5")
     assert os.listdir(tmp_path / "out") == ["data.h5"]
 

@@ -17,16 +17,22 @@ with its own loop variable. numba wraps negative indices around, and an index th
 prove non-negative (`x[i + j * n]` with n an argument) costs a check per element that turns
 vector loads into gathers, several times slower; slice first (`xs = x[j * n:]`, then `xs[i]`).
 """
+import contextlib
 import functools
 import glob
 import hashlib
 import os
+import pickle
+import pickletools
 import shutil
+import struct
 import tempfile
 import time
 
 import llvmlite.binding as llvm
 import numba
+
+from ddl.errors import KernelCacheError
 
 # Fast-math minus the "no NaN / no inf" promises: a NaN must survive a ReLU or a max so that a
 # diverging run is seen, not hidden. `reassoc` lets LLVM vectorise sums; `contract` allows FMAs.
@@ -120,8 +126,44 @@ def cache_dir():
         for old in glob.glob(os.path.join(base, "ddl-kernels-*")):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
+        _drop_damaged(folder)
         return folder
     raise RuntimeError("no writable folder for numba's cache: set NUMBA_CACHE_DIR")
+
+
+def _drop_damaged(folder):
+    """Remove the cache files under `folder` that a full disk or a crash cut short, so that
+    numba compiles those kernels again instead of failing on them in every run (its loader
+    unpickles them unchecked). Returns the paths removed."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.nb[ic]"), recursive=True)):
+        try:
+            intact = _intact(path)
+        except (ValueError, EOFError, OSError, struct.error):
+            intact = False
+        if not intact:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def _intact(path):
+    """Whether cache file `path` looks whole, checked without running any of its pickles: an
+    index (.nbi, small: two pickles) by walking their opcodes; a data file (.nbc, mostly machine
+    code, walked in 6x the time) by its first frame fitting in the file and its last byte being
+    pickle's STOP. A cut that passes this (about one in 256) is what `warm` reports."""
+    with open(path, "rb") as f:
+        if path.endswith(".nbi"):
+            for _ in range(2):
+                for _ in pickletools.genops(f):
+                    pass
+            return True
+        head, size = f.read(11), os.fstat(f.fileno()).st_size
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    frame = int.from_bytes(head[3:11], "little") if head[2:3] == b"\x95" else 0
+    return last == b"." and size >= 11 + frame
 
 
 def warm():
@@ -131,7 +173,11 @@ def warm():
     started = time.perf_counter()
     for dispatcher, signatures in _KERNELS:
         for template in signatures:
-            dispatcher.compile(template.replace("T", "float32"))
+            try:
+                dispatcher.compile(template.replace("T", "float32"))
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise KernelCacheError(f"numba's kernel cache {cache_dir()} is damaged ({e}): "
+                                   f"remove that folder, and ddl compiles it again") from None
     return time.perf_counter() - started
 
 
