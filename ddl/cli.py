@@ -15,7 +15,11 @@ from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
 from ddl.errors import DDLError, UsageError
 
 SHOWN = 10          # `ddl predict` lists every class up to this many, else the most likely ones
-DATA = config.click_option("data")
+DATA = click.option("--data", default=None, help="HDF5 file written by `ddl prepare` [default: "
+                                                  "the one the checkpoint was trained on].")
+OTHER_DATA = click.option("--other-data", is_flag=True,
+                          help="Take --data although it is not the data set the checkpoint was "
+                               "trained on (its classes must still be the same).")
 
 
 def _job(comm, fn):
@@ -114,7 +118,11 @@ def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, args):
                                                 "canonical one.")
 @click.option("--download", is_flag=True, help="--raw: fetch missing files from the public "
                                                "mirrors.")
-def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
+@click.option("--class-names", metavar="A,B,C",
+              help="--raw or --npz: the classes' names, label k -> the k-th [default: an .npz's "
+                   "class_names array, the data set's names, else 0..K-1; an image folder's are "
+                   "its class folders' names, sorted].")
+def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_names):
     """Convert an image classification set into the HDF5 file that training reads."""
     from ddl import sources
     from ddl.atomic import same_file
@@ -127,6 +135,9 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
             raise UsageError(f"{' and '.join(flag for flag, _ in given)}: give one source")
         if (no_verify or download) and (npz or image_folder):
             raise UsageError("--no-verify and --download are for --raw (IDX files) only")
+        if class_names is not None and image_folder:
+            raise UsageError("--class-names: an image folder's classes are named by its class "
+                             "folders")
         if npz:
             source = sources.npz(npz, log=click.echo)
         elif image_folder:
@@ -134,6 +145,8 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
         else:
             source = sources.idx(raw or "../shared/data/mnist", dataset or "mnist",
                                  verify=not no_verify, download=download, log=click.echo)
+        if class_names is not None:
+            sources.named(source, class_names.split(","), "--class-names")
         if dataset:
             source.attrs["dataset"] = dataset
         path = out or f"data/{source.attrs['dataset']}.h5"
@@ -146,16 +159,17 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
 @cli.command()
 @click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
 @DATA
-def evaluate(checkpoint, data):
+@OTHER_DATA
+def evaluate(checkpoint, data, other_data):
     """Test loss and accuracy of a checkpoint (also under mpirun)."""
     from ddl.comm import agree
-    from ddl.evaluation import eval_loader, evaluate as run_eval, open_split, restore
+    from ddl.evaluation import checked_split, eval_loader, evaluate as run_eval, restore
     _threads(0)
     comm = world()
 
     def job():
-        model, _, takes = restore(checkpoint, comm)
-        test = agree(comm, lambda: open_split(data, "test", takes))
+        model, state, takes = restore(checkpoint, comm)
+        test = agree(comm, lambda: checked_split(data, state, takes, checkpoint, other_data))
         loss, accuracy = run_eval(model, eval_loader(test, comm), comm)
         if comm.rank == 0:
             click.echo(f"test loss {loss:.4f}, accuracy {100 * accuracy:.2f}% "
@@ -166,20 +180,21 @@ def evaluate(checkpoint, data):
 @cli.command()
 @click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
 @DATA
+@OTHER_DATA
 @click.option("--index", type=int, default=0, show_default=True, help="Test image to classify.")
 @click.option("--out", default="", help="Write the image and its class probabilities here (PNG).")
-def predict(checkpoint, data, index, out):
+def predict(checkpoint, data, other_data, index, out):
     """Classify one test image and show the class probabilities."""
     from ddl.atomic import check_outputs
-    from ddl.evaluation import open_split, restore
+    from ddl.evaluation import checked_split, restore
 
     def job():
         if out:
             from ddl.plots import check_format
-            check_outputs([("--out", out)], [("--data", data), ("--checkpoint", checkpoint)])
+            check_outputs([("--out", out)], [("--data", data or ""), ("--checkpoint", checkpoint)])
             check_format(out, "--out")
-        model, _, takes = restore(checkpoint, SingleCommunicator())
-        test = open_split(data, "test", takes)
+        model, state, takes = restore(checkpoint, SingleCommunicator())
+        test = checked_split(data, state, takes, checkpoint, other_data)
         if not 0 <= index < test.n:
             raise UsageError(f"--index {index} is outside the {test.n} test images")
         raw, y = test.read_raw(np.array([index]))

@@ -13,6 +13,7 @@ import click
 
 from ddl import checkpoint, kernels
 from ddl.atomic import check_outputs, remove_leftovers
+from ddl.data import SUBSET_DRAWS
 from ddl.errors import UsageError
 from ddl.models import MODELS, check_name
 from ddl.optim import OPTIMIZERS
@@ -50,8 +51,15 @@ class Config:
                            choices=tuple(SCHEDULES))
     warmup: int = option(0, "Iterations of linear learning-rate warm-up.", at_least=0)
     seed: int = option(0, at_least=0)
-    data: str = option("data/mnist.h5", "HDF5 file written by `ddl prepare`.")
-    subset: int = option(0, "Train on the first N images only.", at_least=0, show_default=False)
+    data: str = option("", "HDF5 file written by `ddl prepare` [default: with --resume, the "
+                           "one the checkpoint was trained on; else data/mnist.h5].")
+    subset: int = option(0, "Train on N of the training images only, drawn by --subset-draw "
+                            "(seeded by --seed: the same on every rank and at any world size).",
+                         at_least=0, show_default=False)
+    subset_draw: str = option("stratified", "How --subset draws: every class in its share "
+                                            "(stratified), uniformly at random, or the file's "
+                                            "first N rows (first; fair only for a file whose rows "
+                                            "are in random order).", choices=SUBSET_DRAWS)
     shift: int = option(1, "Augmentation: move each training image by up to N pixels each way.",
                         at_least=0)
     flip: bool = option(False, "Augmentation: mirror half the training images left to right (not "

@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 
-from ddl import checkpoint
+from ddl import checkpoint, identity
 from ddl.comm import agree
 from ddl.data import DistributedSampler, H5Dataset, Loader
 from ddl.errors import CheckpointError, DataError, dims, one_line
@@ -71,6 +71,22 @@ def restore(path, comm):
             model.load_state_dict(state["model"])
         return model
     return agree(comm, rebuild), state, (in_shape, classes, f"the model in {path} takes")
+
+
+def checked_split(data, state, takes, path, other=False):
+    """The test split of data file `data` (None: the one that checkpoint `path`, whose tree is
+    `state`, was trained on), refused (DataError, one line) unless it fits the model (`takes`,
+    from `restore`) and is the checkpoint's data set: the same class numbering always, the same
+    labels and images unless `other` (see ddl/identity.py)."""
+    data = data or state["data"]["path"]
+    test = open_split(data, "test", takes)
+    try:
+        with H5Dataset(data, "train") as train:
+            identity.check(state["data"], identity.data_identity(data, train, test), path, other)
+    except BaseException:
+        test.close()
+        raise
+    return test
 
 
 def eval_loader(dataset, comm):

@@ -54,6 +54,22 @@ def _class_names(labels, path):
     return [str(i) for i in range(int(max(y.max() for y in labels.values())) + 1)]
 
 
+def named(source, names, where):
+    """`source` with class names `names` (label k -> names[k]); refused unless there is one
+    distinct, non-empty name for every label the splits hold (more names: classes without
+    images)."""
+    names = [str(name) for name in names]
+    top = max(int(split.labels.max()) for split in source.splits.values())
+    if len(names) <= top:
+        raise PrepareError(f"{where}: {len(names)} class names, but the labels go up to {top} "
+                           f"(label k is named by the k-th name)")
+    if len(set(names)) != len(names) or not all(names):
+        raise PrepareError(f"{where}: the class names must be distinct and non-empty, got "
+                           f"{', '.join(names)}")
+    source.class_names = names
+    return source
+
+
 def _images_of(shape, where):
     """(C, H, W) of images that are 2-D (one channel) or 3-D with a channels axis first or last:
     the channels are the shorter of the two ends (the last on a tie, as Keras keeps them), and
@@ -262,7 +278,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 def npz(path, log=print):
     """An .npz archive of x_train, y_train, x_test, y_test (np.savez or savez_compressed): images
     (N, H, W), (N, H, W, C) or (N, C, H, W) of integers in 0..255, labels (N,) or (N, 1) of
-    integers 0..K-1. Images are streamed from the archive, except those saved in Fortran order,
+    integers 0..K-1, and optionally `class_names`, K strings (label k -> class_names[k]; without
+    it, "0".."K-1"). Images are streamed from the archive, except those saved in Fortran order,
     which are read whole."""
     if not os.path.isfile(path):
         raise PrepareError(f"{path}: no such file")
@@ -279,6 +296,8 @@ def npz(path, log=print):
         headers = {split: _npy_header(archive, members[f"x_{split}"], path) for split in SPLITS}
         labels = {split: _npz_labels(archive, members[f"y_{split}"], path, headers[split][0][0])
                   for split in SPLITS}
+        given = _npz_names(archive, members["class_names"], path) if "class_names" in members \
+            else None
     splits = {}
     for split in SPLITS:
         (shape, _, dtype), key = headers[split], f"x_{split}"
@@ -295,9 +314,23 @@ def npz(path, log=print):
             f"{'last' if last else 'first'})")
         splits[split] = Split(labels[split], chw,
                               functools.partial(_npz_chunks, path, members[key], key, last))
-    names = _class_names(labels, path)
-    return Source(splits, names, {"dataset": os.path.splitext(os.path.basename(path))[0],
-                                  "source": "npz"})
+    source = Source(splits, _class_names(labels, path),
+                    {"dataset": os.path.splitext(os.path.basename(path))[0], "source": "npz"})
+    return source if given is None else named(source, given, f"{path}: class_names")
+
+
+def _npz_names(archive, member, path):
+    """The class names of `member`, a 1-D array of strings."""
+    try:
+        with archive.open(member) as f:
+            names = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise PrepareError(f"{path}: class_names is not a readable array of strings "
+                           f"({one_line(e)})") from None
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise PrepareError(f"{path}: class_names is {names.dtype} {names.shape}, expected strings "
+                           f"(K,)")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _npy_header(archive, member, path):

@@ -24,13 +24,14 @@ from ddl.data import DistributedSampler, Loader
 from ddl.debug import finite_check
 from ddl.errors import Diverged, Stopped, dims
 from ddl.evaluation import eval_loader, evaluate
+from ddl.identity import listed
 from ddl.log import Log
 from ddl.models import build, resolve
 from ddl.nn import CrossEntropyLoss
 from ddl.optim import make_optimizer
 from ddl.parallel import Replicas
 from ddl.preemption import StopRequest
-from ddl.resume import check_inputs, data_identity, resume
+from ddl.resume import check_inputs, data_file, resume
 from ddl.schedules import make_schedule
 from ddl.step import OFF, dropout_layers, seed_dropout, train_step
 from ddl.timeline import Timeline
@@ -45,7 +46,12 @@ def run(cfg, comm=None, on_epoch_end=None):
     comm = comm or SingleCommunicator()
     with comm.at("at start-up", timeout=cfg.timeout):
         agree(comm, lambda: check_options(cfg, comm.size), "option check")
-        cfg = dataclasses.replace(cfg, model=resolve(cfg.model))  # a model file's path, absolute
+        # A model file's path, absolute; the data file, the checkpoint's by default (rank 0 reads
+        # it).
+        data = cfg.data or comm.bcast_obj(agree(comm, lambda: data_file(cfg) if comm.rank == 0
+                                                else None, "checkpoint read"),
+                                          what="broadcast of the data file's path")
+        cfg = dataclasses.replace(cfg, model=resolve(cfg.model), data=data)
         # Rank 0 holds the checkpoint's lock to the end, so that no second job writes it
         # meanwhile. NumPy's warnings about NaN and inf stay quiet: the loop checks for those.
         with agree(comm, lambda: claim_outputs(cfg) if comm.rank == 0 else
@@ -107,13 +113,22 @@ class Run:
 def set_up(cfg, comm, log):
     """The data, the kernels, and the same model, optimizer and schedule on every rank, resumed
     from the checkpoint with --resume; returns the Run."""
-    train_set, test_set, n_train, state, changes = agree(comm, lambda: check_inputs(cfg, comm),
-                                                         "input check")
+    train_set, test_set, rows, identity, state, changes = agree(
+        comm, lambda: check_inputs(cfg, comm), "input check")
+    n_train = train_set.n if rows is None else len(rows)
+    log.info(f"data {cfg.data}: {train_set.n:,} train + {test_set.n:,} test images of "
+             f"{dims(train_set.image_shape)}, {train_set.num_classes} classes "
+             f"({listed(train_set.class_names)})"
+             + (f"; training on a {cfg.subset_draw} subset of {n_train:,}" if rows is not None
+                else ""))
+    if not cfg.checkpoint:
+        log.info("no --checkpoint: nothing of this run will be saved")
     kernels.use(cfg.kernels)
     compile_seconds = kernels.warm(comm)   # before any model runs, so rank 0 compiles first
     model = agree(comm, lambda: build(cfg.model, train_set.image_shape, train_set.num_classes,
                                       seed=cfg.seed, input_grad=False))
-    sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
+    sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed,
+                                 rows=rows)
     loader = Loader(train_set, sampler, shift=cfg.shift, flip=cfg.flip)
     test_loader = eval_loader(test_set, comm)
     steps = len(loader)
@@ -126,7 +141,7 @@ def set_up(cfg, comm, log):
     architecture = dict(model=cfg.model, in_shape=list(train_set.image_shape),
                         num_classes=train_set.num_classes)
     r = Run(cfg, comm, model, replicas, optimizer, schedule, loader, test_loader,
-            dict(architecture=architecture, data=data_identity(train_set, test_set)), check)
+            dict(architecture=architecture, data=identity), check)
     state = resume(cfg, comm, log, state, changes, model, optimizer, schedule, steps)
     if state is not None:
         r.start, r.first, r.partial = int(state["epoch"]), int(state["step"]), state["partial"]

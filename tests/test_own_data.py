@@ -1,0 +1,227 @@
+"""A user's own data set, end to end, with no silent surprises: a checkpoint knows its data (path,
+class names, fingerprint) and refuses other data in one line; --subset draws a sample that
+represents every class, the same at any world size; one class numbering per data set."""
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import COLOURS, refused, untouched
+from ddl import checkpoint
+from ddl.config import Config
+from ddl.data import DistributedSampler, subset_rows
+from ddl.train import run
+from test_errors import ddl  # noqa: F401  (the fixture: `ddl ARGS...` in this process)
+
+QUICK = ["--model", "mlp", "--batch-size", "64", "--epochs", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def own(colour_h5, colour_folder_h5, tmp_path_factory):
+    """A folder with colours.h5 (from the .npz: classes "0".."3"), folder.h5 (the same images from
+    the image folder: classes cat, dog, frog, ship), relabelled.h5 (colours.h5's pixels, its
+    labels rolled by one) and c.h5, a checkpoint of one epoch on colours.h5."""
+    folder = tmp_path_factory.mktemp("own")
+    shutil.copy(colour_h5, folder / "colours.h5")
+    shutil.copy(colour_folder_h5, folder / "folder.h5")
+    shutil.copy(colour_h5, folder / "relabelled.h5")
+    with h5py.File(folder / "relabelled.h5", "r+") as f:
+        for split in ("train", "test"):
+            f[f"{split}/labels"][...] = (f[f"{split}/labels"][...] + 1) % len(COLOURS)
+    run(Config(data=str(folder / "colours.h5"), model="mlp", batch_size=64, epochs=1, quiet=True,
+               checkpoint=str(folder / "c.h5")))
+    return folder
+
+
+@pytest.fixture
+def work(own, tmp_path, monkeypatch):
+    for path in own.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_checkpoint_records_its_data(own):
+    data = checkpoint.load(own / "c.h5")["data"]
+    assert data["path"] == str(own / "colours.h5")
+    assert data["class_names"] == ["0", "1", "2", "3"] and data["classes"] == 4
+    assert len(data["fingerprint"]) == 32 and (data["train"], data["test"]) == (256, 128)
+
+
+def test_evaluate_and_predict_take_the_recorded_data(ddl, work, own):  # noqa: F811
+    with untouched(own), untouched(work):
+        code, output = ddl("evaluate", "--checkpoint", "c.h5")
+        assert code == 0 and "(128 images, 1 rank(s))" in output, output
+        code, with_data = ddl("evaluate", "--checkpoint", "c.h5", "--data", "colours.h5")
+        assert code == 0 and with_data == output       # a copy elsewhere is the same data set
+        code, output = ddl("predict", "--checkpoint", "c.h5", "--index", "3")
+        assert code == 0 and output.startswith("test image 3: predicted "), output
+
+
+def test_other_data_is_refused_in_one_line(ddl, work):  # noqa: F811
+    with untouched(work):
+        for command in ("evaluate", "predict"):
+            # the same pixels, labelled otherwise: the fingerprint differs
+            refused(ddl(command, "--checkpoint", "c.h5", "--data", "relabelled.h5"), 2,
+                    "relabelled.h5 is not the data set c.h5 was trained on", "labels or images",
+                    "--other-data")
+            # the same images from a folder: numbered by the folders' names
+            for other in ([], ["--other-data"]):
+                refused(ddl(command, "--checkpoint", "c.h5", "--data", "folder.h5", *other), 2,
+                        "its classes (cat, dog, frog, ship) are not those that c.h5 was trained "
+                        "on (0, 1, 2, 3)")
+        code, output = ddl("evaluate", "--checkpoint", "c.h5", "--data", "relabelled.h5",
+                           "--other-data")
+        assert code == 0 and "accuracy" in output, output
+
+
+def test_a_checkpoint_without_its_data_file_is_one_line(ddl, work):  # noqa: F811
+    state = checkpoint.load("c.h5")
+    state["data"]["path"] = str(work / "gone.h5")
+    checkpoint.save("moved.h5", state)
+    with untouched(work):
+        refused(ddl("evaluate", "--checkpoint", "moved.h5"), 2, "gone.h5: no such file")
+
+
+def test_an_older_checkpoint_still_evaluates(ddl, work):  # noqa: F811
+    """Before checkpoints recorded their data: the path the run was given, and no names or
+    fingerprint to compare; the sizes and pixel statistics still are."""
+    state = checkpoint.load("c.h5")
+    for key in ("path", "class_names", "fingerprint"):
+        del state["data"][key]
+    state["config"]["data"] = "colours.h5"
+    checkpoint.save("old.h5", state)
+    with untouched(work):
+        code, output = ddl("evaluate", "--checkpoint", "old.h5")
+        assert code == 0 and "(128 images" in output, output
+        shutil.copy("colours.h5", "brighter.h5")
+        with h5py.File("brighter.h5", "r+") as f:
+            f.attrs["mean"] = f.attrs["mean"] + 0.1
+        refused(ddl("evaluate", "--checkpoint", "old.h5", "--data", "brighter.h5"), 2,
+                "brighter.h5 is not the data set old.h5 was trained on", "pixel statistics")
+        os.unlink("brighter.h5")
+
+
+def test_resume_takes_the_recorded_data_and_refuses_a_relabelled_copy(ddl, work, own):  # noqa: F811
+    with untouched(work):
+        refused(ddl("train", *QUICK, "--checkpoint", "c.h5", "--resume", "--epochs", "2",
+                    "--data", "relabelled.h5"), 2,
+                "--resume cannot change --data (another data set than", "fingerprint")
+        refused(ddl("train", *QUICK, "--checkpoint", "c.h5", "--resume", "--epochs", "2",
+                    "--data", "folder.h5"), 2, "class_names")
+    code, output = ddl("train", *QUICK[:-1], "--checkpoint", "c.h5", "--resume", "--epochs", "2")
+    assert code == 0, output
+    assert output.splitlines()[0].startswith(f"data {own / 'colours.h5'}: 256 train + 128 test "
+                                             f"images of 3x32x32, 4 classes (0, 1, 2, 3)")
+    assert checkpoint.load("c.h5")["epoch"] == 2
+
+
+def test_train_names_its_data_and_says_when_nothing_is_saved(ddl, work):  # noqa: F811
+    with untouched(work):
+        code, output = ddl("train", *QUICK[:-1], "--data", "folder.h5", "--subset", "128")
+    lines = output.splitlines()
+    assert code == 0
+    assert lines[0] == ("data folder.h5: 256 train + 128 test images of 3x32x32, 4 classes (cat, "
+                        "dog, frog, ship); training on a stratified subset of 128")
+    assert lines[1] == "no --checkpoint: nothing of this run will be saved"
+
+
+# --- subsets --------------------------------------------------------------------------------------
+def test_a_stratified_subset_keeps_every_class_in_its_share():
+    labels = np.repeat(np.arange(4), [600, 300, 60, 40])      # sorted by class, as a folder is
+    rows = subset_rows(labels, 100, seed=3)
+    assert np.array_equal(np.bincount(labels[rows]), [60, 30, 6, 4])
+    assert np.all(np.diff(rows) > 0)
+    assert np.array_equal(rows, subset_rows(labels, 100, seed=3))     # seeded
+    assert not np.array_equal(rows, subset_rows(labels, 100, seed=4))
+    odd = subset_rows(labels, 7, seed=0)           # the rounding's remainders go somewhere
+    assert len(odd) == 7 and len(np.unique(odd)) == 7
+
+
+def test_random_and_first_subsets():
+    labels = np.repeat(np.arange(4), 250)
+    rows = subset_rows(labels, 200, seed=0, draw="random")
+    assert len(np.unique(rows)) == 200 and len(np.unique(labels[rows])) == 4
+    assert np.array_equal(subset_rows(labels, 200, 0, "first"), np.arange(200))
+    assert np.array_equal(subset_rows(labels, 5000, 0), np.arange(1000))    # more than there is
+
+
+def test_a_subset_gives_the_same_global_batches_at_any_world_size():
+    rows = subset_rows(np.repeat(np.arange(4), 100), 128, seed=1)
+    one = DistributedSampler(128, 1, 0, 32, seed=1, rows=rows)
+    four = [DistributedSampler(128, 4, r, 32, seed=1, rows=rows) for r in range(4)]
+    for s in [one, *four]:
+        s.set_epoch(2)
+    for k, batch in enumerate(one.batches()):
+        assert np.array_equal(batch, np.concatenate([s.batches()[k] for s in four]))
+    assert set(np.concatenate(one.batches())) == set(rows)      # only the subset's rows
+
+
+def test_the_folder_subset_learns_as_the_npz_subset_does(colour_h5, colour_folder_h5):
+    """The issue's case: an image folder is written class by class, so its first rows are of one
+    class; the drawn subsets of the two files hold the same classes in the same shares."""
+    accuracy = {}
+    for name, data in (("npz", colour_h5), ("folder", colour_folder_h5)):
+        history, _ = run(Config(data=str(data), model="mlp", subset=128, batch_size=32, epochs=2,
+                                quiet=True))
+        accuracy[name] = history[-1]["test_accuracy"]
+    assert accuracy["folder"] == pytest.approx(accuracy["npz"], abs=0.05)
+    assert accuracy["folder"] > 0.5, accuracy
+
+
+# --- one class numbering per data set -------------------------------------------------------------
+def test_class_names_from_the_npz_or_the_command_line(ddl, colour_npz, tmp_path):  # noqa: F811
+    """Named as the image folder names them, the .npz's images are the folder's data set: a
+    checkpoint trained on one evaluates on the other without --other-data."""
+    with np.load(colour_npz) as f:
+        arrays = dict(f)
+    np.savez(tmp_path / "named.npz", class_names=np.array(COLOURS), **arrays)
+    for args in (["--npz", tmp_path / "named.npz"],
+                 ["--npz", colour_npz, "--class-names", ",".join(COLOURS)]):
+        out = tmp_path / "named.h5"
+        code, output = ddl("prepare", *args, "--out", out)
+        assert code == 0 and f"wrote {out}" in output, output
+        with h5py.File(out) as f:
+            assert list(f.attrs["class_names"]) == COLOURS and f.attrs["num_classes"] == 4
+        out.unlink()
+
+
+def test_the_same_images_are_the_same_data_set_whatever_the_source(ddl, work,  # noqa: F811
+                                                                   colour_npz):
+    run(Config(data="folder.h5", model="mlp", batch_size=64, epochs=1, quiet=True,
+               checkpoint="f.h5"))
+    code, on_folder = ddl("evaluate", "--checkpoint", "f.h5")
+    assert code == 0, on_folder
+    with np.load(colour_npz) as f:
+        arrays = dict(f)
+    np.savez("named.npz", class_names=np.array(COLOURS), **arrays)
+    assert ddl("prepare", "--npz", "named.npz", "--out", "named.h5")[0] == 0
+    code, on_npz = ddl("evaluate", "--checkpoint", "f.h5", "--data", "named.h5")
+    assert code == 0 and on_npz == on_folder
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--class-names", "a,b,c"], ["--class-names: 3 class names, but the labels go up to 3"]),
+    (["--class-names", "a,b,a,c"], ["must be distinct and non-empty, got a, b, a, c"]),
+    (["--class-names", "a,,b,c"], ["must be distinct and non-empty"]),
+])
+def test_bad_class_names_are_refused(ddl, colour_npz, tmp_path, args, words):  # noqa: F811
+    with untouched(tmp_path), untouched(colour_npz.parent):
+        refused(ddl("prepare", "--npz", colour_npz, "--out", tmp_path / "x.h5", *args), 2, *words)
+
+
+def test_class_names_are_refused_for_an_image_folder_and_checked_in_an_npz(
+        ddl, colour_folder, colour_npz, tmp_path):  # noqa: F811
+    with untouched(tmp_path):
+        refused(ddl("prepare", "--image-folder", colour_folder, "--out", tmp_path / "x.h5",
+                    "--class-names", "a,b,c,d"), 2, "named by its class folders")
+    with np.load(colour_npz) as f:
+        arrays = dict(f)
+    for names, words in ((np.array(["a", "b"]), "2 class names, but the labels go up to 3"),
+                         (np.arange(4), "class_names is int64 (4,), expected strings")):
+        np.savez(tmp_path / "bad.npz", class_names=names, **arrays)
+        with untouched(tmp_path):
+            refused(ddl("prepare", "--npz", tmp_path / "bad.npz", "--out", tmp_path / "x.h5"), 2,
+                    words)
