@@ -14,7 +14,6 @@ from ddl import config
 from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
 from ddl.errors import DDLError, UsageError
 
-SHOWN = 10          # `ddl predict` lists every class up to this many, else the most likely ones
 DATA = click.option("--data", default=None, help="HDF5 file written by `ddl prepare` [default: "
                                                   "the one the checkpoint was trained on].")
 OTHER_DATA = click.option("--other-data", is_flag=True,
@@ -160,20 +159,42 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_nam
 @click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
 @DATA
 @OTHER_DATA
-def evaluate(checkpoint, data, other_data):
-    """Test loss and accuracy of a checkpoint (also under mpirun)."""
+@click.option("--confusion", default="", metavar="PATH",
+              help="Write the confusion matrix here (PNG, PDF, ...): rows the labels, columns the "
+                   "predicted classes.")
+def evaluate(checkpoint, data, other_data, confusion):
+    """Test loss and accuracy of a checkpoint, and each class's accuracy (also under mpirun)."""
     from ddl.comm import agree
     from ddl.evaluation import checked_split, eval_loader, evaluate as run_eval, restore
     _threads(0)
     comm = world()
 
+    def check_confusion():
+        from ddl.atomic import check_outputs
+        from ddl.plots import check_format
+        check_outputs([("--confusion", confusion)], [("--data", data or ""),
+                                                     ("--checkpoint", checkpoint)])
+        check_format(confusion, "--confusion")
+
     def job():
+        if confusion:
+            agree(comm, lambda: comm.rank == 0 and check_confusion(), "output check")
         model, state, takes = restore(checkpoint, comm)
         test = agree(comm, lambda: checked_split(data, state, takes, checkpoint, other_data))
-        loss, accuracy = run_eval(model, eval_loader(test, comm), comm)
+        counts = np.zeros((test.num_classes,) * 2)
+        loss, accuracy = run_eval(model, eval_loader(test, comm), comm, counts)
         if comm.rank == 0:
             click.echo(f"test loss {loss:.4f}, accuracy {100 * accuracy:.2f}% "
                        f"({test.n:,} images, {comm.size} rank(s))")
+            for name, row, right in zip(test.class_names, counts, np.diag(counts)):
+                click.echo(f"  {name}: " + (f"{100 * right / row.sum():.2f}% of {row.sum():,.0f}"
+                                            if row.sum() else "no test images"))
+        if confusion:
+            from ddl.plots import confusion_matrix
+            agree(comm, lambda: comm.rank == 0 and confusion_matrix(counts, test.class_names,
+                                                                    confusion), "plot write")
+            if comm.rank == 0:
+                click.echo(f"wrote {confusion}")
     _job(comm, job)
 
 
@@ -182,34 +203,35 @@ def evaluate(checkpoint, data, other_data):
 @DATA
 @OTHER_DATA
 @click.option("--index", type=int, default=0, show_default=True, help="Test image to classify.")
-@click.option("--out", default="", help="Write the image and its class probabilities here (PNG).")
-def predict(checkpoint, data, other_data, index, out):
-    """Classify one test image and show the class probabilities."""
+@click.option("--image", "image", type=click.Path(dir_okay=False),
+              help="Classify image files instead (PNG, JPEG, ...: --image A.png B.jpg ...), "
+                   "converted to the checkpoint's images: gray or RGB, resized bilinearly if "
+                   "their size differs, normalised with the training set's mean and std.")
+@click.option("--out", default="", help="Write the image and its class probabilities here (PNG; "
+                                        "with several --image files, the last one's).")
+@click.argument("more", nargs=-1, type=click.Path(dir_okay=False))
+def predict(checkpoint, data, other_data, index, image, out, more):
+    """Classify one test image, or image files, and show the class probabilities."""
+    from ddl import predict as predicting
     from ddl.atomic import check_outputs
-    from ddl.evaluation import checked_split, restore
+    from ddl.evaluation import restore
 
     def job():
+        if more and not image:
+            raise UsageError(f"{more[0]}: image files follow --image")
         if out:
             from ddl.plots import check_format
-            check_outputs([("--out", out)], [("--data", data or ""), ("--checkpoint", checkpoint)])
+            check_outputs([("--out", out)], [("--data", data or ""), ("--checkpoint", checkpoint)]
+                          + [("--image", path) for path in (image, *more) if path])
             check_format(out, "--out")
         model, state, takes = restore(checkpoint, SingleCommunicator())
-        test = checked_split(data, state, takes, checkpoint, other_data)
-        if not 0 <= index < test.n:
-            raise UsageError(f"--index {index} is outside the {test.n} test images")
-        raw, y = test.read_raw(np.array([index]))
-        logits = model.eval()(test.normalize(raw))[0].astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        names = test.class_names
-        click.echo(f"test image {index}: predicted {names[probs.argmax()]} "
-                   f"(label {names[y[0]]}, p={probs.max():.4f})")
-        shown = np.argsort(-probs, kind="stable")[:SHOWN] if len(probs) > SHOWN else \
-            range(len(probs))
-        click.echo("  " + "  ".join(f"{names[k]}:{probs[k]:.3f}" for k in shown))
+        if image:
+            drawn = predicting.files(model, state, takes, [image, *more], click.echo)
+        else:
+            drawn = predicting.test_image(model, state, takes, checkpoint, data, other_data,
+                                          index, click.echo)
         if out:
-            from ddl.plots import prediction
-            prediction(raw[0], probs, np.sort(shown), names, int(y[0]), out)
+            predicting.picture(drawn, out)
             click.echo(f"wrote {out}")
     _job(SingleCommunicator(), job)
 

@@ -41,17 +41,25 @@ def reading(path):
         raise CheckpointError(f"{path}: damaged checkpoint ({one_line(e)})") from None
 
 
-def evaluate(model, loader, comm):
+def evaluate(model, loader, comm, confusion=None):
     """Exact test loss and accuracy over every rank's part: sums are all-reduced, not means.
-    Leaves the model in eval mode (the training loop sets train mode at each epoch)."""
+    `confusion`, a float64 (K, K) array of zeros if given, gets the counts of every (label,
+    predicted class) pair (row: the label), over every rank's part. Leaves the model in eval mode
+    (the training loop sets train mode at each epoch)."""
     model.eval()
     criterion = CrossEntropyLoss(reduction="sum")
-    totals = np.zeros(3)                       # loss sum, correct, count
+    k = 0 if confusion is None else len(confusion)
+    totals = np.zeros(3 + k * k)               # loss sum, correct, count; the confusion counts
     for x, y in loader:
         for xs, ys in micro_batches(x, y, EVAL_MICRO_BATCH):
             logits = model(xs)
-            totals += (criterion(logits, ys), np.count_nonzero(logits.argmax(1) == ys), len(ys))
+            predicted = logits.argmax(1)
+            totals[:3] += (criterion(logits, ys), np.count_nonzero(predicted == ys), len(ys))
+            if k:
+                np.add.at(totals[3:], ys * k + predicted, 1)
     comm.allreduce(totals, what="evaluation's all-reduce")
+    if k:
+        confusion[...] = totals[3:].reshape(k, k)
     return totals[0] / totals[2], totals[1] / totals[2]
 
 

@@ -225,3 +225,69 @@ def test_class_names_are_refused_for_an_image_folder_and_checked_in_an_npz(
         with untouched(tmp_path):
             refused(ddl("prepare", "--npz", tmp_path / "bad.npz", "--out", tmp_path / "x.h5"), 2,
                     words)
+
+
+# --- predict any image; per-class accuracy and the confusion matrix -------------------------------
+def test_predict_image_files(ddl, work, colour_folder):  # noqa: F811
+    """A PNG of the training size, one twice as big (resized) and a gray JPEG (made RGB): one line
+    each, the class named as the checkpoint's data names it."""
+    from PIL import Image
+    square = colour_folder / "test" / "dog"
+    first = sorted(square.iterdir())[0]
+    Image.open(first).resize((64, 64)).save("big.png")
+    Image.open(first).convert("L").save("gray.jpg")
+    with untouched(work):
+        code, output = ddl("predict", "--checkpoint", "c.h5", "--image", first, "big.png",
+                           "gray.jpg")
+    lines = output.splitlines()
+    assert code == 0 and len(lines) == 3, output
+    assert lines[0].startswith(f"{first}: predicted 1 (p=") and "0:" in lines[0]   # dog: label 1
+    assert lines[1].startswith("big.png: predicted 1 (p=")
+    assert lines[2].startswith("gray.jpg: predicted ")
+    code, output = ddl("predict", "--checkpoint", "c.h5", "--image", "big.png", "--out", "p.png")
+    assert code == 0 and output.splitlines()[-1] == "wrote p.png"
+    assert Image.open("p.png").size[0] > 100
+
+
+def test_predict_refuses_what_is_not_an_image(ddl, work):  # noqa: F811
+    with untouched(work):
+        refused(ddl("predict", "--checkpoint", "c.h5", "--image", "colours.h5"), 2,
+                "colours.h5: not an image")
+        refused(ddl("predict", "--checkpoint", "c.h5", "colours.h5"), 2,
+                "colours.h5: image files follow --image")
+        refused(ddl("predict", "--checkpoint", "c.h5", "--image", "gone.png"), 2, "gone.png")
+
+
+def test_evaluate_per_class_and_confusion(ddl, work):  # noqa: F811
+    from PIL import Image
+    with untouched(work):
+        code, output = ddl("evaluate", "--checkpoint", "c.h5")
+    lines = output.splitlines()
+    assert code == 0 and len(lines) == 5, output
+    with h5py.File("colours.h5") as f:
+        counts = np.bincount(f["test/labels"][...], minlength=4)
+    for k, line in enumerate(lines[1:]):
+        assert line.startswith(f"  {k}: ") and line.endswith(f"% of {counts[k]}"), line
+    code, again = ddl("evaluate", "--checkpoint", "c.h5", "--confusion", "m.png")
+    assert code == 0 and again == output + "wrote m.png\n"
+    assert Image.open("m.png").size[0] > 100
+    with untouched(work):
+        refused(ddl("evaluate", "--checkpoint", "c.h5", "--confusion", "c.h5"), 2,
+                "--confusion c.h5 is the same file as --checkpoint c.h5")
+        refused(ddl("evaluate", "--checkpoint", "c.h5", "--confusion", "m.xyz"), 2,
+                "matplotlib writes")
+
+
+def test_the_confusion_counts_sum_over_ranks(colour_h5):
+    """evaluate's confusion counts add up to the accuracy it returns."""
+    from ddl.comm import SingleCommunicator
+    from ddl.data import H5Dataset
+    from ddl.evaluation import eval_loader, evaluate
+    from ddl.models import build
+    model, comm = build("mlp", (3, 32, 32), 4, seed=0), SingleCommunicator()
+    with H5Dataset(colour_h5, "test") as test:
+        counts = np.zeros((4, 4))
+        _, accuracy = evaluate(model, eval_loader(test, comm), comm, counts)
+        assert counts.sum() == test.n
+        assert np.array_equal(counts.sum(axis=1), np.bincount(test.labels, minlength=4))
+    assert np.trace(counts) / counts.sum() == pytest.approx(accuracy)
