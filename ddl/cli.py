@@ -121,7 +121,17 @@ def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, args):
               help="--raw or --npz: the classes' names, label k -> the k-th [default: an .npz's "
                    "class_names array, the data set's names, else 0..K-1; an image folder's are "
                    "its class folders' names, sorted].")
-def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_names):
+@click.option("--resize", metavar="HxW",
+              help="--image-folder: resize every image to H x W pixels (Pillow's bilinear filter, "
+                   "antialiased when it shrinks; the aspect ratio is not kept).")
+@click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              metavar="FRACTION",
+              help="--image-folder DIR of DIR/<class>/ folders: hold out this fraction of each "
+                   "class's images for testing (at random, seeded by --seed).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The seed of --test-split.")
+def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_names, resize,
+            test_split, seed):
     """Convert an image classification set into the HDF5 file that training reads."""
     from ddl import sources
     from ddl.atomic import same_file
@@ -134,13 +144,18 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_nam
             raise UsageError(f"{' and '.join(flag for flag, _ in given)}: give one source")
         if (no_verify or download) and (npz or image_folder):
             raise UsageError("--no-verify and --download are for --raw (IDX files) only")
+        if (resize or test_split) and not image_folder:
+            raise UsageError("--resize and --test-split are for --image-folder only")
         if class_names is not None and image_folder:
             raise UsageError("--class-names: an image folder's classes are named by its class "
                              "folders")
         if npz:
             source = sources.npz(npz, log=click.echo)
         elif image_folder:
-            source = sources.image_folder(image_folder, log=click.echo)
+            from ddl.images import size
+            source = sources.image_folder(image_folder, log=click.echo,
+                                          resize=resize and size(resize), test_split=test_split,
+                                          seed=seed)
         else:
             source = sources.idx(raw or "../shared/data/mnist", dataset or "mnist",
                                  verify=not no_verify, download=download, log=click.echo)

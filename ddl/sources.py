@@ -20,6 +20,7 @@ import numpy as np
 
 from ddl.atomic import write_bytes
 from ddl.errors import OutputError, PrepareError, dims, one_line
+from ddl.images import convert
 
 SPLITS = ("train", "test")
 
@@ -422,18 +423,53 @@ def _npy_rows(f, shape, dtype, rows, where):
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
-def image_folder(root, log=print):
+def image_folder(root, log=print, resize=None, test_split=None, seed=0):
     """Images in the ImageFolder layout, ROOT/train/<class>/... and ROOT/test/<class>/...: the
     class names are the training folder's subfolders, sorted (index = label), and the test set's
-    must be among them. Any format Pillow reads; files and folders whose names start with "." are
-    skipped, any other file must be an image. All images must have one size; grayscale ones give
-    one channel, and if any image has colour, every image is read as RGB (alpha dropped)."""
+    must be among them. With `test_split` (a fraction in (0, 1)), ROOT/<class>/... instead, split
+    by `_split_files`. Any format Pillow reads; files and folders whose names start with "." are
+    skipped, any other file must be an image. All images must have one size, unless `resize`
+    (H, W) gives it (ddl/images.py says how); grayscale ones give one channel, and if any image
+    has colour, every image is read as RGB (alpha dropped)."""
     from PIL import Image
+    if test_split:
+        files, labels, names = _split_files(root, test_split, seed)
+    else:
+        files, labels, names = _split_folders(root)
+    size, first, gray = None, None, True
+    for path in files["train"] + files["test"]:
+        try:
+            with Image.open(path) as im:       # the header only
+                this, mode = im.size, im.mode
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise PrepareError(f"{path}: not an image ({one_line(e)})") from None
+        if size is None:
+            size, first = this, path
+        elif this != size and not resize:
+            raise PrepareError(f"{path}: {this[1]}x{this[0]} pixels, but {first} has "
+                               f"{size[1]}x{size[0]} (every image must have one size; "
+                               f"--resize HxW makes them one)")
+        gray &= mode in GRAY_MODES
+    shape = (1 if gray else 3, *(resize or (size[1], size[0])))
+    log(f"{root}: {len(names)} classes, {dims(shape)} images"
+        + (f" (resized bilinearly to {resize[0]}x{resize[1]})" if resize else "")
+        + (f", {len(files['test'])} of {len(files['train']) + len(files['test'])} held out for "
+           f"testing" if test_split else ""))
+    splits = {split: Split(np.array(labels[split], np.int64), shape,
+                           functools.partial(_decode, files[split], shape)) for split in SPLITS}
+    return Source(splits, names, {"dataset": os.path.basename(os.path.normpath(root)),
+                                  "source": "image-folder"})
+
+
+def _split_folders(root):
+    """({split: files}, {split: labels}, class names) of ROOT/train/<class>/ and
+    ROOT/test/<class>/."""
     folders = {split: os.path.join(root, split) for split in SPLITS}
     for folder in (root, *folders.values()):
         if not os.path.isdir(folder):
             raise PrepareError(f"{folder}: no such folder (an image folder holds train/<class>/ "
-                               f"and test/<class>/ folders of images)")
+                               f"and test/<class>/ folders of images, or <class>/ folders to "
+                               f"split with --test-split)")
     files, labels = {}, {}
     names = None
     for split, folder in folders.items():
@@ -449,25 +485,33 @@ def image_folder(root, log=print):
             found = _image_files(os.path.join(folder, name))
             files[split] += found
             labels[split] += [names.index(name)] * len(found)
-    size, first, gray = None, None, True
-    for path in files["train"] + files["test"]:
-        try:
-            with Image.open(path) as im:       # the header only
-                this, mode = im.size, im.mode
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise PrepareError(f"{path}: not an image ({one_line(e)})") from None
-        if size is None:
-            size, first = this, path
-        elif this != size:
-            raise PrepareError(f"{path}: {this[1]}x{this[0]} pixels, but {first} has "
-                               f"{size[1]}x{size[0]} (every image must have one size)")
-        gray &= mode in GRAY_MODES
-    shape = (1 if gray else 3, size[1], size[0])
-    log(f"{root}: {len(names)} classes, {dims(shape)} images")
-    splits = {split: Split(np.array(labels[split], np.int64), shape,
-                           functools.partial(_decode, files[split], shape)) for split in SPLITS}
-    return Source(splits, names, {"dataset": os.path.basename(os.path.normpath(root)),
-                                  "source": "image-folder"})
+    return files, labels, names
+
+
+def _split_files(root, fraction, seed):
+    """({split: files}, {split: labels}, class names) of ROOT/<class>/, each class's files split
+    at random (seeded by `seed`) into round(fraction * n) test images and the rest for training,
+    each class keeping at least one of each; within a split, in sorted order."""
+    if not os.path.isdir(root):
+        raise PrepareError(f"{root}: no such folder")
+    names = _class_folders(root)
+    if {"train", "test"} <= set(names):
+        raise PrepareError(f"{root} holds train/ and test/ already: --test-split is for a "
+                           f"folder of <class>/ folders")
+    rng = np.random.default_rng((seed, 11))
+    files, labels = {split: [] for split in SPLITS}, {split: [] for split in SPLITS}
+    for label, name in enumerate(names):
+        found = _image_files(os.path.join(root, name))
+        if len(found) < 2:
+            raise PrepareError(f"{os.path.join(root, name)}: {len(found)} image, but a class "
+                               f"split for testing needs at least 2")
+        held = min(max(1, round(fraction * len(found))), len(found) - 1)
+        test = set(rng.permutation(len(found))[:held].tolist())
+        for i, path in enumerate(found):
+            split = "test" if i in test else "train"
+            files[split].append(path)
+            labels[split].append(label)
+    return files, labels, names
 
 
 def _class_folders(folder):
@@ -499,16 +543,15 @@ def _visible(names):
 
 
 def _decode(paths, shape, rows):
-    """The images of `paths` as uint8 (k, C, H, W) chunks, decoded one at a time."""
+    """The images of `paths` as uint8 (k, C, H, W) chunks of `shape` (converted and resized as
+    ddl/images.py says), decoded one at a time."""
     from PIL import Image
-    mode = "L" if shape[0] == 1 else "RGB"
     for lo in range(0, len(paths), rows):
         block = np.empty((min(rows, len(paths) - lo), *shape), np.uint8)
         for i, path in enumerate(paths[lo:lo + rows]):
             try:
                 with Image.open(path) as im:
-                    pixels = np.asarray(im.convert(mode))
+                    block[i] = convert(im, shape)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise PrepareError(f"{path}: cannot decode ({one_line(e)})") from None
-            block[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
         yield block

@@ -291,3 +291,57 @@ def test_the_confusion_counts_sum_over_ranks(colour_h5):
         assert counts.sum() == test.n
         assert np.array_equal(counts.sum(axis=1), np.bincount(test.labels, minlength=4))
     assert np.trace(counts) / counts.sum() == pytest.approx(accuracy)
+
+
+# --- photo folders: mixed sizes, one tree ---------------------------------------------------------
+@pytest.fixture
+def photos(tmp_path):
+    """photos/<class>/: 10 images of mixed sizes per class (a red or a blue picture)."""
+    from PIL import Image
+    for k, (name, colour) in enumerate((("blue", (0, 0, 255)), ("red", (255, 0, 0)))):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (20 + 3 * i, 16 + i), colour).save(
+                tmp_path / "photos" / name / f"{i}.png")
+    return tmp_path / "photos"
+
+
+def test_resize_and_test_split_of_one_tree(ddl, photos, tmp_path):  # noqa: F811
+    with untouched(photos):
+        refused(ddl("prepare", "--image-folder", photos, "--test-split", "0.3", "--out",
+                    tmp_path / "x.h5"), 2, "pixels, but", "--resize HxW makes them one")
+        code, output = ddl("prepare", "--image-folder", photos, "--test-split", "0.3",
+                           "--resize", "8x12", "--out", tmp_path / "p.h5")
+    assert code == 0, output
+    assert "2 classes, 3x8x12 images (resized bilinearly to 8x12), 6 of 20 held out" in output
+    with h5py.File(tmp_path / "p.h5") as f:
+        assert f["train/images"].shape == (14, 3, 8, 12) and f["test/images"].shape == (6, 3, 8, 12)
+        assert np.array_equal(np.bincount(f["test/labels"][...]), [3, 3])      # stratified
+        assert list(f.attrs["class_names"]) == ["blue", "red"]
+        red = f["train/images"][f["train/labels"][...] == 1]
+        assert (red[:, 0] == 255).all() and (red[:, 2] == 0).all()
+        test = f["test/images"][...]
+    code, _ = ddl("prepare", "--image-folder", photos, "--test-split", "0.3", "--resize", "8x12",
+                  "--out", tmp_path / "again.h5", "--seed", "1")
+    with h5py.File(tmp_path / "again.h5") as f:
+        assert code == 0 and f["test/images"].shape == test.shape       # another draw, same size
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--resize", "8"], ["--resize 8: expected HEIGHTxWIDTH"]),
+    (["--resize", "0x8"], ["--resize 0x8"]),
+    (["--test-split", "1"], ["--test-split"]),
+])
+def test_bad_resize_or_split_is_refused(ddl, photos, tmp_path, args, words):  # noqa: F811
+    with untouched(tmp_path):
+        refused(ddl("prepare", "--image-folder", photos, "--out", tmp_path / "x.h5", *args), 2,
+                *words)
+
+
+def test_split_refuses_a_tree_with_train_and_test(ddl, colour_folder, colour_npz,  # noqa: F811
+                                                   tmp_path):
+    with untouched(tmp_path):
+        refused(ddl("prepare", "--image-folder", colour_folder, "--test-split", "0.2", "--out",
+                    tmp_path / "x.h5"), 2, "holds train/ and test/ already")
+        refused(ddl("prepare", "--npz", colour_npz, "--resize", "8x8", "--out",
+                    tmp_path / "x.h5"), 2, "for --image-folder only")
