@@ -298,7 +298,7 @@ def test_the_confusion_counts_sum_over_ranks(colour_h5):
 def photos(tmp_path):
     """photos/<class>/: 10 images of mixed sizes per class (a red or a blue picture)."""
     from PIL import Image
-    for k, (name, colour) in enumerate((("blue", (0, 0, 255)), ("red", (255, 0, 0)))):
+    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
         (tmp_path / "photos" / name).mkdir(parents=True)
         for i in range(10):
             Image.new("RGB", (20 + 3 * i, 16 + i), colour).save(
