@@ -8,6 +8,7 @@ FIXED and IGNORED).
 import contextlib
 import dataclasses
 import math
+import os
 
 import click
 
@@ -72,6 +73,9 @@ class Config:
     checkpoint_seconds: float = option(0, "Also write it when this many seconds have passed "
                                           "since the last time.", finite=">= 0",
                                        show_default=False)
+    keep_best: bool = option(False, "Also keep the checkpoint of the best test accuracy so far, "
+                                    "beside the last: CHECKPOINT with -best before its extension "
+                                    "(c.h5: c-best.h5).")
     resume: bool = option(False, "Continue the run saved in --checkpoint (none yet: start "
                                  "afresh).")
     overwrite: bool = option(False, "Replace an existing checkpoint, metrics file, plot or "
@@ -156,7 +160,7 @@ def check_options(cfg, world_size):
     if cfg.batch_size % world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide by "
                          f"the {world_size} ranks")
-    for name in ("resume", "checkpoint_every", "checkpoint_seconds"):
+    for name in ("resume", "checkpoint_every", "checkpoint_seconds", "keep_best"):
         if getattr(cfg, name) and not cfg.checkpoint:
             raise UsageError(f"{flag(name)} needs --checkpoint PATH")
     if cfg.resume and cfg.overwrite:
@@ -164,16 +168,28 @@ def check_options(cfg, world_size):
                          "choose one")
 
 
+def best(path):
+    """Where --keep-best keeps the best checkpoint beside checkpoint `path`: c.h5 -> c-best.h5."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-best{ext}"
+
+
+def outputs(cfg):
+    """(flag, path) of every file the run writes."""
+    found = [(flag(name), getattr(cfg, name)) for name in OUTPUTS if getattr(cfg, name)]
+    return found + ([("--keep-best", best(cfg.checkpoint))] if cfg.keep_best else [])
+
+
 def claim_outputs(cfg):
     """Rank 0's checks of the output paths (none is the data file or another output; each can be
     written), then the checkpoint's lock: returned held, for a `with` around the run. Temporary
     files that a killed job left beside the outputs go."""
-    outputs = [(flag(name), getattr(cfg, name)) for name in OUTPUTS if getattr(cfg, name)]
-    check_outputs(outputs, [("--data", cfg.data)])
+    written = outputs(cfg)
+    check_outputs(written, [("--data", cfg.data)])
     if cfg.plot:
         from ddl.plots import check_format
         check_format(cfg.plot, "--plot")
     lock = checkpoint.Lock(cfg.checkpoint) if cfg.checkpoint else contextlib.nullcontext()
-    for _, path in outputs:
+    for _, path in written:
         remove_leftovers(path)
     return lock

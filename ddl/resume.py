@@ -11,7 +11,7 @@ import os
 
 from ddl import checkpoint
 from ddl.comm import agree
-from ddl.config import OUTPUTS, flag
+from ddl.config import OUTPUTS, flag, outputs
 from ddl.errors import CheckpointError, UsageError
 from ddl.data import subset_rows
 from ddl.evaluation import open_split, reading
@@ -20,7 +20,7 @@ from ddl.identity import data_identity, differences
 FIXED = ("model", "optimizer", "momentum", "batch_size", "seed", "subset", "subset_draw")
 DEFAULT_DATA = "data/mnist.h5"
 IGNORED = ("data", "resume", "overwrite", "quiet", "debug", "timeout", "checkpoint_every",
-           "checkpoint_seconds") + OUTPUTS
+           "checkpoint_seconds", "keep_best") + OUTPUTS
 
 
 def data_file(cfg):
@@ -54,13 +54,12 @@ def check_inputs(cfg, comm):
     elif comm.rank == 0 and not (cfg.overwrite or cfg.resume):
         # (--resume with no checkpoint yet starts a new run, which a restart loop relies on: its
         # other outputs are that run's, rewritten from the history it keeps)
-        for name in OUTPUTS:
-            path = getattr(cfg, name)
-            if path and os.path.exists(path):
-                go_on = ("--resume to continue that run" if name == "checkpoint" else
+        for option, path in outputs(cfg):
+            if os.path.exists(path):
+                go_on = ("--resume to continue that run" if option == "--checkpoint" else
                          f"--resume to go on with the run in {cfg.checkpoint}"
                          if cfg.checkpoint else "")
-                raise UsageError(f"{flag(name)} {path} already exists: pass "
+                raise UsageError(f"{option} {path} already exists: pass "
                                  f"{go_on + ' or ' if go_on else ''}--overwrite to replace it")
     return train, test, rows, identity, state, changes
 

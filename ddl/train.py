@@ -19,7 +19,8 @@ import numpy as np
 
 from ddl import checkpoint, kernels
 from ddl.comm import SingleCommunicator, agree
-from ddl.config import check_options, claim_outputs
+from ddl.atomic import write_bytes
+from ddl.config import best, check_options, claim_outputs
 from ddl.data import DistributedSampler, Loader
 from ddl.debug import finite_check
 from ddl.errors import Diverged, Stopped, dims
@@ -196,7 +197,8 @@ def _train(cfg, comm, log, r, on_epoch_end):
                     loss_sum += signals.loss
                     elapsed = time.perf_counter() - started
                     log.progress(epoch + 1, cfg.epochs, step, steps, signals.loss,
-                                 (step - begin) * cfg.batch_size / elapsed)
+                                 (step - begin) * cfg.batch_size / elapsed,
+                                 elapsed / (step - begin) * (steps - step))
                     due = signals.save or (cfg.checkpoint_every
                                            and done % cfg.checkpoint_every == 0)
                     # The epoch's own checkpoint follows its last step within seconds.
@@ -225,6 +227,7 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds):
         raise _diverged(cfg, f"the end of epoch {epoch + 1}", r.saved,
                         "the weights or the test loss")
     steps = len(r.loader)
+    better = test_accuracy > max((h["test_accuracy"] for h in r.history), default=-1.0)
     r.history.append(dict(
         epoch=epoch + 1, train_loss=loss_sum / steps,
         test_loss=float(test_loss), test_accuracy=float(test_accuracy),
@@ -233,8 +236,17 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds):
     log.epoch(r.history[-1], cfg.epochs)
     if cfg.checkpoint:
         r.save(epoch + 1, 0, dict(loss_sum=0.0, seconds=0.0))
+    if cfg.keep_best and better:
+        agree(comm, lambda: comm.rank == 0 and copy(cfg.checkpoint, best(cfg.checkpoint)),
+              "checkpoint write")
     agree(comm, lambda: comm.rank == 0 and log.metrics(r.history), "metrics write")
     r.timeline.lap("checkpoint")
+
+
+def copy(source, target):
+    """File `source` copied to `target` whole or not at all (the previous one kept)."""
+    with open(source, "rb") as f:
+        write_bytes(target, f.read())
 
 
 def _position(epoch, step):

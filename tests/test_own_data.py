@@ -345,3 +345,34 @@ def test_split_refuses_a_tree_with_train_and_test(ddl, colour_folder, colour_npz
                     tmp_path / "x.h5"), 2, "holds train/ and test/ already")
         refused(ddl("prepare", "--npz", colour_npz, "--resize", "8x8", "--out",
                     tmp_path / "x.h5"), 2, "for --image-folder only")
+
+
+# --- training output ------------------------------------------------------------------------------
+def test_the_progress_bar_shows_an_eta():
+    import io
+    from ddl.log import Log, clock
+    stream = io.StringIO()
+    log = Log(True, stream=stream)
+    log.every = 0                           # not throttled
+    log.progress(1, 2, 10, 40, 0.5, 1000.0, 95.4)
+    assert stream.getvalue().rstrip().endswith("1,000 img/s ETA 1:35")
+    assert (clock(7), clock(754), clock(3723)) == ("0:07", "12:34", "1:02:03")
+
+
+def test_keep_best_keeps_the_best_epoch_beside_the_last(ddl, work, monkeypatch):  # noqa: F811
+    """Test accuracies 0.5, 0.75, 0.25: c-best.h5 holds epoch 2, c2.h5 epoch 3."""
+    scores = iter([(1.0, 0.5), (0.5, 0.75), (2.0, 0.25)])
+    monkeypatch.setattr("ddl.train.evaluate", lambda *args: next(scores))
+    code, output = ddl("train", *QUICK, "--data", "colours.h5", "--epochs", "3",
+                       "--checkpoint", "c2.h5", "--keep-best")
+    assert code == 0, output
+    assert checkpoint.load("c2-best.h5")["epoch"] == 2 and checkpoint.load("c2.h5")["epoch"] == 3
+    (work / "c4-best.h5").write_text("")
+    with untouched(work):
+        refused(ddl("train", *QUICK, "--data", "colours.h5", "--checkpoint", "c3-best.h5",
+                    "--keep-best", "--metrics", "c3-best-best.h5"), 2,
+                "--keep-best c3-best-best.h5 is the same file as --metrics c3-best-best.h5")
+        refused(ddl("train", *QUICK, "--data", "colours.h5", "--keep-best"), 2,
+                "--keep-best needs --checkpoint PATH")
+        refused(ddl("train", *QUICK, "--data", "colours.h5", "--checkpoint", "c4.h5",
+                    "--keep-best"), 2, "--keep-best c4-best.h5 already exists")
