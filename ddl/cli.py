@@ -1,4 +1,4 @@
-"""The `ddl` command: train, launch, prepare, evaluate, predict.
+"""The `ddl` command: train, launch, prepare, evaluate, predict, summary.
 
 Errors a user can fix (ddl.errors) print one line, once, and exit with their documented status on
 every rank. Any other exception in a multi-rank job prints its traceback from the rank that raised
@@ -248,6 +248,24 @@ def predict(checkpoint, data, other_data, index, image, out, more):
         if out:
             predicting.picture(drawn, out)
             click.echo(f"wrote {out}")
+    _job(SingleCommunicator(), job)
+
+
+@cli.command()
+@click.option("--model", default="seed-cnn", show_default=True,
+              help="A named model, or your own: FILE.py:FUNCTION (as `ddl train --model`).")
+@click.option("--data", default="data/mnist.h5", show_default=True,
+              help="The HDF5 file whose images and classes the model is built for.")
+def summary(model, data):
+    """Each layer of a model with its output shape and parameters, for the images of --data."""
+    from ddl.data import H5Dataset
+    from ddl.models import build
+
+    def job():
+        with H5Dataset(data, "train") as train:
+            shape, classes = train.image_shape, train.num_classes
+        table = build(model, shape, classes).summary(shape)
+        click.echo(f"{model} for {data}: {classes} classes\n{table}")
     _job(SingleCommunicator(), job)
 
 

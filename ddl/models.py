@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from ddl import nn
+from ddl.nn.summary import trace, where
 from ddl.errors import ModelError, dims, one_line
 from ddl.kernels.arrays import out_size
 
@@ -145,14 +146,13 @@ def _from_file(name, in_shape, num_classes, seed):
     model = make(in_shape, num_classes, **({"seed": seed} if takes_seed else {}))
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {name} returned {type(model).__name__}, not an nn.Module")
-    x = np.zeros((2, *in_shape), np.float32)
     try:
-        shape = model.eval().forward(x).shape
+        shape = (2, *trace(model, in_shape)[0][2])
     except Exception as e:      # whatever a model built for other images raises
+        at = where(e)
         raise ModelError(f"model {name} cannot take {dims(in_shape)} images "
-                         f"({type(e).__name__}: {one_line(e)})") from None
-    finally:
-        model.train()
+                         + (f"({at}: " if at else "(") + f"{type(e).__name__}: {one_line(e)})"
+                         ) from None
     if shape != (2, num_classes):
         raise ModelError(f"model {name} maps images of {dims(in_shape)} to outputs of shape "
                          f"{shape[1:]} per image, not the ({num_classes},) logits of the "

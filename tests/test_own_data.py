@@ -3,6 +3,7 @@ class names, fingerprint) and refuses other data in one line; --subset draws a s
 represents every class, the same at any world size; one class numbering per data set."""
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -376,3 +377,51 @@ def test_keep_best_keeps_the_best_epoch_beside_the_last(ddl, work, monkeypatch):
                 "--keep-best needs --checkpoint PATH")
         refused(ddl("train", *QUICK, "--data", "colours.h5", "--checkpoint", "c4.h5",
                     "--keep-best"), 2, "--keep-best c4-best.h5 already exists")
+
+
+# --- models: a summary, and a shape error that names its layer ------------------------------------
+def test_a_model_summary_lists_each_layer():
+    from ddl import nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, rng=0), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(8 * 16 * 16, 4, rng=0))
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    lines = model.summary((3, 32, 32)).splitlines()
+    assert lines[0].split() == ["layer", "output", "shape", "parameters"]
+    assert lines[2].split()[-2:] == ["8x32x32", "224"] and lines[2].startswith("0: Conv2d(3, 8,")
+    assert [line.split()[-2] for line in lines[3:7]] == ["8x32x32", "8x16x16", "2048", "4"]
+    assert lines[6].split()[-1] == "8,196" and lines[6].startswith("4: Linear(2048, 4,")
+    assert lines[-1] == "input 3x32x32, output 4: 8,420 parameters (0.03 MiB as float32)"
+    assert model.training and all(np.array_equal(v, before[k])
+                                  for k, v in model.state_dict().items())
+    assert type(model).forward is nn.Sequential.forward and "forward" not in vars(model[0])
+
+
+def test_a_nested_model_summary_indents_its_children():
+    from ddl.models import build
+    lines = build("resnet-mini", (3, 32, 32), 4).summary((3, 32, 32)).splitlines()
+    assert any(line.startswith("  body: Sequential()") for line in lines)
+    assert any(line.startswith("    0: Conv2d(16, 16,") for line in lines)
+    total = sum(p.data.size for p in build("resnet-mini", (3, 32, 32), 4).parameters())
+    assert f": {total:,} parameters" in lines[-1]
+
+
+def test_ddl_summary(ddl, work, tmp_path):  # noqa: F811
+    (tmp_path / "mine.py").write_text(
+        "from ddl import nn\n\n\ndef make(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(100, num_classes))\n")
+    with untouched(work):
+        code, output = ddl("summary", "--model", "mlp", "--data", "colours.h5")
+        assert code == 0 and output.startswith("mlp for colours.h5: 4 classes\nlayer"), output
+        refused(ddl("summary", "--model", f"{tmp_path / 'mine.py'}:make", "--data", "colours.h5"),
+                2, "cannot take 3x32x32 images (layer 1 Linear(100, 4, bias=True) got input of "
+                "shape (2, 3072): ValueError: Linear takes (N, 100) inputs")
+        refused(ddl("summary", "--data", "gone.h5"), 2, "gone.h5: no such file")
+
+
+def test_the_example_model_file_trains(ddl, work):  # noqa: F811
+    example = Path(__file__).parents[1] / "examples" / "your_model.py"
+    code, output = ddl("summary", "--model", f"{example}:make_model", "--data", "colours.h5")
+    assert code == 0 and "Dropout" in output and "BatchNorm2d" in output, output
+    code, output = ddl("train", "--model", f"{example}:make_model", "--data", "colours.h5",
+                       "--batch-size", "64", "--epochs", "1", "--quiet")
+    assert code == 0, output
