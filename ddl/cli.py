@@ -128,10 +128,14 @@ def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, args):
               metavar="FRACTION",
               help="--image-folder DIR of DIR/<class>/ folders: hold out this fraction of each "
                    "class's images for testing (at random, seeded by --seed).")
+@click.option("--shuffle", is_flag=True,
+              help="--image-folder: write the rows in a random order (seeded by --seed), so that "
+                   "the file's first rows are a fair sample [default: class by class, as the "
+                   "folders are; `ddl train --subset` draws its sample either way].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="The seed of --test-split.")
+              help="The seed of --test-split and --shuffle.")
 def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_names, resize,
-            test_split, seed):
+            test_split, shuffle, seed):
     """Convert an image classification set into the HDF5 file that training reads."""
     from ddl import sources
     from ddl.atomic import same_file
@@ -144,8 +148,8 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_nam
             raise UsageError(f"{' and '.join(flag for flag, _ in given)}: give one source")
         if (no_verify or download) and (npz or image_folder):
             raise UsageError("--no-verify and --download are for --raw (IDX files) only")
-        if (resize or test_split) and not image_folder:
-            raise UsageError("--resize and --test-split are for --image-folder only")
+        if (resize or test_split or shuffle) and not image_folder:
+            raise UsageError("--resize, --test-split and --shuffle are for --image-folder only")
         if class_names is not None and image_folder:
             raise UsageError("--class-names: an image folder's classes are named by its class "
                              "folders")
@@ -155,7 +159,7 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_nam
             from ddl.images import size
             source = sources.image_folder(image_folder, log=click.echo,
                                           resize=resize and size(resize), test_split=test_split,
-                                          seed=seed)
+                                          seed=seed, shuffle=shuffle)
         else:
             source = sources.idx(raw or "../shared/data/mnist", dataset or "mnist",
                                  verify=not no_verify, download=download, log=click.echo)

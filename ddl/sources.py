@@ -423,19 +423,27 @@ def _npy_rows(f, shape, dtype, rows, where):
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
-def image_folder(root, log=print, resize=None, test_split=None, seed=0):
+def image_folder(root, log=print, resize=None, test_split=None, seed=0, shuffle=False):
     """Images in the ImageFolder layout, ROOT/train/<class>/... and ROOT/test/<class>/...: the
     class names are the training folder's subfolders, sorted (index = label), and the test set's
     must be among them. With `test_split` (a fraction in (0, 1)), ROOT/<class>/... instead, split
     by `_split_files`. Any format Pillow reads; files and folders whose names start with "." are
     skipped, any other file must be an image. All images must have one size, unless `resize`
     (H, W) gives it (ddl/images.py says how); grayscale ones give one channel, and if any image
-    has colour, every image is read as RGB (alpha dropped)."""
+    has colour, every image is read as RGB (alpha dropped). The rows go class by class, in sorted
+    file order, or with `shuffle` in a random order seeded by `seed` (so that a prefix of the file
+    is a fair sample)."""
     from PIL import Image
     if test_split:
         files, labels, names = _split_files(root, test_split, seed)
     else:
         files, labels, names = _split_folders(root)
+    if shuffle:
+        rng = np.random.default_rng((seed, 13))
+        for split in SPLITS:
+            order = rng.permutation(len(files[split]))
+            files[split] = [files[split][i] for i in order]
+            labels[split] = [labels[split][i] for i in order]
     size, first, gray = None, None, True
     for path in files["train"] + files["test"]:
         try:

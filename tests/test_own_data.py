@@ -339,6 +339,23 @@ def test_bad_resize_or_split_is_refused(ddl, photos, tmp_path, args, words):  # 
                 *words)
 
 
+def test_shuffle_writes_the_same_rows_in_a_seeded_order(ddl, colour_folder,  # noqa: F811
+                                                         tmp_path):
+    read = {}
+    for name, args in (("plain", []), ("shuffled", ["--shuffle"]), ("again", ["--shuffle"])):
+        assert ddl("prepare", "--image-folder", colour_folder, "--out", tmp_path / f"{name}.h5",
+                   *args)[0] == 0
+        with h5py.File(tmp_path / f"{name}.h5") as f:
+            read[name] = (f["train/images"][...], f["train/labels"][...].astype(int),
+                          dict(f.attrs))
+    (images, labels, attrs), (mixed, mixed_labels, mixed_attrs) = read["plain"], read["shuffled"]
+    assert np.all(np.diff(labels) >= 0) and not np.all(np.diff(mixed_labels) >= 0)
+    assert sorted(zip(map(bytes, mixed), mixed_labels)) == sorted(zip(map(bytes, images), labels))
+    assert np.array_equal(read["again"][0], mixed)                        # seeded
+    assert np.array_equal(mixed_attrs["mean"], attrs["mean"])
+    assert len(np.unique(mixed_labels[:32])) == 4                         # a prefix has them all
+
+
 def test_split_refuses_a_tree_with_train_and_test(ddl, colour_folder, colour_npz,  # noqa: F811
                                                    tmp_path):
     with untouched(tmp_path):
