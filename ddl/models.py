@@ -16,9 +16,9 @@ import sys
 import numpy as np
 
 from ddl import nn
-from ddl.nn.summary import trace, where
 from ddl.errors import ModelError, dims, one_line
 from ddl.kernels.arrays import out_size
+from ddl.nn.summary import trace, where
 
 
 def _side(size, *layers):

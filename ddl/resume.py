@@ -12,8 +12,8 @@ import os
 from ddl import checkpoint
 from ddl.comm import agree
 from ddl.config import OUTPUTS, flag, outputs
-from ddl.errors import CheckpointError, UsageError
 from ddl.data import subset_rows
+from ddl.errors import CheckpointError, UsageError
 from ddl.evaluation import open_split, reading
 from ddl.identity import data_identity, differences
 

@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 from ddl import checkpoint, kernels
-from ddl.comm import SingleCommunicator, agree
 from ddl.atomic import write_bytes
+from ddl.comm import SingleCommunicator, agree
 from ddl.config import best, check_options, claim_outputs
 from ddl.data import DistributedSampler, Loader
 from ddl.debug import finite_check
