@@ -4,12 +4,13 @@ A checkpoint holds `model` (the state_dict), `architecture` (what rebuilds the m
 model or the user's FILE.py:FUNCTION, the image shape and the number of classes), `optimizer`,
 `schedule`, `epoch` (epochs done), `step` (steps done of the next epoch: a checkpoint taken
 mid-epoch), `partial` (that epoch's sums so far: `loss_sum`, `seconds`), `config`, `data` (what
-identifies the data set), `world_size` and the metrics `history`. The sampler and the dropout
-generators need no state of their own: both are derived from (seed, epoch, step, rank), so
-(config.seed, epoch, step) is their state. The file carries its own marker attribute,
-`ddl_checkpoint` (the format version), so no other HDF5 file (a dataset) passes for one. Format 1,
-from before ddl took images other than MNIST's and checkpointed mid-epoch, reads as an MNIST
-model at step 0.
+identifies the data set and where it is: ddl/identity.py), `world_size` and the metrics `history`.
+The sampler and the dropout generators need no state of their own: both are derived from (seed,
+epoch, step, rank), so (config.seed, epoch, step) is their state. The file carries its own marker
+attribute, `ddl_checkpoint` (the format version), so no other HDF5 file (a dataset) passes for
+one. Format 1, from before ddl took images other than MNIST's and checkpointed mid-epoch, reads
+as an MNIST model at step 0; what a format 2 file from before the data was recorded lacks, `load`
+fills in.
 """
 import copy
 import errno
@@ -120,6 +121,12 @@ def load(path):
     missing = [k for k in KEYS if k not in tree]
     if missing or not isinstance(tree["model"], dict):
         raise CheckpointError(f"{path}: damaged checkpoint (no {', '.join(missing) or 'model'})")
+    # Before checkpoints recorded their data file and its class names and fingerprint: the
+    # --data the run was given (relative to where it ran; data/mnist.h5 by default then), and
+    # nothing to compare by.
+    tree["data"] = dict(dict(path=tree["config"].get("data", "data/mnist.h5"), class_names=None,
+                             fingerprint=None), **tree["data"])
+    tree["config"].setdefault("subset_draw", "first")   # --subset took the first rows then
     if not all(np.isfinite(v).all() for v in tree["model"].values()):
         raise CheckpointError(f"{path}: holds NaN or inf weights (saved by a run that diverged)")
     return tree

@@ -1,4 +1,4 @@
-"""The `ddl` command: train, launch, prepare, evaluate, predict.
+"""The `ddl` command: train, launch, prepare, evaluate, predict, summary.
 
 Errors a user can fix (ddl.errors) print one line, once, and exit with their documented status on
 every rank. Any other exception in a multi-rank job prints its traceback from the rank that raised
@@ -14,8 +14,11 @@ from ddl import config
 from ddl.comm import SingleCommunicator, launched_rank, launched_size, world
 from ddl.errors import DDLError, UsageError
 
-SHOWN = 10          # `ddl predict` lists every class up to this many, else the most likely ones
-DATA = config.click_option("data")
+DATA = click.option("--data", default=None, help="HDF5 file written by `ddl prepare` [default: "
+                                                  "the one the checkpoint was trained on].")
+OTHER_DATA = click.option("--other-data", is_flag=True,
+                          help="Take --data although it is not the data set the checkpoint was "
+                               "trained on (its classes must still be the same).")
 
 
 def _model_options(command):
@@ -136,7 +139,25 @@ def launch(nprocs, hostfile, mpiexec, agent, iface, max_restarts, min_ranks, rer
                                                 "canonical one.")
 @click.option("--download", is_flag=True, help="--raw: fetch missing files from the public "
                                                "mirrors.")
-def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
+@click.option("--class-names", metavar="A,B,C",
+              help="--raw or --npz: the classes' names, label k -> the k-th [default: an .npz's "
+                   "class_names array, the data set's names, else 0..K-1; an image folder's are "
+                   "its class folders' names, sorted].")
+@click.option("--resize", metavar="HxW",
+              help="--image-folder: resize every image to H x W pixels (Pillow's bilinear filter, "
+                   "antialiased when it shrinks; the aspect ratio is not kept).")
+@click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              metavar="FRACTION",
+              help="--image-folder DIR of DIR/<class>/ folders: hold out this fraction of each "
+                   "class's images for testing (at random, seeded by --seed).")
+@click.option("--shuffle", is_flag=True,
+              help="--image-folder: write the rows in a random order (seeded by --seed), so that "
+                   "the file's first rows are a fair sample [default: class by class, as the "
+                   "folders are; `ddl train --subset` draws its sample either way].")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The seed of --test-split and --shuffle.")
+def prepare(raw, npz, image_folder, out, dataset, no_verify, download, class_names, resize,
+            test_split, shuffle, seed):
     """Convert an image classification set into the HDF5 file that training reads."""
     from ddl import sources
     from ddl.prepare import check_out, prepare as write
@@ -148,6 +169,11 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
             raise UsageError(f"{' and '.join(flag for flag, _ in given)}: give one source")
         if (no_verify or download) and (npz or image_folder):
             raise UsageError("--no-verify and --download are for --raw (IDX files) only")
+        if (resize or test_split or shuffle) and not image_folder:
+            raise UsageError("--resize, --test-split and --shuffle are for --image-folder only")
+        if class_names is not None and image_folder:
+            raise UsageError("--class-names: an image folder's classes are named by its class "
+                             "folders")
         raw_dir = raw or "../shared/data/mnist"
         if out:                                 # before the source is read
             check_out(out, [(flag, value) for flag, value in given if flag != "--raw"]
@@ -155,10 +181,15 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
         if npz:
             source = sources.npz(npz, log=click.echo)
         elif image_folder:
-            source = sources.image_folder(image_folder, log=click.echo)
+            from ddl.images import size
+            source = sources.image_folder(image_folder, log=click.echo,
+                                          resize=resize and size(resize), test_split=test_split,
+                                          seed=seed, shuffle=shuffle)
         else:
             source = sources.idx(raw_dir, dataset or "mnist",
                                  verify=not no_verify, download=download, log=click.echo)
+        if class_names is not None:
+            sources.named(source, class_names.split(","), "--class-names")
         if dataset:
             source.attrs["dataset"] = dataset
         path = out or f"data/{source.attrs['dataset']}.h5"
@@ -171,59 +202,104 @@ def prepare(raw, npz, image_folder, out, dataset, no_verify, download):
 @click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
 @DATA
 @_model_options
-def evaluate(checkpoint, data, model, trust_model):
-    """Test loss and accuracy of a checkpoint (also under mpirun)."""
+@OTHER_DATA
+@click.option("--confusion", default="", metavar="PATH",
+              help="Write the confusion matrix here (PNG, PDF, ...): rows the labels, columns the "
+                   "predicted classes.")
+def evaluate(checkpoint, data, model, trust_model, other_data, confusion):
+    """Test loss and accuracy of a checkpoint, and each class's accuracy (also under mpirun)."""
     from ddl.comm import agree
-    from ddl.evaluation import eval_loader, evaluate as run_eval, open_split, restore
+    from ddl.evaluation import checked_split, eval_loader, evaluate as run_eval, restore
     _threads(0)
     comm = world()
 
+    def check_confusion():
+        from ddl.atomic import check_outputs
+        from ddl.models import model_inputs
+        from ddl.plots import check_format
+        check_outputs([("--confusion", confusion)], [("--data", data or ""),
+                                                     ("--checkpoint", checkpoint)]
+                      + model_inputs(model))
+        check_format(confusion, "--confusion")
+
     def job():
-        net, _, takes = restore(checkpoint, comm, model, trust_model)
-        test = agree(comm, lambda: open_split(data, "test", takes))
-        loss, accuracy = run_eval(net, eval_loader(test, comm), comm)
+        if confusion:
+            agree(comm, lambda: comm.rank == 0 and check_confusion(), "output check")
+        net, state, takes = restore(checkpoint, comm, model, trust_model)
+        test = agree(comm, lambda: checked_split(data, state, takes, checkpoint, other_data))
+        counts = np.zeros((test.num_classes,) * 2)
+        loss, accuracy = run_eval(net, eval_loader(test, comm), comm, confusion=counts)
         if comm.rank == 0:
             click.echo(f"test loss {loss:.4f}, accuracy {100 * accuracy:.2f}% "
                        f"({test.n:,} images, {comm.size} rank(s))")
+            for name, row, right in zip(test.class_names, counts, np.diag(counts)):
+                click.echo(f"  {name}: " + (f"{100 * right / row.sum():.2f}% of {row.sum():,.0f}"
+                                            if row.sum() else "no test images"))
+        if confusion:
+            from ddl.plots import confusion_matrix
+            agree(comm, lambda: comm.rank == 0 and confusion_matrix(counts, test.class_names,
+                                                                    confusion), "plot write")
+            if comm.rank == 0:
+                click.echo(f"wrote {confusion}")
     _job(comm, job)
 
 
 @cli.command()
 @click.option("--checkpoint", required=True, help="Checkpoint written by `ddl train`.")
 @DATA
+@OTHER_DATA
 @click.option("--index", type=int, default=0, show_default=True, help="Test image to classify.")
-@click.option("--out", default="", help="Write the image and its class probabilities here (PNG).")
+@click.option("--image", "image", type=click.Path(dir_okay=False),
+              help="Classify image files instead (PNG, JPEG, ...: --image A.png B.jpg ...), "
+                   "converted to the checkpoint's images: gray or RGB, resized bilinearly if "
+                   "their size differs, normalised with the training set's mean and std.")
+@click.option("--out", default="", help="Write the image and its class probabilities here (PNG; "
+                                        "with several --image files, the last one's).")
 @_model_options
-def predict(checkpoint, data, index, out, model, trust_model):
-    """Classify one test image and show the class probabilities."""
+@click.argument("more", nargs=-1, type=click.Path(dir_okay=False))
+def predict(checkpoint, data, other_data, index, image, out, more, model, trust_model):
+    """Classify one test image, or image files, and show the class probabilities."""
+    from ddl import predict as predicting
     from ddl.atomic import check_outputs
-    from ddl.evaluation import open_split, restore
+    from ddl.evaluation import restore
     from ddl.models import model_inputs
 
     def job():
+        if more and not image:
+            raise UsageError(f"{more[0]}: image files follow --image")
         if out:
             from ddl.plots import check_format
-            check_outputs([("--out", out)], [("--data", data), ("--checkpoint", checkpoint)]
+            check_outputs([("--out", out)], [("--data", data or ""), ("--checkpoint", checkpoint)]
+                          + [("--image", path) for path in (image, *more) if path]
                           + model_inputs(model))
             check_format(out, "--out")
-        net, _, takes = restore(checkpoint, SingleCommunicator(), model, trust_model)
-        test = open_split(data, "test", takes)
-        if not 0 <= index < test.n:
-            raise UsageError(f"--index {index} is outside the {test.n} test images")
-        raw, y = test.read_raw(np.array([index]))
-        logits = net.eval()(test.normalize(raw))[0].astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        names = test.class_names
-        click.echo(f"test image {index}: predicted {names[probs.argmax()]} "
-                   f"(label {names[y[0]]}, p={probs.max():.4f})")
-        shown = np.argsort(-probs, kind="stable")[:SHOWN] if len(probs) > SHOWN else \
-            range(len(probs))
-        click.echo("  " + "  ".join(f"{names[k]}:{probs[k]:.3f}" for k in shown))
+        net, state, takes = restore(checkpoint, SingleCommunicator(), model, trust_model)
+        if image:
+            drawn = predicting.files(net, state, takes, [image, *more], click.echo)
+        else:
+            drawn = predicting.test_image(net, state, takes, checkpoint, data, other_data,
+                                          index, click.echo)
         if out:
-            from ddl.plots import prediction
-            prediction(raw[0], probs, np.sort(shown), names, int(y[0]), out)
+            predicting.picture(drawn, out)
             click.echo(f"wrote {out}")
+    _job(SingleCommunicator(), job)
+
+
+@cli.command()
+@click.option("--model", default="seed-cnn", show_default=True,
+              help="A named model, or your own: FILE.py:FUNCTION (as `ddl train --model`).")
+@click.option("--data", default="data/mnist.h5", show_default=True,
+              help="The HDF5 file whose images and classes the model is built for.")
+def summary(model, data):
+    """Each layer of a model with its output shape and parameters, for the images of --data."""
+    from ddl.data import H5Dataset
+    from ddl.models import build
+
+    def job():
+        with H5Dataset(data, "train") as train:
+            shape, classes = train.image_shape, train.num_classes
+        table = build(model, shape, classes).summary(shape)
+        click.echo(f"{model} for {data}: {classes} classes\n{table}")
     _job(SingleCommunicator(), job)
 
 

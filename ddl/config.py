@@ -8,11 +8,13 @@ FIXED and IGNORED).
 import contextlib
 import dataclasses
 import math
+import os
 
 import click
 
 from ddl import checkpoint, kernels
 from ddl.atomic import check_outputs, remove_leftovers
+from ddl.data import SUBSET_DRAWS
 from ddl.errors import UsageError
 from ddl.models import MODELS, check_name, model_inputs
 from ddl.optim import OPTIMIZERS
@@ -50,8 +52,15 @@ class Config:
                            choices=tuple(SCHEDULES))
     warmup: int = option(0, "Iterations of linear learning-rate warm-up.", at_least=0)
     seed: int = option(0, at_least=0)
-    data: str = option("data/mnist.h5", "HDF5 file written by `ddl prepare`.")
-    subset: int = option(0, "Train on the first N images only.", at_least=0, show_default=False)
+    data: str = option("", "HDF5 file written by `ddl prepare` [default: with --resume, the "
+                           "one the checkpoint was trained on; else data/mnist.h5].")
+    subset: int = option(0, "Train on N of the training images only, drawn by --subset-draw "
+                            "(seeded by --seed: the same on every rank and at any world size).",
+                         at_least=0, show_default=False)
+    subset_draw: str = option("stratified", "How --subset draws: every class in its share "
+                                            "(stratified), uniformly at random, or the file's "
+                                            "first N rows (first; fair only for a file whose rows "
+                                            "are in random order).", choices=SUBSET_DRAWS)
     shift: int = option(1, "Augmentation: move each training image by up to N pixels each way.",
                         at_least=0)
     flip: bool = option(False, "Augmentation: mirror half the training images left to right (not "
@@ -64,6 +73,9 @@ class Config:
     checkpoint_seconds: float = option(0, "Also write it when this many seconds have passed "
                                           "since the last time.", finite=">= 0",
                                        show_default=False)
+    keep_best: bool = option(False, "Also keep the checkpoint of the best test accuracy so far, "
+                                    "beside the last: CHECKPOINT with -best before its extension "
+                                    "(c.h5: c-best.h5).")
     resume: bool = option(False, "Continue the run saved in --checkpoint (none yet: start "
                                  "afresh).")
     overwrite: bool = option(False, "Replace an existing checkpoint, metrics file, plot or "
@@ -146,7 +158,7 @@ def check_options(cfg, world_size):
         if low and not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
             raise UsageError(f"{flag(name)} must be a finite number {low}, got {value}")
     check_batch(cfg.batch_size, [world_size])
-    for name in ("resume", "checkpoint_every", "checkpoint_seconds"):
+    for name in ("resume", "checkpoint_every", "checkpoint_seconds", "keep_best"):
         if getattr(cfg, name) and not cfg.checkpoint:
             raise UsageError(f"{flag(name)} needs --checkpoint PATH")
     if cfg.resume and cfg.overwrite:
@@ -176,23 +188,35 @@ def check_batch(batch_size, sizes, allowed_by=""):
         f"{' or '.join(map(str, near))} would serve {', '.join(map(str, sizes))} rank(s)")
 
 
+def best(path):
+    """Where --keep-best keeps the best checkpoint beside checkpoint `path`: c.h5 -> c-best.h5."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-best{ext}"
+
+
+def outputs(cfg):
+    """(flag, path) of every file the run writes."""
+    found = [(flag(name), getattr(cfg, name)) for name in OUTPUTS if getattr(cfg, name)]
+    return found + ([("--keep-best", best(cfg.checkpoint))] if cfg.keep_best else [])
+
+
 def claim_outputs(cfg):
     """Rank 0's checks of the output paths (none is an input, the data or the model file, nor
     another output; each can be written), then a lock on every output (checkpoint.Lock), returned
     held, for a `with` around the run: two jobs never write one file. Temporary files that a
     killed job left beside the outputs go."""
-    outputs = [(flag(name), getattr(cfg, name)) for name in OUTPUTS if getattr(cfg, name)]
-    check_outputs(outputs, [("--data", cfg.data)] + model_inputs(cfg.model))
+    written = outputs(cfg)
+    check_outputs(written, [("--data", cfg.data)] + model_inputs(cfg.model))
     if cfg.plot:
         from ddl.plots import check_format
         check_format(cfg.plot, "--plot")
     locks = contextlib.ExitStack()
     try:
-        for option, path in outputs:
+        for option, path in written:
             locks.enter_context(checkpoint.Lock(path, option))
     except BaseException:                   # a lock refused releases those already taken
         locks.close()
         raise
-    for _, path in outputs:
+    for _, path in written:
         remove_leftovers(path)
     return locks

@@ -288,9 +288,13 @@ class DistributedSampler:
     (the last one shorter). Every row is counted exactly once, without padding duplicates; block
     sizes differ by at most one row, so batch counts may differ by one, which evaluation tolerates
     because it all-reduces its sums only after the loop.
+
+    `rows` (n,), e.g. a `subset_rows` draw: the dataset rows that order positions 0..n-1 stand
+    for (default: the rows 0..n-1 themselves).
     """
 
-    def __init__(self, n, world_size, rank, batch_size, seed=0, shuffle=True, drop_last=True):
+    def __init__(self, n, world_size, rank, batch_size, seed=0, shuffle=True, drop_last=True,
+                 rows=None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         if batch_size < 1 or batch_size % world_size:
@@ -303,6 +307,7 @@ class DistributedSampler:
         self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch, self.start = 0, 0
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
 
     def set_epoch(self, epoch, start=0):
         """Serve epoch `epoch` from its batch number `start` on (a run resumed mid-epoch): the
@@ -314,6 +319,8 @@ class DistributedSampler:
         in order (len(self) - start of them)."""
         order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
                  if self.shuffle else np.arange(self.n))
+        if self.rows is not None:
+            order = self.rows[order]
         b = self.local_batch_size
         if self.drop_last:
             steps = self.n // self.batch_size
@@ -334,6 +341,32 @@ class DistributedSampler:
 
     def __iter__(self):
         return iter(self.batches())
+
+
+SUBSET_DRAWS = ("stratified", "random", "first")
+
+
+def subset_rows(labels, n, seed, draw="stratified"):
+    """The sorted rows (n,) of a subset of the rows of `labels` (N,) drawn by `draw`:
+    "stratified", every class in its share of the whole (largest remainders to the classes the
+    rounding shorted most, ties to the lower class) and its rows at random within it; "random",
+    uniformly at random; "first", the first n (a file's prefix: what --subset took before it
+    drew, kept for the checkpoints of then; a folder written class by class gives few classes).
+    The draws are seeded by `seed` alone: the same on every rank and at any world size."""
+    total = len(labels)
+    if draw == "first" or n >= total:
+        return np.arange(min(n, total))
+    rng = np.random.default_rng((seed, 7))
+    if draw == "random":
+        return np.sort(rng.choice(total, n, replace=False))
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * n / total
+    take = np.floor(share).astype(np.int64)
+    short = np.argsort(-(share - take), kind="stable")[:n - take.sum()]
+    take[short] += 1
+    picked = [rng.choice(np.flatnonzero(labels == k), m, replace=False)
+              for k, m in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
 
 
 class Loader:
@@ -366,7 +399,9 @@ class Loader:
         return _prefetch(batches) if self.prefetch else batches
 
     def _epoch(self, batches, epoch):
-        shifts, flips = draws(self.sampler.seed, epoch, self.sampler.n, self.shift, self.flip)
+        # One draw per row of the whole set, so that a row's draw does not depend on the shard
+        # or on the subset the sampler draws from.
+        shifts, flips = draws(self.sampler.seed, epoch, self.dataset.n, self.shift, self.flip)
         for batch in batches:
             order = np.argsort(batch, kind="stable")
             images, labels = self.dataset.read_raw(batch[order])

@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 
-from ddl import checkpoint
+from ddl import checkpoint, identity
 from ddl.comm import agree
 from ddl.data import MAX_CLASSES, DistributedSampler, H5Dataset, Loader
 from ddl.errors import CheckpointError, DataError, ModelError, dims, one_line
@@ -51,25 +51,33 @@ class EvaluationStopped(Exception):
     """A stop signal came during `evaluate` (on any rank: every rank raises it together)."""
 
 
-def evaluate(model, loader, comm, stop=None):
+def evaluate(model, loader, comm, stop=None, confusion=None):
     """Exact test loss and accuracy over every rank's part: sums are all-reduced, not means.
     Leaves the model in eval mode (the training loop sets train mode at each epoch). `stop`, a
     StopRequest: a signal that any rank receives ends every rank's evaluation at its next batch
-    (EvaluationStopped), so that a stop takes a batch, not a whole test set."""
+    (EvaluationStopped), so that a stop takes a batch, not a whole test set. `confusion`, a
+    float64 (K, K) array of zeros if given, gets the counts of every (label, predicted class)
+    pair (row: the label), over every rank's part."""
     model.eval()
     criterion = CrossEntropyLoss(reduction="sum")
-    totals = np.zeros(4)                       # loss sum, correct, count, ranks stopped
+    k = 0 if confusion is None else len(confusion)
+    # loss sum, correct, count, ranks stopped; then the confusion counts
+    totals = np.zeros(4 + k * k)
     for x, y in loader:
         if stop is not None and stop.signum:
             totals[3] = 1
             break
         for xs, ys in micro_batches(x, y, EVAL_MICRO_BATCH):
             logits = model(xs)
-            totals[:3] += (criterion(logits, ys), np.count_nonzero(logits.argmax(1) == ys),
-                           len(ys))
+            predicted = logits.argmax(1)
+            totals[:3] += (criterion(logits, ys), np.count_nonzero(predicted == ys), len(ys))
+            if k:
+                np.add.at(totals[4:], ys * k + predicted, 1)
     comm.allreduce(totals, what="evaluation's all-reduce")
     if totals[3]:
         raise EvaluationStopped()
+    if k:
+        confusion[...] = totals[4:].reshape(k, k)
     return totals[0] / totals[2], totals[1] / totals[2]
 
 
@@ -99,6 +107,22 @@ def restore(path, comm, given=None, trust=False):
             model.load_state_dict(state["model"])
         return model
     return agree(comm, rebuild), state, (in_shape, classes, f"the model in {path} takes")
+
+
+def checked_split(data, state, takes, path, other=False):
+    """The test split of data file `data` (None: the one that checkpoint `path`, whose tree is
+    `state`, was trained on), refused (DataError, one line) unless it fits the model (`takes`,
+    from `restore`) and is the checkpoint's data set: the same class numbering always, the same
+    labels and images unless `other` (see ddl/identity.py)."""
+    data = data or state["data"]["path"]
+    test = open_split(data, "test", takes)
+    try:
+        with H5Dataset(data, "train") as train:
+            identity.check(state["data"], identity.data_identity(data, train, test), path, other)
+    except BaseException:
+        test.close()
+        raise
+    return test
 
 
 def eval_loader(dataset, comm):

@@ -1,7 +1,9 @@
 """What rank 0 shows: one progress bar per epoch, one summary line per epoch, and the metrics file.
 
 Every rank builds the same Log; only an enabled one (rank 0, not --quiet) prints, so the training
-loop never asks "am I rank 0?" around a print.
+loop never asks "am I rank 0?" around a print. It prints to stderr: `ddl train`'s lines are a log
+of the run, as errors are; what a command answers (`evaluate`'s accuracy, `predict`'s classes,
+`prepare`'s summary, `summary`'s table) goes to stdout (docs/your-project.md).
 """
 import json
 import os
@@ -26,8 +28,9 @@ class Log:
         if self.enabled:
             print(text, file=self.stream, flush=True)
 
-    def progress(self, epoch, epochs, step, steps, loss, images_per_second):
-        """A throttled in-place bar: `step` of `steps` done, the last local loss, throughput."""
+    def progress(self, epoch, epochs, step, steps, loss, images_per_second, seconds_left=None):
+        """A throttled in-place bar: `step` of `steps` done, the last local loss, throughput, and
+        the time the epoch's remaining steps will take at the pace so far (`seconds_left`)."""
         now = time.perf_counter()
         if not self.enabled or (now - self._last < self.every and (step < steps or not self.tty)):
             return
@@ -37,7 +40,9 @@ class Log:
         bar = "#" * filled + "." * (width - filled)
         start, end = ("\r", "\n" if step == steps else "") if self.tty else ("", "\n")
         print(f"{start}epoch {epoch}/{epochs} [{bar}] {step}/{steps} loss {loss:.4f} "
-              f"{images_per_second:,.0f} img/s", end=end, file=self.stream, flush=True)
+              f"{images_per_second:,.0f} img/s"
+              + ("" if seconds_left is None else f" ETA {clock(seconds_left)}"),
+              end=end, file=self.stream, flush=True)
 
     def epoch(self, record, epochs):
         self.info(f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}, "
@@ -52,3 +57,10 @@ class Log:
         if self.metrics_path:
             text = "".join(json.dumps(record) + "\n" for record in history)
             write_bytes(self.metrics_path, text.encode())
+
+
+def clock(seconds):
+    """A duration as a progress bar shows it: "0:07", "12:34", "1:02:03"."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

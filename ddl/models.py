@@ -19,6 +19,7 @@ import numpy as np
 from ddl import nn
 from ddl.errors import ModelError, dims, one_line
 from ddl.kernels.arrays import out_size
+from ddl.nn.summary import trace, where
 
 
 def _side(size, *layers):
@@ -174,18 +175,18 @@ def _check_structure(name, model):
     layer (or a parameter) in two places. Each layer keeps the input of its one call for its
     backward pass, and the replicas' flat buffer holds each parameter once."""
     seen = {}
-    for where, module in model.named_modules():
+    for place, module in model.named_modules():
         if id(module) in seen:
             first = seen[id(module)] or "the model"
-            raise ModelError(f"model {name} uses one layer twice, as {first} and as {where}: "
+            raise ModelError(f"model {name} uses one layer twice, as {first} and as {place}: "
                              f"make a layer for each place")
-        seen.setdefault(id(module), where)
+        seen.setdefault(id(module), place)
     owners = {}
-    for where, p in model.named_parameters():
+    for place, p in model.named_parameters():
         if id(p) in owners:
             raise ModelError(f"model {name} shares one parameter between {owners[id(p)]} and "
-                             f"{where}: give each layer its own")
-        owners[id(p)] = where
+                             f"{place}: give each layer its own")
+        owners[id(p)] = place
     if not owners:
         raise ModelError(f"model {name} has no parameters: there is nothing to train")
 
@@ -215,14 +216,13 @@ def _from_file(name, in_shape, num_classes, seed):
     model = make(in_shape, num_classes, **({"seed": seed} if takes_seed else {}))
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {name} returned {type(model).__name__}, not an nn.Module")
-    x = np.zeros((2, *in_shape), np.float32)
     try:
-        shape = model.eval().forward(x).shape
+        shape = (2, *trace(model, in_shape)[0][2])
     except Exception as e:      # whatever a model built for other images raises
+        at = where(e)
         raise ModelError(f"model {name} cannot take {dims(in_shape)} images "
-                         f"({type(e).__name__}: {one_line(e)})") from None
-    finally:
-        model.train()
+                         + (f"({at}: " if at else "(") + f"{type(e).__name__}: {one_line(e)})"
+                         ) from None
     if shape != (2, num_classes):
         raise ModelError(f"model {name} maps images of {dims(in_shape)} to outputs of shape "
                          f"{shape[1:]} per image, not the ({num_classes},) logits of the "

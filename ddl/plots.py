@@ -1,6 +1,7 @@
 """Pictures for people: training curves and a prediction (matplotlib, an optional extra)."""
 import os
 
+import numpy as np
 
 from ddl.atomic import replacing
 from ddl.errors import UsageError
@@ -57,14 +58,14 @@ def curves(history, path):
     _save(plt, fig, path)
 
 
-def prediction(image, probs, shown, names, label, path):
-    """The image (C, H, W uint8) beside a bar chart of the probabilities of the classes `shown`
-    (indices, in the order of the bars), titled with the class `names`."""
+def prediction(image, probs, shown, names, title, path):
+    """The image (C, H, W uint8), titled `title`, beside a bar chart of the probabilities of the
+    classes `shown` (indices, in the order of the bars), named by the class `names`."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3))
     pixels = image[0] if len(image) not in (3, 4) else image.transpose(1, 2, 0)
     left.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
-    left.set_title(f"test image (label {names[label]})")
+    left.set_title(title)
     left.axis("off")
     best = probs.argmax()
     right.bar(range(len(shown)), probs[shown], color=["C2" if k == best else "C0" for k in shown])
@@ -72,5 +73,26 @@ def prediction(image, probs, shown, names, label, path):
     tilt = max(len(names[k]) for k in shown) > 2          # words, not digits: slanted
     right.set_xticks(range(len(shown)), [names[k] for k in shown], rotation=45 if tilt else 0,
                      ha="right" if tilt else "center")
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
+def confusion_matrix(counts, names, path):
+    """The confusion matrix `counts` (K, K) (row: the label, column: the predicted class) as a
+    heat map of each row's shares, with the counts written in its cells up to 20 classes."""
+    plt = _pyplot()
+    k = len(names)
+    shares = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    side = min(12, 3 + 0.5 * k)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(j, i, f"{n:.0f}", ha="center", va="center",
+                    color="white" if shares[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(k), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set(xlabel="predicted class", ylabel="label",
+           title=f"accuracy {100 * np.trace(counts) / counts.sum():.2f}%")
     fig.tight_layout()
     _save(plt, fig, path)

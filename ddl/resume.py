@@ -11,30 +11,40 @@ import os
 
 from ddl import checkpoint
 from ddl.comm import agree
-from ddl.config import OUTPUTS, flag
+from ddl.config import OUTPUTS, flag, outputs
+from ddl.data import subset_rows
 from ddl.errors import CheckpointError, UsageError, dims
 from ddl.evaluation import open_split, reading
+from ddl.identity import data_identity, differences
 
-FIXED = ("model", "optimizer", "momentum", "batch_size", "seed", "subset")
+FIXED = ("model", "optimizer", "momentum", "batch_size", "seed", "subset", "subset_draw")
+DEFAULT_DATA = "data/mnist.h5"
 IGNORED = ("data", "resume", "overwrite", "quiet", "debug", "timeout", "checkpoint_every",
-           "checkpoint_seconds") + OUTPUTS
+           "checkpoint_seconds", "keep_best") + OUTPUTS
 
 
-def data_identity(train, test):
-    """What makes two data files the same data set, wherever they live: sizes, image shape, and
-    the pixel statistics that `ddl prepare` computed from every training image."""
-    return dict(train=train.n, test=test.n, classes=train.num_classes,
-                shape=list(train.image_shape), mean=train.mean.tolist(), std=train.std.tolist())
+def data_file(cfg):
+    """The run's data file: --data, else with --resume the one its checkpoint was trained on (a
+    checkpoint from before checkpoints recorded it: the --data it was given), else
+    DEFAULT_DATA."""
+    if cfg.data:
+        return cfg.data
+    if cfg.resume and cfg.checkpoint and os.path.lexists(cfg.checkpoint):
+        return checkpoint.load(cfg.checkpoint)["data"]["path"]
+    return DEFAULT_DATA
 
 
 def check_inputs(cfg, comm):
     """Open the data and check it against the model; on rank 0 (which alone writes and reads
     checkpoints, and holds the checkpoint's lock by now) check that no earlier output would be
-    lost and read the checkpoint to resume. Returns (train set, test set, images used, resume
-    state or None, what the resume changes: a list of words for the log); raises UsageError."""
+    lost and read the checkpoint to resume. Returns (train set, test set, the training rows
+    used: `subset_rows` or None for all, the data's identity, resume state or None, what the
+    resume changes: a list of words for the log); raises UsageError."""
     train = open_split(cfg.data, "train")
     test = open_split(cfg.data, "test", (train.image_shape, train.num_classes, "'train' holds"))
     n = min(cfg.subset or train.n, train.n)
+    rows = subset_rows(train.labels, n, cfg.seed, cfg.subset_draw) if n < train.n else None
+    identity = data_identity(cfg.data, train, test)
     if cfg.batch_size > n:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
     side = min(train.image_shape[1:])
@@ -44,29 +54,31 @@ def check_inputs(cfg, comm):
     state, changes = None, []
     if comm.rank == 0 and cfg.resume and os.path.lexists(cfg.checkpoint):
         state = checkpoint.load(cfg.checkpoint)
-        changes = resume_changes(cfg, state, data_identity(train, test), comm.size)
+        changes = resume_changes(cfg, state, identity, comm.size)
     elif comm.rank == 0 and not (cfg.overwrite or cfg.resume):
         # (--resume with no checkpoint yet starts a new run, which a restart loop relies on: its
         # other outputs are that run's, rewritten from the history it keeps)
-        for name in OUTPUTS:
-            path = getattr(cfg, name)
-            if path and os.path.exists(path):
-                go_on = ("--resume to continue that run" if name == "checkpoint" else
+        for option, path in outputs(cfg):
+            if os.path.exists(path):
+                go_on = ("--resume to continue that run" if option == "--checkpoint" else
                          f"--resume to go on with the run in {cfg.checkpoint}"
                          if cfg.checkpoint else "")
-                raise UsageError(f"{flag(name)} {path} already exists: pass "
+                raise UsageError(f"{option} {path} already exists: pass "
                                  f"{go_on + ' or ' if go_on else ''}--overwrite to replace it")
-    return train, test, n, state, changes
+    return train, test, rows, identity, state, changes
 
 
 def resume_changes(cfg, state, data_id, world_size):
     """Compare the checkpoint's run with `cfg` (see FIXED): raise CheckpointError naming every
     option that may not change, or fewer epochs than are done; return the applied changes."""
     saved, path = state["config"], cfg.checkpoint
+    # (how a subset is drawn matters only to a run that has one)
     fixed = [f"{flag(name)} ({saved.get(name)} -> {getattr(cfg, name)})" for name in FIXED
-             if saved.get(name) != getattr(cfg, name)]
-    if state["data"] != data_id:
-        fixed.append(f"--data (another data set than {saved.get('data')})")
+             if saved.get(name) != getattr(cfg, name) and (cfg.subset or name != "subset_draw")]
+    differ = differences(state["data"], data_id)
+    if differ:
+        fixed.append(f"--data (another data set than {state['data']['path']}: its "
+                     f"{', '.join(differ)} differ)")
     if fixed:
         raise CheckpointError(f"{path}: --resume cannot change {', '.join(fixed)}: give the "
                               f"run's own options, or start a new run with --overwrite")

@@ -21,6 +21,7 @@ import numpy as np
 from ddl.atomic import write_bytes
 from ddl.data import MAX_CLASSES
 from ddl.errors import OutputError, PrepareError, dims, one_line
+from ddl.images import convert
 
 SPLITS = ("train", "test")
 
@@ -63,6 +64,22 @@ def _class_names(labels, path):
                 raise PrepareError(f"{path}: {split} label {y[row]} at row {row} is out of range "
                                    f"(labels are 0..K-1, K <= {MAX_CLASSES})")
     return [str(i) for i in range(int(max(y.max() for y in labels.values())) + 1)]
+
+
+def named(source, names, where):
+    """`source` with class names `names` (label k -> names[k]); refused unless there is one
+    distinct, non-empty name for every label the splits hold (more names: classes without
+    images)."""
+    names = [str(name) for name in names]
+    top = max(int(split.labels.max()) for split in source.splits.values())
+    if len(names) <= top:
+        raise PrepareError(f"{where}: {len(names)} class names, but the labels go up to {top} "
+                           f"(label k is named by the k-th name)")
+    if len(set(names)) != len(names) or not all(names):
+        raise PrepareError(f"{where}: the class names must be distinct and non-empty, got "
+                           f"{', '.join(names)}")
+    source.class_names = names
+    return source
 
 
 def _images_of(shape, where):
@@ -280,7 +297,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 def npz(path, log=print):
     """An .npz archive of x_train, y_train, x_test, y_test (np.savez or savez_compressed): images
     (N, H, W), (N, H, W, C) or (N, C, H, W) of integers in 0..255, labels (N,) or (N, 1) of
-    integers 0..K-1. Images are streamed from the archive, except those saved in Fortran order,
+    integers 0..K-1, and optionally `class_names`, K strings (label k -> class_names[k]; without
+    it, "0".."K-1"). Images are streamed from the archive, except those saved in Fortran order,
     which are read whole."""
     if not os.path.isfile(path):
         raise PrepareError(f"{path}: no such file")
@@ -297,6 +315,8 @@ def npz(path, log=print):
         headers = {split: _npy_header(archive, members[f"x_{split}"], path) for split in SPLITS}
         labels = {split: _npz_labels(archive, members[f"y_{split}"], path, headers[split][0][0])
                   for split in SPLITS}
+        given = _npz_names(archive, members["class_names"], path) if "class_names" in members \
+            else None
     splits = {}
     for split in SPLITS:
         (shape, _, dtype), key = headers[split], f"x_{split}"
@@ -313,9 +333,24 @@ def npz(path, log=print):
             f"{'last' if last else 'first'})")
         splits[split] = Split(labels[split], chw,
                               functools.partial(_npz_chunks, path, members[key], key, last))
-    names = _class_names(labels, path)
-    return Source(splits, names, {"dataset": printable(os.path.splitext(os.path.basename(path))[0]),
-                                  "source": "npz"}, [("--npz", path)])
+    source = Source(splits, _class_names(labels, path),
+                    {"dataset": printable(os.path.splitext(os.path.basename(path))[0]),
+                     "source": "npz"}, [("--npz", path)])
+    return source if given is None else named(source, given, f"{path}: class_names")
+
+
+def _npz_names(archive, member, path):
+    """The class names of `member`, a 1-D array of strings."""
+    try:
+        with archive.open(member) as f:
+            names = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise PrepareError(f"{path}: class_names is not a readable array of strings "
+                           f"({one_line(e)})") from None
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise PrepareError(f"{path}: class_names is {names.dtype} {names.shape}, expected strings "
+                           f"(K,)")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _npy_header(archive, member, path):
@@ -411,33 +446,27 @@ GRAY_MODES = {"1", "L", "LA", "La"}
 WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F", "I;32", "F;32"}
 
 
-def image_folder(root, log=print):
+def image_folder(root, log=print, resize=None, test_split=None, seed=0, shuffle=False):
     """Images in the ImageFolder layout, ROOT/train/<class>/... and ROOT/test/<class>/...: the
     class names are the training folder's subfolders, sorted (index = label), and the test set's
-    must be among them. Any format Pillow reads; files and folders whose names start with "." are
-    skipped, any other file must be an image. All images must have one size; grayscale ones give
-    one channel, and if any image has colour, every image is read as RGB (alpha dropped)."""
+    must be among them. With `test_split` (a fraction in (0, 1)), ROOT/<class>/... instead, split
+    by `_split_files`. Any format Pillow reads; files and folders whose names start with "." are
+    skipped, any other file must be an image. All images must have one size, unless `resize`
+    (H, W) gives it (ddl/images.py says how); grayscale ones give one channel, and if any image
+    has colour, every image is read as RGB (alpha dropped). The rows go class by class, in sorted
+    file order, or with `shuffle` in a random order seeded by `seed` (so that a prefix of the file
+    is a fair sample)."""
     from PIL import Image
-    folders = {split: os.path.join(root, split) for split in SPLITS}
-    for folder in (root, *folders.values()):
-        if not os.path.isdir(folder):
-            raise PrepareError(f"{folder}: no such folder (an image folder holds train/<class>/ "
-                               f"and test/<class>/ folders of images)")
-    files, labels = {}, {}
-    names = None
-    for split, folder in folders.items():
-        classes = _class_folders(folder)
-        if names is None:
-            names = classes
-        unknown = sorted(set(classes) - set(names))
-        if unknown:
-            raise PrepareError(f"{os.path.join(folder, unknown[0])}: no such class in "
-                               f"{folders['train']}")
-        files[split], labels[split] = [], []
-        for name in classes:
-            found = _image_files(os.path.join(folder, name))
-            files[split] += found
-            labels[split] += [names.index(name)] * len(found)
+    if test_split:
+        files, labels, names = _split_files(root, test_split, seed)
+    else:
+        files, labels, names = _split_folders(root)
+    if shuffle:
+        rng = np.random.default_rng((seed, 13))
+        for split in SPLITS:
+            order = rng.permutation(len(files[split]))
+            files[split] = [files[split][i] for i in order]
+            labels[split] = [labels[split][i] for i in order]
     size, first, gray = None, None, True
     for path in files["train"] + files["test"]:
         try:
@@ -453,17 +482,74 @@ def image_folder(root, log=print):
             raise PrepareError(f"{path}: an image of no pixels ({this[1]}x{this[0]})")
         if size is None:
             size, first = this, path
-        elif this != size:
+        elif this != size and not resize:
             raise PrepareError(f"{path}: {this[1]}x{this[0]} pixels, but {first} has "
-                               f"{size[1]}x{size[0]} (every image must have one size)")
+                               f"{size[1]}x{size[0]} (every image must have one size; "
+                               f"--resize HxW makes them one)")
         gray &= mode in GRAY_MODES
-    shape = (1 if gray else 3, size[1], size[0])
-    log(f"{root}: {len(names)} classes, {dims(shape)} images")
+    shape = (1 if gray else 3, *(resize or (size[1], size[0])))
+    log(f"{root}: {len(names)} classes, {dims(shape)} images"
+        + (f" (resized bilinearly to {resize[0]}x{resize[1]})" if resize else "")
+        + (f", {len(files['test'])} of {len(files['train']) + len(files['test'])} held out for "
+           f"testing" if test_split else ""))
     splits = {split: Split(np.array(labels[split], np.int64), shape,
                            functools.partial(_decode, files[split], shape)) for split in SPLITS}
     return Source(splits, [printable(name) for name in names],
                   {"dataset": printable(os.path.basename(os.path.normpath(root))),
                    "source": "image-folder"}, [("--image-folder", root)])
+
+
+def _split_folders(root):
+    """({split: files}, {split: labels}, class names) of ROOT/train/<class>/ and
+    ROOT/test/<class>/."""
+    folders = {split: os.path.join(root, split) for split in SPLITS}
+    for folder in (root, *folders.values()):
+        if not os.path.isdir(folder):
+            raise PrepareError(f"{folder}: no such folder (an image folder holds train/<class>/ "
+                               f"and test/<class>/ folders of images, or <class>/ folders to "
+                               f"split with --test-split)")
+    files, labels = {}, {}
+    names = None
+    for split, folder in folders.items():
+        classes = _class_folders(folder)
+        if names is None:
+            names = classes
+        unknown = sorted(set(classes) - set(names))
+        if unknown:
+            raise PrepareError(f"{os.path.join(folder, unknown[0])}: no such class in "
+                               f"{folders['train']}")
+        files[split], labels[split] = [], []
+        for name in classes:
+            found = _image_files(os.path.join(folder, name))
+            files[split] += found
+            labels[split] += [names.index(name)] * len(found)
+    return files, labels, names
+
+
+def _split_files(root, fraction, seed):
+    """({split: files}, {split: labels}, class names) of ROOT/<class>/, each class's files split
+    at random (seeded by `seed`) into round(fraction * n) test images and the rest for training,
+    each class keeping at least one of each; within a split, in sorted order."""
+    if not os.path.isdir(root):
+        raise PrepareError(f"{root}: no such folder")
+    names = _class_folders(root)
+    if {"train", "test"} <= set(names):
+        raise PrepareError(f"{root} holds train/ and test/ already: --test-split is for a "
+                           f"folder of <class>/ folders")
+    rng = np.random.default_rng((seed, 11))
+    files, labels = {split: [] for split in SPLITS}, {split: [] for split in SPLITS}
+    for label, name in enumerate(names):
+        found = _image_files(os.path.join(root, name))
+        if len(found) < 2:
+            raise PrepareError(f"{os.path.join(root, name)}: {len(found)} image, but a class "
+                               f"split for testing needs at least 2")
+        held = min(max(1, round(fraction * len(found))), len(found) - 1)
+        test = set(rng.permutation(len(found))[:held].tolist())
+        for i, path in enumerate(found):
+            split = "test" if i in test else "train"
+            files[split].append(path)
+            labels[split].append(label)
+    return files, labels, names
 
 
 def _class_folders(folder):
@@ -501,16 +587,15 @@ def _visible(names):
 
 
 def _decode(paths, shape, rows):
-    """The images of `paths` as uint8 (k, C, H, W) chunks, decoded one at a time."""
+    """The images of `paths` as uint8 (k, C, H, W) chunks of `shape` (converted and resized as
+    ddl/images.py says), decoded one at a time."""
     from PIL import Image
-    mode = "L" if shape[0] == 1 else "RGB"
     for lo in range(0, len(paths), rows):
         block = np.empty((min(rows, len(paths) - lo), *shape), np.uint8)
         for i, path in enumerate(paths[lo:lo + rows]):
             try:
                 with Image.open(path) as im:
-                    pixels = np.asarray(im.convert(mode))
+                    block[i] = convert(im, shape)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise PrepareError(f"{path}: cannot decode ({one_line(e)})") from None
-            block[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
         yield block

@@ -18,19 +18,21 @@ import time
 import numpy as np
 
 from ddl import checkpoint, kernels
+from ddl.atomic import write_bytes
 from ddl.comm import SingleCommunicator, agree
-from ddl.config import check_options, claim_outputs
+from ddl.config import best, check_options, claim_outputs
 from ddl.data import DistributedSampler, Loader
 from ddl.debug import finite_check
 from ddl.errors import Diverged, Stopped, dims
 from ddl.evaluation import EvaluationStopped, eval_loader, evaluate
+from ddl.identity import listed
 from ddl.log import Log
 from ddl.models import build, resolve, source_digest
 from ddl.nn import CrossEntropyLoss
 from ddl.optim import make_optimizer
 from ddl.parallel import Replicas
 from ddl.preemption import StopRequest
-from ddl.resume import check_inputs, data_identity, resume
+from ddl.resume import check_inputs, data_file, resume
 from ddl.schedules import make_schedule
 from ddl.step import OFF, dropout_layers, seed_dropout, train_step
 from ddl.timeline import Timeline
@@ -45,7 +47,12 @@ def run(cfg, comm=None, on_epoch_end=None):
     comm = comm or SingleCommunicator()
     with comm.at("at start-up", timeout=cfg.timeout):
         agree(comm, lambda: check_options(cfg, comm.size), "option check")
-        cfg = dataclasses.replace(cfg, model=resolve(cfg.model))  # a model file's path, absolute
+        # A model file's path, absolute; the data file, the checkpoint's by default (rank 0 reads
+        # it).
+        data = cfg.data or comm.bcast_obj(agree(comm, lambda: data_file(cfg) if comm.rank == 0
+                                                else None, "checkpoint read"),
+                                          what="broadcast of the data file's path")
+        cfg = dataclasses.replace(cfg, model=resolve(cfg.model), data=data)
         # Rank 0 holds the checkpoint's lock to the end, so that no second job writes it
         # meanwhile. NumPy's warnings about NaN and inf stay quiet: the loop checks for those.
         with agree(comm, lambda: claim_outputs(cfg) if comm.rank == 0 else
@@ -116,13 +123,22 @@ class Run:
 def set_up(cfg, comm, log):
     """The data, the kernels, and the same model, optimizer and schedule on every rank, resumed
     from the checkpoint with --resume; returns the Run."""
-    train_set, test_set, n_train, state, changes = agree(comm, lambda: check_inputs(cfg, comm),
-                                                         "input check")
+    train_set, test_set, rows, identity, state, changes = agree(
+        comm, lambda: check_inputs(cfg, comm), "input check")
+    n_train = train_set.n if rows is None else len(rows)
+    log.info(f"data {cfg.data}: {train_set.n:,} train + {test_set.n:,} test images of "
+             f"{dims(train_set.image_shape)}, {train_set.num_classes} classes "
+             f"({listed(train_set.class_names)})"
+             + (f"; training on a {cfg.subset_draw} subset of {n_train:,}" if rows is not None
+                else ""))
+    if not cfg.checkpoint:
+        log.info("no --checkpoint: nothing of this run will be saved")
     kernels.use(cfg.kernels)
     compile_seconds = kernels.warm(comm)   # before any model runs, so rank 0 compiles first
     model = agree(comm, lambda: build(cfg.model, train_set.image_shape, train_set.num_classes,
                                       seed=cfg.seed, input_grad=False))
-    sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed)
+    sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed,
+                                 rows=rows)
     loader = Loader(train_set, sampler, shift=cfg.shift, flip=cfg.flip)
     test_loader = eval_loader(test_set, comm)
     steps = len(loader)
@@ -138,7 +154,7 @@ def set_up(cfg, comm, log):
     if source_digest(cfg.model):
         architecture["source_sha256"] = source_digest(cfg.model)
     r = Run(cfg, comm, model, replicas, optimizer, schedule, loader, test_loader,
-            dict(architecture=architecture, data=data_identity(train_set, test_set)), check)
+            dict(architecture=architecture, data=identity), check)
     state = resume(cfg, comm, log, state, changes, model, optimizer, schedule, steps)
     if state is not None:
         r.start, r.first, r.partial = int(state["epoch"]), int(state["step"]), state["partial"]
@@ -198,7 +214,8 @@ def _train(cfg, comm, log, r, on_epoch_end):
                     loss_sum += signals.loss
                     elapsed = time.perf_counter() - started
                     log.progress(epoch + 1, cfg.epochs, step, steps, signals.loss,
-                                 (step - begin) * cfg.batch_size / elapsed)
+                                 (step - begin) * cfg.batch_size / elapsed,
+                                 elapsed / (step - begin) * (steps - step))
                     due = signals.save or (cfg.checkpoint_every
                                            and done % cfg.checkpoint_every == 0)
                     # The epoch's own checkpoint follows its last step within seconds.
@@ -238,6 +255,7 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes, stop):
         raise _diverged(cfg, f"the end of epoch {epoch + 1}", r.saved,
                         "the weights or the test loss")
     steps = len(r.loader)
+    better = test_accuracy > max((h["test_accuracy"] for h in r.history), default=-1.0)
     r.history.append(dict(
         epoch=epoch + 1, train_loss=loss_sum / steps,
         test_loss=float(test_loss), test_accuracy=float(test_accuracy),
@@ -247,6 +265,9 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes, stop):
     log.epoch(r.history[-1], cfg.epochs)
     if cfg.checkpoint:
         r.save(epoch + 1, 0, dict(loss_sum=0.0, seconds=0.0))
+    if cfg.keep_best and better:
+        agree(comm, lambda: comm.rank == 0 and copy(cfg.checkpoint, best(cfg.checkpoint)),
+              "checkpoint write")
     agree(comm, lambda: comm.rank == 0 and log.metrics(r.history), "metrics write")
     r.timeline.lap("checkpoint")
 
@@ -255,6 +276,12 @@ def finite(model):
     """Whether every array that a checkpoint of `model` holds, weights and buffers (BatchNorm's
     running statistics), is finite: what `checkpoint.load` will demand of it."""
     return all(np.isfinite(v).all() for v in model.state_dict().values())
+
+
+def copy(source, target):
+    """File `source` copied to `target` whole or not at all (the previous one kept)."""
+    with open(source, "rb") as f:
+        write_bytes(target, f.read())
 
 
 def _position(epoch, step):

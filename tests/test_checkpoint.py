@@ -34,7 +34,7 @@ def test_round_trip(tmp_path):
     got = checkpoint.load(tmp_path / "c.h5")
     assert got["epoch"] == 3 and got["step"] == 7 and got["partial"] == saved["partial"]
     assert got["history"] == saved["history"]
-    assert got["config"] == {"model": "mlp"} and got["world_size"] == 2
+    assert got["config"] == {"model": "mlp", "subset_draw": "first"} and got["world_size"] == 2
     assert got["architecture"] == saved["architecture"]
     for k, v in saved["model"].items():
         np.testing.assert_array_equal(got["model"][k], v)
@@ -69,9 +69,11 @@ def test_format_1_reads_as_an_mnist_model_at_the_start_of_an_epoch(tmp_path, mon
     monkeypatch.undo()
     got = checkpoint.load(tmp_path / "c.h5")
     assert got["architecture"] == {"model": "mlp", "in_shape": [1, 28, 28], "num_classes": 10}
-    assert got["data"] == dict(old["data"], mean=[0.13], std=[0.31], shape=[1, 28, 28])
+    assert got["data"] == dict(old["data"], mean=[0.13], std=[0.31], shape=[1, 28, 28],
+                               path="data/mnist.h5", class_names=None, fingerprint=None)
     assert got["epoch"] == 3 and got["step"] == 0 and got["partial"]["loss_sum"] == 0
-    assert got["config"] == {"model": "mlp", "kernels": "numpy", "shift": 0, "flip": False}
+    assert got["config"] == {"model": "mlp", "kernels": "numpy", "shift": 0, "flip": False,
+                             "subset_draw": "first"}
 
 
 def test_leftovers_of_a_killed_write_are_removed(tmp_path):

@@ -151,7 +151,9 @@ def test_resume_applies_and_says_what_it_may_change(ddl, work):
     code, output = ddl("train", "--data", "moved.h5", *FAST, "--checkpoint", "c.h5", "--resume",
                        "--epochs", "3", "--lr", "0.01", "--schedule", "constant")
     assert code == 0, output
-    said = output.splitlines()[0]
+    first, said = output.splitlines()[:2]
+    assert first == ("data moved.h5: 512 train + 512 test images of 1x28x28, 10 classes (0, 1, 2, "
+                     "3, 4, 5, 6, 7, 8, 9); training on a stratified subset of 256")
     assert said.startswith("resuming c.h5 after epoch 2, ")
     for change in ("--epochs 3 (was 2)", "--lr 0.01 (was 0.05)",
                    "--schedule constant (was cosine)"):

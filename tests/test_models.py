@@ -230,7 +230,9 @@ def test_a_users_model_file(model_file):
     ("nets/mine.py:not_a_module", "model nets/mine.py:not_a_module returned list, not an "
                                   "nn.Module"),
     ("nets/mine.py:fixed_size", "model nets/mine.py:fixed_size cannot take 3x8x8 images "
-                                "(ValueError: matmul"),
+                                "(layer 1 Linear(784, 10, bias=True) got input of shape (2, "
+                                "192): ValueError: Linear takes (N, 784) inputs, got (2, 192): "
+                                "give it in_features=192, or change the layers before it)"),
     ("nets/mine.py:wrong_classes", "maps images of 3x8x8 to outputs of shape (3,) per image, "
                                    "not the (10,) logits of the 10 classes"),
     ("nets/mine.py", "model 'nets/mine.py': name a model file and its function as "

@@ -34,6 +34,10 @@ class Linear(Module):
         self.bias = Parameter(_uniform(rng, bound, (out_features,))) if bias else None
 
     def forward(self, x):
+        if x.ndim != 2 or x.shape[1] != self.in_features:   # NumPy's matmul would say it obscurely
+            raise ValueError(f"Linear takes (N, {self.in_features}) inputs, got "
+                             f"{tuple(x.shape)}: give it in_features={x.shape[-1]}, or change "
+                             f"the layers before it")
         self._x = x
         y = x @ self.weight.data.T
         if self.bias is not None:

@@ -162,6 +162,12 @@ class Module:
     def extra_repr(self):
         return ""
 
+    def summary(self, in_shape):
+        """A table of the layers: each one's output shape for one image of `in_shape` (C, H, W)
+        and its parameters, and the totals (ddl/nn/summary.py); `print` it."""
+        from ddl.nn.summary import summary
+        return summary(self, tuple(in_shape))
+
     def __repr__(self):
         children = self.named_children()
         if not children:
