@@ -288,7 +288,7 @@ def test_the_confusion_counts_sum_over_ranks(colour_h5):
     model, comm = build("mlp", (3, 32, 32), 4, seed=0), SingleCommunicator()
     with H5Dataset(colour_h5, "test") as test:
         counts = np.zeros((4, 4))
-        _, accuracy = evaluate(model, eval_loader(test, comm), comm, counts)
+        _, accuracy = evaluate(model, eval_loader(test, comm), comm, confusion=counts)
         assert counts.sum() == test.n
         assert np.array_equal(counts.sum(axis=1), np.bincount(test.labels, minlength=4))
     assert np.trace(counts) / counts.sum() == pytest.approx(accuracy)

@@ -40,7 +40,9 @@ def _traced(model, rows):
             return y
         return traced
 
-    modules = model.named_modules()
+    # Each module once, under its first name: a layer used twice (refused later, by name) must
+    # not be wrapped twice.
+    modules = list({id(m): (name, m) for name, m in reversed(model.named_modules())}.values())
     for name, module in modules:
         module.forward = wrap(name, module, module.forward)
     try:
