@@ -14,7 +14,7 @@ from ddl.kernels import jit
 from ddl.kernels import numba as compiled
 from conftest import MNIST, needs
 from ddl.models import MODELS, build
-from ddl.kernels.numba import ConvPool, PoolReLU
+from ddl.kernels.numba import ConvPool, WithReLU
 from gradcheck import check_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +144,7 @@ def test_max_pool_with_ties_matches_numpy(kernel, stride, shape, relu):
             else (lambda: nn.MaxPool2d(kernel, stride)))
     if relu:
         with kernels.using("numba"):
-            assert [type(s) for s in make().steps()] == [PoolReLU]
+            assert [type(s) for s in make().steps()] == [WithReLU]
     assert_same(run_both(make, x))
 
 
@@ -194,7 +194,7 @@ def test_a_users_sequential_gets_the_fused_path():
                         nn.Flatten())
     with kernels.using("numba"):
         assert [type(s).__name__ for s in net.steps()] == ["ConvPool", "ConvPool", "Conv2d",
-                                                          "PoolReLU", "Flatten"]
+                                                          "WithReLU", "Flatten"]
 
 
 # --- loss and optimizers --------------------------------------------------------------------------

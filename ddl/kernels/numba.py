@@ -3,8 +3,9 @@ run by compiled kernels, plus the fused passes that only this backend has (a con
 the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
 
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
-stride-1 layers with several input channels, a direct convolution for other stride-1 layers, and
-NumPy's im2col and one GEMM for strided and 1x1 layers, where GEMMs beat them. Activations keep
+stride-1 layers with several input channels, a direct convolution for other stride-1 layers, one
+GEMM straight on the activations for unpadded 1x1 layers (strided ones on a strided copy: a 1x1
+kernel's im2col is that copy), and NumPy's im2col and one GEMM for the other strided layers. Activations keep
 the NumPy backend's memory order, (C, H, W, N) with the batch innermost, behind logically
 (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
@@ -12,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ddl.kernels import direct, loss, optim, pool, winograd
+from ddl.kernels import direct, loss, norm, optim, pool, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -24,16 +25,19 @@ WINOGRAD_MIN_CHANNELS = 4
 
 
 def algorithm(weight_shape, stride):
-    """"direct", "winograd" or "im2col" for a convolution with this weight (O, C, kh, kw)."""
+    """"direct", "winograd", "gemm" or "im2col" for a convolution with this weight (O, C, kh,
+    kw); "gemm" (1x1 kernels) needs no padding, and runs im2col when there is some."""
     _, c, kh, kw = weight_shape
-    if stride != (1, 1) or (kh, kw) == (1, 1):
+    if (kh, kw) == (1, 1):
+        return "gemm"
+    if stride != (1, 1):
         return "im2col"
     return "winograd" if (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS else "direct"
 
 
 def fusable(conv, pool_layer):
     """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
-    return (algorithm(conv.weight.shape, conv.stride) != "im2col"
+    return (algorithm(conv.weight.shape, conv.stride) not in ("im2col", "gemm")
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
@@ -45,9 +49,13 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
     """As reference.conv2d_forward; with `pool` (a fusable layer), max-pooled 2x2 and, with
     `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
     algo = algorithm(weight.shape, stride)
+    if algo == "gemm" and padding != (0, 0):
+        algo = "im2col"
     ws = ws or Workspace()
     if algo == "im2col":
         y, ctx = reference.conv2d_forward(x, weight, bias, stride, padding, ws)
+    elif algo == "gemm":
+        y, ctx = _gemm_forward(x, weight, bias, stride, ws)
     else:
         b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
         y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, b, padding, pool, relu, ws)
@@ -62,6 +70,8 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
     if algo == "im2col":
         return reference.conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding,
                                           input_grad, ws)
+    if algo == "gemm":
+        return _gemm_backward(grad_y, ctx, weight, x_shape, stride, input_grad)
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
     gxp = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
@@ -69,6 +79,39 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
         return None, grad_w, grad_b
     (ph, pw), (h, w) = padding, x_shape[2:]
     return nchw(gxp[:, ph:ph + h, pw:pw + w]), grad_w, grad_b
+
+
+def _gemm_forward(x, weight, bias, stride, ws):
+    """A 1x1 convolution, unpadded: W (O, C) @ x (C, OH*OW*N), x strided first if need be."""
+    xc, (sh, sw) = chwn(x), stride
+    if (sh, sw) != (1, 1):
+        picked = xc[:, ::sh, ::sw]
+        xc = ws.empty("picked", picked.shape, x.dtype)
+        xc[...] = picked
+    o, c = weight.shape[:2]
+    xm = xc.reshape(c, -1)
+    y = weight.reshape(o, c) @ xm
+    if bias is not None:
+        y += bias[:, None]
+    return nchw(y.reshape(o, *xc.shape[1:])), xm
+
+
+def _gemm_backward(grad_y, xm, weight, x_shape, stride, input_grad):
+    """The gradients of _gemm_forward: two GEMMs and a sum (and a strided scatter)."""
+    o, c = weight.shape[:2]
+    gy = chwn(grad_y)
+    gm = gy.reshape(o, -1)
+    grad_w = (gm @ xm.T).reshape(weight.shape)
+    grad_b = gm.sum(axis=1)
+    if not input_grad:
+        return None, grad_w, grad_b
+    g = (weight.reshape(o, c).T @ gm).reshape(c, *gy.shape[1:])
+    (sh, sw), (n, _, h, w) = stride, x_shape
+    if (sh, sw) != (1, 1):
+        gx = np.zeros((c, h, w, n), g.dtype)
+        gx[:, ::sh, ::sw] = g
+        g = gx
+    return nchw(g), grad_w, grad_b
 
 
 def maxpool2d_forward(x, kernel, stride, relu=False):
@@ -116,6 +159,68 @@ def relu_backward(grad_y, ctx):
     return gx
 
 
+def _rows(a):
+    """a (N, C, H, W) as (C, H*W*N) rows of (C, H, W, N) memory (a copy unless it is that)."""
+    return chwn(a).reshape(a.shape[1], -1)
+
+
+_NO_ROWS = {}   # dtype -> an empty (0, 0) array: the residual argument when there is none
+
+
+def _none(dtype):
+    return _NO_ROWS.setdefault(dtype, np.empty((0, 0), dtype))
+
+
+def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None):
+    """As reference.batchnorm2d_forward: the statistics in one compiled pass, the normalisation,
+    residual add and ReLU in another."""
+    xr, dtype = _rows(x), x.dtype
+    c = xr.shape[0]
+    if running is None:
+        mean64, var64 = np.empty(c), np.empty(c)
+        norm.moments(xr, mean64, var64)
+        mean, var = mean64.astype(dtype), var64.astype(dtype)
+    else:
+        mean, var = (v.astype(dtype, copy=False) for v in running)
+    inv = (1 / np.sqrt(var + dtype.type(eps))).astype(dtype)
+    scale = (weight * inv).astype(dtype)
+    shift = (bias - mean * scale).astype(dtype)
+    y = np.empty_like(xr)
+    added = residual is not None
+    norm.normalize(xr, scale, shift, _rows(residual) if added else _none(dtype), added, relu, y)
+    shape = (c, x.shape[2], x.shape[3], x.shape[0])
+    return nchw(y.reshape(shape)), (mean, var), (xr, mean, inv, y, relu, running is None,
+                                                 added, shape)
+
+
+def batchnorm2d_backward(grad_y, ctx, weight):
+    """As reference.batchnorm2d_backward, in one compiled pass per channel."""
+    xr, mean, inv, y, relu, batch_stats, added, shape = ctx
+    gx = np.empty_like(xr)
+    gres = np.empty_like(xr) if added else _none(xr.dtype)
+    gw, gb = np.empty(len(xr)), np.empty(len(xr))
+    norm.normalize_grad(_rows(grad_y), xr, mean, inv, (weight * inv).astype(xr.dtype), y, relu,
+                        batch_stats, gres, added, gw, gb, gx)
+    return (nchw(gx.reshape(shape)), gw.astype(weight.dtype), gb.astype(weight.dtype),
+            nchw(gres.reshape(shape)) if added else None)
+
+
+def global_avgpool2d_forward(x):
+    """As reference.global_avgpool2d_forward; y is an (N, C) view of (C, N) memory."""
+    xc = chwn(x)
+    y = np.empty((xc.shape[0], xc.shape[3]), x.dtype)
+    norm.mean_over_pixels(xc.reshape(xc.shape[0], -1, xc.shape[3]), y)
+    return y.T
+
+
+def global_avgpool2d_backward(grad_y, x):
+    """As reference.global_avgpool2d_backward, the result in (C, H, W, N) memory."""
+    n, c, h, w = x.shape
+    gx = np.empty((c, h * w, n), grad_y.dtype)
+    norm.spread_over_pixels(np.ascontiguousarray(grad_y.T), gx)
+    return nchw(gx.reshape(c, h, w, n))
+
+
 # The same as the reference's: pooling by averages is rare, and allocation is NumPy's.
 avgpool2d_forward, avgpool2d_backward = reference.avgpool2d_forward, reference.avgpool2d_backward
 empty, zeros, array = reference.empty, reference.zeros, reference.array
@@ -125,13 +230,16 @@ sgd, adam, rmsprop = optim.sgd, optim.adam, optim.rmsprop
 
 # --- fused layer groups ---------------------------------------------------------------------------
 # `plan(layers)` is what a Sequential runs: its layers in order, except that a convolution followed
-# by a 2x2 max pool (and a ReLU before or after the pool) becomes one `ConvPool` step, and a max
-# pool next to a ReLU becomes one `PoolReLU` step. ReLU and max pooling commute, outputs and
-# gradients alike (ties included), so both layer orders fuse. A group only calls its layers' own
-# kernels with their own parameters and caches: the module tree, `parameters()` and `state_dict()`
-# do not change, and so neither does anything that reads them. Layers are known by the `op` their
-# class declares ("conv2d", "maxpool2d", "relu"), not by importing them: ddl.nn imports the
-# kernels, never the other way round.
+# by a 2x2 max pool (and a ReLU before or after the pool) becomes one `ConvPool` step, and a ReLU
+# after a max pool, a batch normalisation or a residual block (or a ReLU before a max pool) joins
+# that layer's pass as one `WithReLU` step. ReLU and max pooling commute, outputs and gradients
+# alike (ties included), so both layer orders fuse. A residual block whose body ends in a batch
+# normalisation adds its shortcut in that normalisation's pass (Residual.run), and its body is a
+# Sequential, planned here like any other. A group only calls its layers' own kernels with their
+# own parameters and caches: the module tree, `parameters()` and `state_dict()` do not change, and
+# so neither does anything that reads them. Layers are known by the `op` their class declares
+# ("conv2d", "maxpool2d", "relu", ...), not by importing them: ddl.nn imports the kernels, never
+# the other way round.
 class ConvPool:
     """Conv2d -> MaxPool2d(2) [-> ReLU], or Conv2d -> ReLU -> MaxPool2d(2): one pass that never
     stores the convolution's full-resolution output."""
@@ -149,20 +257,29 @@ class ConvPool:
         return f"{self.conv!r} + max pool 2x2" + (" + ReLU" if self.relu else "")
 
 
-class PoolReLU:
-    """MaxPool2d and ReLU, in either order: one pass."""
+class WithReLU:
+    """A layer whose `run(backend, x, relu=True)` applies the ReLU after it in its own pass
+    (MaxPool2d, BatchNorm2d, Residual), and that ReLU."""
 
-    def __init__(self, pool):
-        self.pool = pool
+    def __init__(self, layer):
+        self.layer = layer
 
     def forward(self, x):
-        return self.pool.run(_self, x, relu=True)
+        return self.layer.run(_self, x, relu=True)
 
     def backward(self, grad_y):
-        return self.pool.backward(grad_y)
+        return self.layer.backward(grad_y)
 
     def __repr__(self):
-        return f"{self.pool!r} + ReLU"
+        return f"{self.layer!r} + ReLU"
+
+
+# The ops of layers whose every pass here is compiled (or one BLAS call, or free): any other layer
+# runs NumPy code, which `slow_steps` names.
+COMPILED = {"conv2d", "maxpool2d", "relu", "batchnorm2d", "global_avgpool2d", "residual",
+            "sequential", "linear", "flatten"}
+# Ops whose layer takes run(backend, x, relu=True) for a ReLU after it.
+TAKES_RELU = ("maxpool2d", "batchnorm2d", "residual")
 
 
 def _op(layer):
@@ -184,13 +301,23 @@ def plan(layers):
         elif ops == ("conv2d", "relu", "maxpool2d") and fusable(a, c):
             steps.append(ConvPool(a, True))
             i += 3
-        elif ops[:2] in (("maxpool2d", "relu"), ("relu", "maxpool2d")):
-            steps.append(PoolReLU(a if ops[0] == "maxpool2d" else b))
+        elif ops[0] in TAKES_RELU and ops[1] == "relu":
+            steps.append(WithReLU(a))
+            i += 2
+        elif ops[:2] == ("relu", "maxpool2d"):
+            steps.append(WithReLU(b))
             i += 2
         else:
             steps.append(a)
             i += 1
     return steps
+
+
+def slow_steps(module):
+    """The names (state_dict prefixes, "" for `module` itself) of the layers in `module`'s tree
+    that this backend runs through the NumPy reference: no compiled kernel of theirs."""
+    return [name or "(the model)" for name, m in module.named_modules()
+            if _op(m) not in COMPILED]
 
 
 _self = sys.modules[__name__]   # this backend, which the fused groups run their layers with
