@@ -26,8 +26,9 @@ CONVS = {
                (6, 2, 5, 1, 0, (2, 6, 7, 7))],
     "winograd": [(4, 3, 3, 1, 0, (2, 4, 6, 6)), (5, 2, 3, 1, 1, (3, 5, 5, 7)),  # odd outputs
                  (6, 4, 3, 1, 2, (1, 6, 3, 4)), (8, 3, 3, 1, 0, (2, 8, 3, 3))],  # one output
-    "im2col": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
-               (6, 2, 1, 1, 0, (2, 6, 3, 4))],
+    "im2col": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6))],
+    "gemm": [(6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),      # odd sides
+             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7))],
 }
 CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]
 
@@ -108,7 +109,7 @@ def conv_pool(order, cfg, relu=True):
     return make
 
 
-FUSED = [c for c in CONV_CASES if c[0] != "im2col" and min(c[1][-1][2:]) > 3]  # room to pool
+FUSED = [c for c in CONV_CASES if c[0] not in ("im2col", "gemm") and min(c[1][-1][2:]) > 3]  # room to pool
 
 
 @pytest.mark.parametrize("order", [("pool", "relu"), ("relu", "pool"), ("pool",)])
@@ -195,6 +196,98 @@ def test_a_users_sequential_gets_the_fused_path():
     with kernels.using("numba"):
         assert [type(s).__name__ for s in net.steps()] == ["ConvPool", "ConvPool", "Conv2d",
                                                           "WithReLU", "Flatten"]
+
+
+def test_a_padded_1x1_convolution_runs_im2col():
+    cfg = (3, 2, 1, 1, 1, (2, 3, 4, 4))
+    out = run_both(lambda: make_conv(cfg), randn(*cfg[-1]))
+    assert out["numba"][0].shape == (2, 2, 6, 6)
+    assert_same(out)
+
+
+# --- batch normalisation, residual blocks, global average pooling ---------------------------------
+def bn_block(training, relu, shortcut, channels=3):
+    """Residual(Conv2d -> BatchNorm2d) [-> ReLU], the shortcut the identity or a 1x1
+    convolution and a BatchNorm2d: each variant of the fused tail (the residual add, and the
+    ReLU, in the normalisation's pass), with batch or running statistics."""
+    def make():
+        rng = np.random.default_rng(3)
+        bn = nn.BatchNorm2d(channels)
+        bn.weight.data[...] = rng.uniform(0.5, 1.5, channels)
+        bn.bias.data[...] = rng.uniform(-0.5, 0.5, channels)
+        bn.running_mean[...] = rng.uniform(-0.2, 0.2, channels)
+        bn.running_var[...] = rng.uniform(0.5, 2, channels)
+        # Biases before batch statistics have a gradient of exactly 0: no biases, as in ResNets.
+        skip = (nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False, rng=rng),
+                              nn.BatchNorm2d(channels)) if shortcut else None)
+        body = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False, rng=rng), bn)
+        block = nn.Residual(body, skip)
+        net = nn.Sequential(block, nn.ReLU()) if relu else block
+        return net.train(training)
+    return make
+
+
+BN_CASES = [(t, r, s) for t in (True, False) for r in (True, False) for s in (True, False)]
+
+
+@pytest.mark.parametrize("training, relu, shortcut", BN_CASES)
+def test_batchnorm_residual_relu_fuse_and_match_numpy(training, relu, shortcut):
+    make = bn_block(training, relu, shortcut)
+    x = randn(3, 3, 5, 7)
+    assert_same(run_both(make, x))
+    with kernels.using("numba"):
+        net = make()
+        if relu:
+            assert [type(s).__name__ for s in net.steps()] == ["WithReLU"]
+        check_module(net, randn(2, 3, 3, 5, seed=4))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_with_relu_and_its_statistics_match_numpy(training):
+    def make():
+        return nn.Sequential(nn.BatchNorm2d(5), nn.ReLU()).train(training)
+    x = randn(4, 5, 3, 3) * 3 + 2
+    assert_same(run_both(make, x))
+    stats = {}
+    for name in kernels.NAMES:
+        with kernels.using(name):
+            net = make()
+            net(x.astype(np.float32))
+            stats[name] = net[0].state_dict()
+    for key, value in stats["numpy"].items():
+        np.testing.assert_allclose(stats["numba"][key], value, rtol=1e-5, err_msg=key)
+    with kernels.using("numba"):
+        assert [type(s).__name__ for s in make().steps()] == ["WithReLU"]
+        check_module(make(), randn(3, 5, 2, 3, seed=5))
+
+
+def test_global_average_pool_matches_numpy():
+    x = randn(3, 5, 7, 6)
+    assert_same(run_both(nn.GlobalAvgPool2d, x))
+    with kernels.using("numba"):
+        check_module(nn.GlobalAvgPool2d(), randn(2, 3, 5, 3))
+
+
+def test_residual_mismatched_shapes_fail_in_one_line():
+    block = nn.Residual(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)))
+    for name in kernels.NAMES:
+        with kernels.using(name), pytest.raises(ValueError, match="the shortcut"):
+            block(randn(1, 2, 4, 4))
+
+
+def test_resnet_mini_is_planned_inside_its_blocks():
+    model = build("resnet-mini", (3, 9, 9), 10)
+    with kernels.using("numba"):
+        assert [type(s).__name__ for s in model.steps()] == [
+            "Conv2d", "WithReLU", "WithReLU", "WithReLU", "WithReLU", "GlobalAvgPool2d",
+            "Linear"]
+        assert model[3].body.steps()[-1] is model[3].body[-1]  # the add's pass: a BatchNorm
+        assert compiled.slow_steps(model) == []
+
+
+def test_layers_without_compiled_kernels_are_named():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten())
+    assert compiled.slow_steps(net) == ["1", "2"]
 
 
 # --- loss and optimizers --------------------------------------------------------------------------
