@@ -109,7 +109,8 @@ def conv_pool(order, cfg, relu=True):
     return make
 
 
-FUSED = [c for c in CONV_CASES if c[0] not in ("im2col", "gemm") and min(c[1][-1][2:]) > 3]  # room to pool
+# Algorithms that fuse, and room to pool.
+FUSED = [c for c in CONV_CASES if c[0] not in ("im2col", "gemm") and min(c[1][-1][2:]) > 3]
 
 
 @pytest.mark.parametrize("order", [("pool", "relu"), ("relu", "pool"), ("pool",)])

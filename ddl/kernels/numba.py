@@ -5,9 +5,9 @@ the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan`
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
 stride-1 layers with several input channels, a direct convolution for other stride-1 layers, one
 GEMM straight on the activations for unpadded 1x1 layers (strided ones on a strided copy: a 1x1
-kernel's im2col is that copy), and NumPy's im2col and one GEMM for the other strided layers. Activations keep
-the NumPy backend's memory order, (C, H, W, N) with the batch innermost, behind logically
-(N, C, H, W) arrays, so layers of either backend can follow one another.
+kernel's im2col is that copy), and NumPy's im2col and one GEMM for the other strided layers.
+Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
+behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
 import sys
 
