@@ -26,9 +26,10 @@ CONVS = {
                (6, 2, 5, 1, 0, (2, 6, 7, 7))],
     "winograd": [(4, 3, 3, 1, 0, (2, 4, 6, 6)), (5, 2, 3, 1, 1, (3, 5, 5, 7)),  # odd outputs
                  (6, 4, 3, 1, 2, (1, 6, 3, 4)), (8, 3, 3, 1, 0, (2, 8, 3, 3))],  # one output
-    "im2col": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6))],
-    "gemm": [(6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),      # odd sides
-             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7))],
+    "gemm": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
+             (3, 4, 3, 2, 1, (2, 3, 7, 5)), (2, 3, 3, 3, 2, (1, 2, 8, 7)),    # odd sides
+             (6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
+             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4))],  # padded 1x1
 }
 CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]
 
@@ -82,7 +83,7 @@ def test_conv_algorithm_finite_differences(algo, cfg):
         check_module(make_conv(cfg), randn(*cfg[-1]))
 
 
-@pytest.mark.parametrize("algo, cfg", [c for c in CONV_CASES if c[0] != "im2col"])
+@pytest.mark.parametrize("algo, cfg", CONV_CASES)
 def test_conv_without_input_gradient(algo, cfg):
     def make():
         conv = make_conv(cfg)
@@ -110,7 +111,7 @@ def conv_pool(order, cfg, relu=True):
 
 
 # Algorithms that fuse, and room to pool.
-FUSED = [c for c in CONV_CASES if c[0] not in ("im2col", "gemm") and min(c[1][-1][2:]) > 3]
+FUSED = [c for c in CONV_CASES if c[0] != "gemm" and min(c[1][-1][2:]) > 3]
 
 
 @pytest.mark.parametrize("order", [("pool", "relu"), ("relu", "pool"), ("pool",)])
@@ -197,13 +198,6 @@ def test_a_users_sequential_gets_the_fused_path():
     with kernels.using("numba"):
         assert [type(s).__name__ for s in net.steps()] == ["ConvPool", "ConvPool", "Conv2d",
                                                           "WithReLU", "Flatten"]
-
-
-def test_a_padded_1x1_convolution_runs_im2col():
-    cfg = (3, 2, 1, 1, 1, (2, 3, 4, 4))
-    out = run_both(lambda: make_conv(cfg), randn(*cfg[-1]))
-    assert out["numba"][0].shape == (2, 2, 6, 6)
-    assert_same(out)
 
 
 # --- batch normalisation, residual blocks, global average pooling ---------------------------------

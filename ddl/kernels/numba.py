@@ -3,9 +3,9 @@ run by compiled kernels, plus the fused passes that only this backend has (a con
 the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
 
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
-stride-1 layers with several input channels, a direct convolution for other stride-1 layers, one
-GEMM straight on the activations for unpadded 1x1 layers (strided ones on a strided copy: a 1x1
-kernel's im2col is that copy), and NumPy's im2col and one GEMM for the other strided layers.
+stride-1 layers with several input channels, a direct convolution for other stride-1 layers, and
+one GEMM on a compiled im2col panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer
+of stride 1 needs no panel).
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ddl.kernels import direct, loss, norm, optim, pool, winograd
+from ddl.kernels import direct, gemm, loss, norm, optim, pool, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -25,19 +25,16 @@ WINOGRAD_MIN_CHANNELS = 4
 
 
 def algorithm(weight_shape, stride):
-    """"direct", "winograd", "gemm" or "im2col" for a convolution with this weight (O, C, kh,
-    kw); "gemm" (1x1 kernels) needs no padding, and runs im2col when there is some."""
+    """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
     _, c, kh, kw = weight_shape
-    if (kh, kw) == (1, 1):
+    if stride != (1, 1) or (kh, kw) == (1, 1):
         return "gemm"
-    if stride != (1, 1):
-        return "im2col"
     return "winograd" if (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS else "direct"
 
 
 def fusable(conv, pool_layer):
     """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
-    return (algorithm(conv.weight.shape, conv.stride) not in ("im2col", "gemm")
+    return (algorithm(conv.weight.shape, conv.stride) != "gemm"
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
@@ -49,13 +46,12 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
     """As reference.conv2d_forward; with `pool` (a fusable layer), max-pooled 2x2 and, with
     `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
     algo = algorithm(weight.shape, stride)
-    if algo == "gemm" and padding != (0, 0):
-        algo = "im2col"
     ws = ws or Workspace()
-    if algo == "im2col":
-        y, ctx = reference.conv2d_forward(x, weight, bias, stride, padding, ws)
-    elif algo == "gemm":
-        y, ctx = _gemm_forward(x, weight, bias, stride, ws)
+    if algo == "gemm":
+        (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
+        out_hw = (out_size(h, kh, stride[0], padding[0]), out_size(w, kw, stride[1], padding[1]))
+        y, ctx = gemm.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
+        y = nchw(y)
     else:
         b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
         y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, b, padding, pool, relu, ws)
@@ -67,11 +63,11 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
     """As reference.conv2d_backward, for either kind of conv2d_forward."""
     algo, ctx = ctx
     ws = ws or Workspace()
-    if algo == "im2col":
-        return reference.conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding,
-                                          input_grad, ws)
     if algo == "gemm":
-        return _gemm_backward(grad_y, ctx, weight, x_shape, stride, input_grad)
+        n, c, h, w = x_shape
+        gx, grad_w, grad_b = gemm.backward(chwn(grad_y), ctx, weight, (c, h, w, n), stride,
+                                           padding, input_grad, ws)
+        return (None if gx is None else nchw(gx)), grad_w, grad_b
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
     gxp = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
@@ -79,39 +75,6 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
         return None, grad_w, grad_b
     (ph, pw), (h, w) = padding, x_shape[2:]
     return nchw(gxp[:, ph:ph + h, pw:pw + w]), grad_w, grad_b
-
-
-def _gemm_forward(x, weight, bias, stride, ws):
-    """A 1x1 convolution, unpadded: W (O, C) @ x (C, OH*OW*N), x strided first if need be."""
-    xc, (sh, sw) = chwn(x), stride
-    if (sh, sw) != (1, 1):
-        picked = xc[:, ::sh, ::sw]
-        xc = ws.empty("picked", picked.shape, x.dtype)
-        xc[...] = picked
-    o, c = weight.shape[:2]
-    xm = xc.reshape(c, -1)
-    y = weight.reshape(o, c) @ xm
-    if bias is not None:
-        y += bias[:, None]
-    return nchw(y.reshape(o, *xc.shape[1:])), xm
-
-
-def _gemm_backward(grad_y, xm, weight, x_shape, stride, input_grad):
-    """The gradients of _gemm_forward: two GEMMs and a sum (and a strided scatter)."""
-    o, c = weight.shape[:2]
-    gy = chwn(grad_y)
-    gm = gy.reshape(o, -1)
-    grad_w = (gm @ xm.T).reshape(weight.shape)
-    grad_b = gm.sum(axis=1)
-    if not input_grad:
-        return None, grad_w, grad_b
-    g = (weight.reshape(o, c).T @ gm).reshape(c, *gy.shape[1:])
-    (sh, sw), (n, _, h, w) = stride, x_shape
-    if (sh, sw) != (1, 1):
-        gx = np.zeros((c, h, w, n), g.dtype)
-        gx[:, ::sh, ::sw] = g
-        g = gx
-    return nchw(g), grad_w, grad_b
 
 
 def maxpool2d_forward(x, kernel, stride, relu=False):
