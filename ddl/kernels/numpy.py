@@ -334,3 +334,9 @@ def plan(layers):
     """The steps that run `layers` (a Sequential's modules, in order): the layers themselves, one
     by one; the reference fuses nothing."""
     return list(layers)
+
+
+def slow_steps(module):
+    """The layers of `module` that this backend runs without compiled kernels, by name: none
+    counts here, the reference being chosen (`--kernels numpy`), not fallen back to."""
+    return []
