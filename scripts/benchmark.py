@@ -252,7 +252,9 @@ def layer_breakdown(model_name, batch, repeats, shape=MNIST[0]):
     steps = model.steps()
     x, y = synthetic(batch, count=1, shape=shape)[0]
     times = np.zeros((max(repeats, 5) + 3, len(steps) + 2, 2))
+    inner = _BlockClocks(model, steps, len(times))
     for r in range(len(times)):
+        inner.repeat = r
         replicas.zero_grad()
         h = x
         for i, step in enumerate(steps):
@@ -271,8 +273,41 @@ def layer_breakdown(model_name, batch, repeats, shape=MNIST[0]):
         model.step(optimizer)
         times[r, -1, 0] = time.perf_counter() - started
     ms = np.median(times[3:], axis=0) * 1e3  # the first steps are warm-up
-    names = [_describe(step) for step in steps]
-    return list(zip(names + ["cross-entropy (both ways)", "SGD step"], ms[:, 0], ms[:, 1]))
+    rows = []
+    for step, (f, b) in zip(steps, ms):
+        rows.append((_describe(step), f, b))
+        rows += [(f"&nbsp;&nbsp;{name}: {_describe(layer)}"
+                  + ("" if t.any() else " (in the pass before it)"), *np.median(t[3:], axis=0) * 1e3)
+                 for name, (layer, t) in inner.clocks.items() if inner.owner[name] is step]
+    return rows + [("cross-entropy (both ways)", *ms[-2]), ("SGD step", *ms[-1])]
+
+
+class _BlockClocks:
+    """Clocks on every leaf layer inside the residual blocks among `steps`, so that a block's
+    row is followed by its layers' own (their forward and backward seconds per repeat)."""
+
+    def __init__(self, model, steps, repeats):
+        names = {id(m): name for name, m in model.named_modules()}
+        self.repeat, self.clocks, self.owner = 0, {}, {}
+        for step in steps:
+            block = getattr(step, "layer", step)
+            if getattr(type(block), "op", None) != "residual":
+                continue
+            for m in block.modules():
+                if not m.named_children():
+                    name = names[id(m)]
+                    self.clocks[name], self.owner[name] = (m, np.zeros((repeats, 2))), step
+                    for method, k in (("run" if hasattr(m, "run") else "forward", 0),
+                                      ("backward", 1)):
+                        setattr(m, method, self._timed(getattr(m, method), name, k))
+
+    def _timed(self, method, name, k):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            out = method(*args, **kwargs)
+            self.clocks[name][1][self.repeat, k] += time.perf_counter() - started
+            return out
+        return call
 
 
 def _describe(step):
@@ -410,11 +445,12 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
                   "the machine costs (memory bandwidth, the shared L3 cache, other jobs): no "
                   "way of communicating wins that back.", ""]
     for (model_name, shape), layers in breakdowns.items():
-        total = sum(f + b for _, f, b in layers)
+        total = sum(f + b for name, f, b in layers if not name.startswith("&nbsp;"))
         lines += [f"## Where the time goes ({model_name}, {dims(shape)}, batch 64, numba "
                   "kernels, one step)", "",
                   "One row per step that Sequential runs: fused groups are one row, a residual "
-                  "block with the ReLU after it too.", "",
+                  "block with the ReLU after it too, followed by its layers' own rows (indented: "
+                  "the block's share includes them).", "",
                   "| step | forward ms | backward ms | share |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {f:.2f} | {b:.2f} | {(f + b) / total:.0%} |"
                   for name, f, b in layers]
