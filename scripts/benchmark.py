@@ -277,7 +277,8 @@ def layer_breakdown(model_name, batch, repeats, shape=MNIST[0]):
     for step, (f, b) in zip(steps, ms):
         rows.append((_describe(step), f, b))
         rows += [(f"&nbsp;&nbsp;{name}: {_describe(layer)}"
-                  + ("" if t.any() else " (in the pass before it)"), *np.median(t[3:], axis=0) * 1e3)
+                  + ("" if t.any() else " (in the pass before it)"),
+                  *np.median(t[3:], axis=0) * 1e3)
                  for name, (layer, t) in inner.clocks.items() if inner.owner[name] is step]
     return rows + [("cross-entropy (both ways)", *ms[-2]), ("SGD step", *ms[-1])]
 
