@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVS = {
     "direct": [(1, 4, 3, 1, 0, (2, 1, 7, 6)), (1, 3, 5, 1, 2, (1, 1, 6, 5)),
                (2, 3, (2, 3), 1, (1, 0), (3, 2, 5, 6)), (3, 2, 3, 1, 1, (2, 3, 4, 4)),
-               (6, 2, 5, 1, 0, (2, 6, 7, 7))],
-    "winograd": [(4, 3, 3, 1, 0, (2, 4, 6, 6)), (5, 2, 3, 1, 1, (3, 5, 5, 7)),  # odd outputs
-                 (6, 4, 3, 1, 2, (1, 6, 3, 4)), (8, 3, 3, 1, 0, (2, 8, 3, 3))],  # one output
+               (6, 2, 5, 1, 0, (2, 6, 7, 7)), (16, 3, 3, 1, 1, (2, 16, 5, 4))],
+    "winograd": [(32, 3, 3, 1, 0, (2, 32, 6, 6)), (33, 2, 3, 1, 1, (1, 33, 5, 7)),  # odd outputs
+                 (32, 4, 3, 1, 2, (1, 32, 3, 4)), (34, 3, 3, 1, 0, (2, 34, 3, 3))],  # one output
     "gemm": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
              (3, 4, 3, 2, 1, (2, 3, 7, 5)), (2, 3, 3, 3, 2, (1, 2, 8, 7)),    # odd sides
              (6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
@@ -130,10 +130,11 @@ def test_conv_pool_relu_fuse_and_match_numpy(algo, cfg, order):
 def test_ties_go_to_the_first_maximum_in_fused_passes():
     """Integer images with blank rows: exact ties in every method's arithmetic."""
     rng = np.random.default_rng(5)
-    x = rng.integers(0, 3, size=(3, 4, 10, 10)).astype(np.float64)
+    x = rng.integers(0, 3, size=(3, 32, 10, 10)).astype(np.float64)
     x[:, :, :4] = 0
-    for cfg in [(4, 5, 3, 1, 0, None), (4, 5, 3, 1, 1, None), (4, 2, 2, 1, 0, None)]:
-        out = run_both(conv_pool(("relu", "pool"), cfg), x)
+    for cfg in [(32, 5, 3, 1, 0, None), (32, 5, 3, 1, 1, None), (4, 5, 3, 1, 1, None),
+                (4, 2, 2, 1, 0, None)]:                 # Winograd, Winograd, direct, direct
+        out = run_both(conv_pool(("relu", "pool"), cfg), x[:, :cfg[0]])
         assert_same(out)
 
 
@@ -153,13 +154,14 @@ def test_max_pool_with_ties_matches_numpy(kernel, stride, shape, relu):
 
 def test_non_finite_values_are_not_hidden():
     """NaN passes through ReLU and every pooling path: divergence must reach the loss."""
-    x = randn(2, 4, 6, 6)
+    x = randn(2, 32, 6, 6)
     x[0, 1, 2, 3] = np.nan
     with kernels.using("numba"):
         for make in (lambda: nn.ReLU(), lambda: nn.MaxPool2d(2),
                      lambda: nn.Sequential(nn.MaxPool2d(2), nn.ReLU()),
-                     conv_pool(("pool", "relu"), (4, 2, 3, 1, 0, None)),
-                     conv_pool(("pool", "relu"), (4, 2, 2, 1, 0, None))):
+                     conv_pool(("pool", "relu"), (32, 2, 3, 1, 0, None)),
+                     conv_pool(("pool", "relu"), (32, 2, 2, 1, 0, None)),
+                     bn_block(True, True, False, channels=32)):
             assert np.isnan(make()(x)).any()
         logits = randn(3, 10)
         logits[1, 4] = np.nan

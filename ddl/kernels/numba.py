@@ -3,7 +3,7 @@ run by compiled kernels, plus the fused passes that only this backend has (a con
 the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
 
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
-stride-1 layers with several input channels, a direct convolution for other stride-1 layers, and
+stride-1 layers with 32 or more input channels, a direct convolution for other stride-1 layers, and
 one GEMM on a compiled im2col panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer
 of stride 1 needs no panel).
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
@@ -20,8 +20,10 @@ from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 name = "numba"
 
 # Fewer input channels than this make Winograd's GEMMs too thin: direct wins ref-cnn's first
-# layer (C = 1), Winograd its second (C = 32).
-WINOGRAD_MIN_CHANNELS = 4
+# layer (C = 1), Winograd its second (C = 32). With 16 (resnet-mini's first stage, 28x28, batch
+# 64, forward and backward) direct took 217-229 ms to Winograd's 354-406, interleaved medians on a
+# 2-core Xeon under heavy load (2026-12-06): slow figures, but the same order twice.
+WINOGRAD_MIN_CHANNELS = 32
 
 
 def algorithm(weight_shape, stride):
