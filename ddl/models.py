@@ -64,11 +64,24 @@ def _resnet_mini(in_shape, num_classes, rng):
     return nn.Sequential(*layers)
 
 
+def _vgg_mini(in_shape, num_classes, rng):
+    """A VGG-style net as users write them, for 3x32x32 images (any size from 3x3 up): 3x3
+    convolutions, one of stride 2, a 1x1 convolution, each followed by BatchNorm2d and ReLU, then
+    global average pooling and a linear classifier."""
+    layers, channels = [], in_shape[0]
+    for width, kernel, stride in ((32, 3, 1), (32, 3, 1), (64, 3, 2), (64, 3, 1), (128, 1, 1)):
+        layers += [nn.Conv2d(channels, width, kernel, stride, kernel // 2, bias=False, rng=rng),
+                   nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+    layers += [nn.GlobalAvgPool2d(), nn.Linear(channels, num_classes, rng=rng)]
+    return nn.Sequential(*layers)
+
+
 # name -> builder(in_shape, num_classes, rng): a new named model is one line here.
 # (28x28 images leave seed-cnn 20 channels of 4x4, 320 features, and ref-cnn 64 of 5x5, 1600.)
 MODELS = {"seed-cnn": functools.partial(_two_convs, kernel=5, channels=(10, 20), hidden=120),
           "ref-cnn": functools.partial(_two_convs, kernel=3, channels=(32, 64), hidden=128),
-          "mlp": _mlp, "resnet-mini": _resnet_mini}
+          "mlp": _mlp, "resnet-mini": _resnet_mini, "vgg-mini": _vgg_mini}
 DEFAULT_MODEL = "seed-cnn"
 
 

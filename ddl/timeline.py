@@ -38,10 +38,12 @@ class Off:
 
 
 class Timeline:
-    """This rank's phases since construction (a barrier of every rank of `comm`)."""
+    """This rank's phases since construction (a barrier of every rank of `comm`). `slow`: the
+    model's layers that run without compiled kernels (descriptions), which the summary names."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, slow=()):
         comm.barrier(what="barrier that starts the timeline")
+        self.slow = list(slow)
         self.origin = self.last = time.perf_counter()
         self.laps = array("d")      # (kind index, start, end) after (kind index, start, end)
 
@@ -68,7 +70,11 @@ class Timeline:
         if ranks is None:
             return []
         write_bytes(path, json.dumps(trace(ranks, first_step, note)).encode())
-        return summary([laps for laps, _, _ in ranks], path) + [note] * bool(note)
+        lines = summary([laps for laps, _, _ in ranks], path) + [note] * bool(note)
+        if self.slow:
+            lines.append("layers without compiled kernels, run by the NumPy reference (the slow "
+                         f"steps of forward and backward): {', '.join(self.slow)}")
+        return lines
 
 
 def trace(ranks, first_step, note=""):

@@ -120,6 +120,14 @@ class Run:
                 log.info(line)
 
 
+def slow_layers(model):
+    """"name (Type)" of each layer of `model` that the kernels in use run without a compiled
+    kernel (the backend's `slow_steps`)."""
+    modules = dict(model.named_modules())
+    return [f"{name} ({type(modules.get(name, model)).__name__})"
+            for name in kernels.get().slow_steps(model)]
+
+
 def set_up(cfg, comm, log):
     """The data, the kernels, and the same model, optimizer and schedule on every rank, resumed
     from the checkpoint with --resume; returns the Run."""
@@ -174,7 +182,7 @@ def _train(cfg, comm, log, r, on_epoch_end):
     model, replicas, loader, steps = r.model, r.replicas, r.loader, len(r.loader)
     criterion, dropouts = CrossEntropyLoss(), dropout_layers(model)
     done = r.start * steps + r.first             # steps taken since the run began
-    r.timeline = timeline = Timeline(comm) if cfg.timeline else OFF
+    r.timeline = timeline = Timeline(comm, slow_layers(model)) if cfg.timeline else OFF
     r.last_save = time.monotonic()
     with StopRequest() as stop:
         for epoch in range(r.start, cfg.epochs):

@@ -34,11 +34,18 @@ from ddl.models import build, to_torch  # noqa: E402
 from ddl.optim import SGD  # noqa: E402
 from ddl.parallel import Replicas  # noqa: E402
 from ddl.config import Config  # noqa: E402
+from ddl.errors import dims  # noqa: E402
 from ddl.step import train_step  # noqa: E402
 
-MODELS = ("seed-cnn", "ref-cnn")
-MNIST = ((1, 28, 28), 10)  # in_shape and classes: what the synthetic batches are
-BATCHES = (64, 256)
+MNIST = ((1, 28, 28), 10)  # in_shape and classes of the demo networks' synthetic batches
+COLOUR = (3, 32, 32)
+# (model, image shape, batches) of the single-process table: the demo networks, and networks as
+# users write them (BatchNorm, residual blocks, strided and 1x1 convolutions).
+SINGLE = (("seed-cnn", MNIST[0], (64, 256)), ("ref-cnn", MNIST[0], (64, 256)),
+          ("resnet-mini", MNIST[0], (64,)), ("resnet-mini", COLOUR, (64,)),
+          ("vgg-mini", COLOUR, (64,)))
+MODELS = ("seed-cnn", "ref-cnn")    # the roofline's and scaling's networks
+BREAKDOWNS = (("seed-cnn", MNIST[0]), ("ref-cnn", MNIST[0]), ("resnet-mini", MNIST[0]))
 # (ranks, extra environment, label). (MPICH's busy polling, which once made 4 ranks on 2 cores
 # far slower (docs/measured.md), no longer shows: ddl's collectives wait in the
 # watchdog's sleeping loop.)
@@ -55,10 +62,10 @@ AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "OPENBLAS_CORETYPE": "Haswell",
              "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def synthetic(batch, count=4, seed=0):
-    """`count` batches shaped like MNIST: images (batch, 1, 28, 28) float32, labels (batch,)."""
+def synthetic(batch, count=4, seed=0, shape=MNIST[0]):
+    """`count` batches of 10 classes: images (batch, *shape) float32, labels (batch,)."""
     rng = np.random.default_rng(seed)
-    return [(rng.random((batch, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, batch))
+    return [(rng.random((batch, *shape), dtype=np.float32), rng.integers(0, 10, batch))
             for _ in range(count)]
 
 
@@ -68,14 +75,16 @@ def cycle(batches):
 
 
 # --- the contestants: each is a `step()` closure over its model, optimizer and data -------------
-def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="numba"):
-    """One ddl training step as ddl.train runs it, with the kernels named. `allreduce_clock`, a
-    one-element list, collects the seconds spent in the gradient all-reduce."""
-    model = build(model_name, *MNIST, seed=0, input_grad=False)
+def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="numba",
+             shape=MNIST[0]):
+    """One ddl training step as ddl.train runs it, with the kernels named, on images of `shape`.
+    `allreduce_clock`, a one-element list, collects the seconds spent in the gradient
+    all-reduce."""
+    model = build(model_name, shape, MNIST[1], seed=0, input_grad=False)
     replicas = Replicas(model, comm or SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
-    data = cycle(synthetic(batch))
+    data = cycle(synthetic(batch, shape=shape))
 
     def step():
         kernels.use(kernel_set)
@@ -90,13 +99,13 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="num
     return step
 
 
-def torch_step(model_name, batch, channels_last):
+def torch_step(model_name, batch, channels_last, shape=MNIST[0]):
     import torch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = to_torch(build(model_name, *MNIST, seed=0)).to(memory_format=fmt)
+    model = to_torch(build(model_name, shape, MNIST[1], seed=0)).to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), LR, momentum=MOMENTUM)
     data = cycle([(torch.from_numpy(x).contiguous(memory_format=fmt), torch.from_numpy(y))
-                  for x, y in synthetic(batch)])
+                  for x, y in synthetic(batch, shape=shape)])
 
     def step():
         x, y = next(data)
@@ -148,24 +157,26 @@ def avx2_only(args):
         if "avx512f" not in f.read():
             return None
     cmd = [sys.executable, os.path.abspath(__file__), "--single-json", "--repeats",
-           str(args.repeats), "--seconds", str(args.seconds)]
+           str(args.repeats), "--seconds", str(args.seconds)] + (["--quick"] if args.quick else [])
     out = subprocess.run(cmd, env=dict(os.environ, **AVX2_ONLY), capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def single_process(repeats, seconds, with_torch):
-    rows = []
-    for model_name in MODELS:
-        for batch in BATCHES:
-            contestants = {f"ddl {k}": ddl_step(model_name, batch, kernel_set=k)
-                           for k in kernels.NAMES}
+def single_process(repeats, seconds, with_torch, quick=False):
+    """One row per SINGLE entry and batch. `quick` leaves out the NumPy kernels (slow on the
+    bigger networks), which the full run keeps."""
+    rows, kernel_sets = [], ("numba",) if quick else kernels.NAMES
+    for model_name, shape, batches in SINGLE:
+        for batch in batches:
+            contestants = {f"ddl {k}": ddl_step(model_name, batch, kernel_set=k, shape=shape)
+                           for k in kernel_sets}
             if with_torch:
-                contestants["torch"] = torch_step(model_name, batch, channels_last=False)
-                contestants["torch channels_last"] = torch_step(model_name, batch, True)
+                contestants["torch"] = torch_step(model_name, batch, False, shape)
+                contestants["torch channels_last"] = torch_step(model_name, batch, True, shape)
             rates = throughput(contestants, batch, repeats, seconds)
-            rows.append(dict(model=model_name, batch=batch, **rates))
-            print(f"  {model_name} batch {batch}: " + ", ".join(
+            rows.append(dict(model=model_name, shape=shape, batch=batch, **rates))
+            print(f"  {model_name} {dims(shape)} batch {batch}: " + ", ".join(
                 f"{k} {v:,.0f}" for k, v in rates.items()), file=sys.stderr)
     return rows
 
@@ -229,18 +240,21 @@ def scaling(repeats, seconds, rounds=3):
 
 
 # --- where the time goes --------------------------------------------------------------------------
-def layer_breakdown(model_name, batch, repeats):
+def layer_breakdown(model_name, batch, repeats, shape=MNIST[0]):
     """[(step, forward ms, backward ms)] medians over `repeats` steps of the compiled kernels,
-    one row per step that Sequential runs (fused groups included), plus loss and optimizer."""
+    one row per step that Sequential runs (fused groups included), plus loss and optimizer. A
+    step holding a layer that runs NumPy code (no compiled kernel) is marked as the slow step."""
     kernels.use("numba")
-    model = build(model_name, *MNIST, seed=0, input_grad=False)
+    model = build(model_name, shape, MNIST[1], seed=0, input_grad=False)
     replicas = Replicas(model, SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
     steps = model.steps()
-    x, y = synthetic(batch, count=1)[0]
+    x, y = synthetic(batch, count=1, shape=shape)[0]
     times = np.zeros((max(repeats, 5) + 3, len(steps) + 2, 2))
+    inner = _BlockClocks(model, steps, len(times))
     for r in range(len(times)):
+        inner.repeat = r
         replicas.zero_grad()
         h = x
         for i, step in enumerate(steps):
@@ -259,8 +273,50 @@ def layer_breakdown(model_name, batch, repeats):
         model.step(optimizer)
         times[r, -1, 0] = time.perf_counter() - started
     ms = np.median(times[3:], axis=0) * 1e3  # the first steps are warm-up
-    names = [repr(step) for step in steps]
-    return list(zip(names + ["cross-entropy (both ways)", "SGD step"], ms[:, 0], ms[:, 1]))
+    rows = []
+    for step, (f, b) in zip(steps, ms):
+        rows.append((_describe(step), f, b))
+        rows += [(f"&nbsp;&nbsp;{name}: {_describe(layer)}"
+                  + ("" if t.any() else " (in the pass before it)"),
+                  *np.median(t[3:], axis=0) * 1e3)
+                 for name, (layer, t) in inner.clocks.items() if inner.owner[name] is step]
+    return rows + [("cross-entropy (both ways)", *ms[-2]), ("SGD step", *ms[-1])]
+
+
+class _BlockClocks:
+    """Clocks on every leaf layer inside the residual blocks among `steps`, so that a block's
+    row is followed by its layers' own (their forward and backward seconds per repeat)."""
+
+    def __init__(self, model, steps, repeats):
+        names = {id(m): name for name, m in model.named_modules()}
+        self.repeat, self.clocks, self.owner = 0, {}, {}
+        for step in steps:
+            block = getattr(step, "layer", step)
+            if getattr(type(block), "op", None) != "residual":
+                continue
+            for m in block.modules():
+                if not m.named_children():
+                    name = names[id(m)]
+                    self.clocks[name], self.owner[name] = (m, np.zeros((repeats, 2))), step
+                    for method, k in (("run" if hasattr(m, "run") else "forward", 0),
+                                      ("backward", 1)):
+                        setattr(m, method, self._timed(getattr(m, method), name, k))
+
+    def _timed(self, method, name, k):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            out = method(*args, **kwargs)
+            self.clocks[name][1][self.repeat, k] += time.perf_counter() - started
+            return out
+        return call
+
+
+def _describe(step):
+    """A step's one-line name for the table: its layers, and SLOW beside NumPy code."""
+    slow = kernels.get("numba").slow_steps(getattr(step, "layer", getattr(step, "conv", step)))
+    text = " ".join(repr(step).split())
+    text = text if len(text) < 90 else text[:87] + "..."
+    return text + (" **SLOW: NumPy reference path**" if slow else "")
 
 
 def compile_times():
@@ -312,16 +368,16 @@ def blas():
 
 def throughput_table(rows, torch_ver):
     if torch_ver:
-        lines = ["| model | batch | kernels | ddl | PyTorch | PyTorch channels_last | "
+        lines = ["| model | images | batch | kernels | ddl | PyTorch | PyTorch channels_last | "
                  "ddl / PyTorch | ddl / PyTorch's best |",
-                 "|---|---:|---|---:|---:|---:|---:|---:|"]
+                 "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     else:
         lines = ["PyTorch is not installed (`pip install -e '.[bench]'`): ddl only.", "",
-                 "| model | batch | kernels | ddl |", "|---|---:|---|---:|"]
+                 "| model | images | batch | kernels | ddl |", "|---|---|---:|---|---:|"]
     for r in rows:
-        for k in kernels.NAMES:
+        for k in (k for k in kernels.NAMES if f"ddl {k}" in r):
             ddl = r[f"ddl {k}"]
-            line = f"| {r['model']} | {r['batch']} | {k} | {ddl:,.0f} |"
+            line = f"| {r['model']} | {dims(r['shape'])} | {r['batch']} | {k} | {ddl:,.0f} |"
             if torch_ver:
                 best = max(r["torch"], r["torch channels_last"])
                 line += (f" {r['torch']:,.0f} | {r['torch channels_last']:,.0f} | "
@@ -341,9 +397,9 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
         f"{numba_version()}, PyTorch {torch_ver or 'not installed'}; BLAS: {blas()}.",
         "- One BLAS thread per process: threadpoolctl, OMP/OPENBLAS/MKL_NUM_THREADS=1 and "
         "`torch.set_num_threads(1)`; numba's kernels are single-threaded.",
-        f"- Synthetic MNIST-shaped data; SGD with momentum {MOMENTUM}. Each figure is the median "
-        f"of {args.repeats} timed repeats of ~{args.seconds:g} s after a warm-up; the "
-        "contestants' repeats alternate.",
+        f"- Synthetic images of the shape shown, 10 classes; SGD with momentum {MOMENTUM}. "
+        f"Each figure is the median of {args.repeats} timed repeats of ~{args.seconds:g} s after "
+        "a warm-up; the contestants' repeats alternate.",
         "", "## Single-process training throughput (images/s)", "",
         "One row per kernel set of ddl (`--kernels`): numba is the default, NumPy the "
         "reference.", ""]
@@ -353,6 +409,10 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
                   f"({', '.join(f'`{k}={v}`' for k, v in AVX2_ONLY.items())}): the instruction "
                   "set of an AVX2 CPU on this machine's cores.", ""]
         lines += throughput_table(rows_avx2, torch_ver)
+    lines += ["", "Layers that the numba kernels run through the NumPy reference (no compiled "
+              "kernel: the slow steps): " + "; ".join(
+                  f"{name}: {', '.join(fallbacks(name)) or 'none'}"
+                  for name in dict.fromkeys(model for model, _, _ in SINGLE)) + "."]
     imported, cold, cached = numba_costs
     lines += ["", f"numba, in a fresh process: import {imported:.2f} s; compiling every kernel "
               f"(float32) into an empty cache {cold:.1f} s (`make install` does it once); loading "
@@ -385,15 +445,23 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
                   "them). Ranks that train alone, each on its own model, lose only what sharing "
                   "the machine costs (memory bandwidth, the shared L3 cache, other jobs): no "
                   "way of communicating wins that back.", ""]
-    for model_name, layers in breakdowns.items():
-        total = sum(f + b for _, f, b in layers)
-        lines += [f"## Where the time goes ({model_name}, batch 64, numba kernels, one step)", "",
-                  "One row per step that Sequential runs: fused groups are one row.", "",
+    for (model_name, shape), layers in breakdowns.items():
+        total = sum(f + b for name, f, b in layers if not name.startswith("&nbsp;"))
+        lines += [f"## Where the time goes ({model_name}, {dims(shape)}, batch 64, numba "
+                  "kernels, one step)", "",
+                  "One row per step that Sequential runs: fused groups are one row, a residual "
+                  "block with the ReLU after it too, followed by its layers' own rows (indented: "
+                  "the block's share includes them).", "",
                   "| step | forward ms | backward ms | share |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {f:.2f} | {b:.2f} | {(f + b) / total:.0%} |"
                   for name, f, b in layers]
         lines += [f"| total | | | {total:.1f} ms |", ""]
     return "\n".join(lines)
+
+
+def fallbacks(model_name):
+    """The layers of a named model that the numba backend runs through NumPy code."""
+    return kernels.get("numba").slow_steps(build(model_name, *MNIST))
 
 
 def numba_version():
@@ -419,20 +487,22 @@ def main():
         return worker(args.repeats, args.seconds)
     if args.single_json:
         return print(json.dumps(single_process(args.repeats, args.seconds,
-                                               torch_version() is not None)))
+                                               torch_version() is not None, args.quick)))
 
     load_before = os.getloadavg()[0]
+    print(f"CPU: {cpu_model()}", file=sys.stderr)
     torch_ver = torch_version()
     print("single process" + ("" if torch_ver else " (PyTorch not installed: ddl only)"),
           file=sys.stderr)
-    rows = single_process(args.repeats, args.seconds, torch_ver is not None)
+    rows = single_process(args.repeats, args.seconds, torch_ver is not None, args.quick)
     print("single process, held to AVX2", file=sys.stderr)
     rows_avx2 = avx2_only(args)
     scale = None
     if not args.no_scaling:
         print("data-parallel scaling", file=sys.stderr)
         scale = scaling(args.repeats, args.seconds)
-    breakdowns = {name: layer_breakdown(name, 64, args.repeats) for name in MODELS}
+    breakdowns = {(name, shape): layer_breakdown(name, 64, args.repeats, shape)
+                  for name, shape in BREAKDOWNS}
     flops, peak = training_flops(build("ref-cnn", *MNIST)), sgemm_gflops()
     print("numba's compile and cache-load times", file=sys.stderr)
     numba_costs = compile_times()

@@ -14,7 +14,7 @@ from ddl.kernels import jit
 from ddl.kernels import numba as compiled
 from conftest import MNIST, needs
 from ddl.models import MODELS, build
-from ddl.kernels.numba import ConvPool, PoolReLU
+from ddl.kernels.numba import ConvPool, WithReLU
 from gradcheck import check_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,11 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVS = {
     "direct": [(1, 4, 3, 1, 0, (2, 1, 7, 6)), (1, 3, 5, 1, 2, (1, 1, 6, 5)),
                (2, 3, (2, 3), 1, (1, 0), (3, 2, 5, 6)), (3, 2, 3, 1, 1, (2, 3, 4, 4)),
-               (6, 2, 5, 1, 0, (2, 6, 7, 7))],
-    "winograd": [(4, 3, 3, 1, 0, (2, 4, 6, 6)), (5, 2, 3, 1, 1, (3, 5, 5, 7)),  # odd outputs
-                 (6, 4, 3, 1, 2, (1, 6, 3, 4)), (8, 3, 3, 1, 0, (2, 8, 3, 3))],  # one output
-    "im2col": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
-               (6, 2, 1, 1, 0, (2, 6, 3, 4))],
+               (6, 2, 5, 1, 0, (2, 6, 7, 7)), (16, 3, 3, 1, 1, (2, 16, 5, 4))],
+    "winograd": [(32, 3, 3, 1, 0, (2, 32, 6, 6)), (33, 2, 3, 1, 1, (1, 33, 5, 7)),  # odd outputs
+                 (32, 4, 3, 1, 2, (1, 32, 3, 4)), (34, 3, 3, 1, 0, (2, 34, 3, 3))],  # one output
+    "gemm": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
+             (3, 4, 3, 2, 1, (2, 3, 7, 5)), (2, 3, 3, 3, 2, (1, 2, 8, 7)),    # odd sides
+             (6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
+             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4))],  # padded 1x1
 }
 CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]
 
@@ -81,7 +83,7 @@ def test_conv_algorithm_finite_differences(algo, cfg):
         check_module(make_conv(cfg), randn(*cfg[-1]))
 
 
-@pytest.mark.parametrize("algo, cfg", [c for c in CONV_CASES if c[0] != "im2col"])
+@pytest.mark.parametrize("algo, cfg", CONV_CASES)
 def test_conv_without_input_gradient(algo, cfg):
     def make():
         conv = make_conv(cfg)
@@ -108,7 +110,8 @@ def conv_pool(order, cfg, relu=True):
     return make
 
 
-FUSED = [c for c in CONV_CASES if c[0] != "im2col" and min(c[1][-1][2:]) > 3]  # room to pool
+# Algorithms that fuse, and room to pool.
+FUSED = [c for c in CONV_CASES if c[0] != "gemm" and min(c[1][-1][2:]) > 3]
 
 
 @pytest.mark.parametrize("order", [("pool", "relu"), ("relu", "pool"), ("pool",)])
@@ -127,10 +130,11 @@ def test_conv_pool_relu_fuse_and_match_numpy(algo, cfg, order):
 def test_ties_go_to_the_first_maximum_in_fused_passes():
     """Integer images with blank rows: exact ties in every method's arithmetic."""
     rng = np.random.default_rng(5)
-    x = rng.integers(0, 3, size=(3, 4, 10, 10)).astype(np.float64)
+    x = rng.integers(0, 3, size=(3, 32, 10, 10)).astype(np.float64)
     x[:, :, :4] = 0
-    for cfg in [(4, 5, 3, 1, 0, None), (4, 5, 3, 1, 1, None), (4, 2, 2, 1, 0, None)]:
-        out = run_both(conv_pool(("relu", "pool"), cfg), x)
+    for cfg in [(32, 5, 3, 1, 0, None), (32, 5, 3, 1, 1, None), (4, 5, 3, 1, 1, None),
+                (4, 2, 2, 1, 0, None)]:                 # Winograd, Winograd, direct, direct
+        out = run_both(conv_pool(("relu", "pool"), cfg), x[:, :cfg[0]])
         assert_same(out)
 
 
@@ -144,19 +148,20 @@ def test_max_pool_with_ties_matches_numpy(kernel, stride, shape, relu):
             else (lambda: nn.MaxPool2d(kernel, stride)))
     if relu:
         with kernels.using("numba"):
-            assert [type(s) for s in make().steps()] == [PoolReLU]
+            assert [type(s) for s in make().steps()] == [WithReLU]
     assert_same(run_both(make, x))
 
 
 def test_non_finite_values_are_not_hidden():
     """NaN passes through ReLU and every pooling path: divergence must reach the loss."""
-    x = randn(2, 4, 6, 6)
+    x = randn(2, 32, 6, 6)
     x[0, 1, 2, 3] = np.nan
     with kernels.using("numba"):
         for make in (lambda: nn.ReLU(), lambda: nn.MaxPool2d(2),
                      lambda: nn.Sequential(nn.MaxPool2d(2), nn.ReLU()),
-                     conv_pool(("pool", "relu"), (4, 2, 3, 1, 0, None)),
-                     conv_pool(("pool", "relu"), (4, 2, 2, 1, 0, None))):
+                     conv_pool(("pool", "relu"), (32, 2, 3, 1, 0, None)),
+                     conv_pool(("pool", "relu"), (32, 2, 2, 1, 0, None)),
+                     bn_block(True, True, False, channels=32)):
             assert np.isnan(make()(x)).any()
         logits = randn(3, 10)
         logits[1, 4] = np.nan
@@ -194,7 +199,92 @@ def test_a_users_sequential_gets_the_fused_path():
                         nn.Flatten())
     with kernels.using("numba"):
         assert [type(s).__name__ for s in net.steps()] == ["ConvPool", "ConvPool", "Conv2d",
-                                                          "PoolReLU", "Flatten"]
+                                                          "WithReLU", "Flatten"]
+
+
+# --- batch normalisation, residual blocks, global average pooling ---------------------------------
+def bn_block(training, relu, shortcut, channels=3):
+    """Residual(Conv2d -> BatchNorm2d) [-> ReLU], the shortcut the identity or a 1x1
+    convolution and a BatchNorm2d: each variant of the fused tail (the residual add, and the
+    ReLU, in the normalisation's pass), with batch or running statistics."""
+    def make():
+        rng = np.random.default_rng(3)
+        bn = nn.BatchNorm2d(channels)
+        bn.weight.data[...] = rng.uniform(0.5, 1.5, channels)
+        bn.bias.data[...] = rng.uniform(-0.5, 0.5, channels)
+        bn.running_mean[...] = rng.uniform(-0.2, 0.2, channels)
+        bn.running_var[...] = rng.uniform(0.5, 2, channels)
+        # Biases before batch statistics have a gradient of exactly 0: no biases, as in ResNets.
+        skip = (nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False, rng=rng),
+                              nn.BatchNorm2d(channels)) if shortcut else None)
+        body = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False, rng=rng), bn)
+        block = nn.Residual(body, skip)
+        net = nn.Sequential(block, nn.ReLU()) if relu else block
+        return net.train(training)
+    return make
+
+
+BN_CASES = [(t, r, s) for t in (True, False) for r in (True, False) for s in (True, False)]
+
+
+@pytest.mark.parametrize("training, relu, shortcut", BN_CASES)
+def test_batchnorm_residual_relu_fuse_and_match_numpy(training, relu, shortcut):
+    make = bn_block(training, relu, shortcut)
+    x = randn(3, 3, 5, 7)
+    assert_same(run_both(make, x))
+    with kernels.using("numba"):
+        net = make()
+        if relu:
+            assert [type(s).__name__ for s in net.steps()] == ["WithReLU"]
+        check_module(net, randn(2, 3, 3, 5, seed=4))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_with_relu_and_its_statistics_match_numpy(training):
+    def make():
+        return nn.Sequential(nn.BatchNorm2d(5), nn.ReLU()).train(training)
+    x = randn(4, 5, 3, 3) * 3 + 2
+    assert_same(run_both(make, x))
+    stats = {}
+    for name in kernels.NAMES:
+        with kernels.using(name):
+            net = make()
+            net(x.astype(np.float32))
+            stats[name] = net[0].state_dict()
+    for key, value in stats["numpy"].items():
+        np.testing.assert_allclose(stats["numba"][key], value, rtol=1e-5, err_msg=key)
+    with kernels.using("numba"):
+        assert [type(s).__name__ for s in make().steps()] == ["WithReLU"]
+        check_module(make(), randn(3, 5, 2, 3, seed=5))
+
+
+def test_global_average_pool_matches_numpy():
+    x = randn(3, 5, 7, 6)
+    assert_same(run_both(nn.GlobalAvgPool2d, x))
+    with kernels.using("numba"):
+        check_module(nn.GlobalAvgPool2d(), randn(2, 3, 5, 3))
+
+
+def test_residual_mismatched_shapes_fail_in_one_line():
+    block = nn.Residual(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)))
+    for name in kernels.NAMES:
+        with kernels.using(name), pytest.raises(ValueError, match="the shortcut"):
+            block(randn(1, 2, 4, 4))
+
+
+def test_resnet_mini_is_planned_inside_its_blocks():
+    model = build("resnet-mini", (3, 9, 9), 10)
+    with kernels.using("numba"):
+        assert [type(s).__name__ for s in model.steps()] == [
+            "Conv2d", "WithReLU", "WithReLU", "WithReLU", "WithReLU", "GlobalAvgPool2d",
+            "Linear"]
+        assert model[3].body.steps()[-1] is model[3].body[-1]  # the add's pass: a BatchNorm
+        assert compiled.slow_steps(model) == []
+
+
+def test_layers_without_compiled_kernels_are_named():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten())
+    assert compiled.slow_steps(net) == ["1", "2"]
 
 
 # --- loss and optimizers --------------------------------------------------------------------------

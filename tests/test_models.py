@@ -17,10 +17,11 @@ KEYS = ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias", "9.wei
 
 
 def test_names():
-    assert list(models.MODELS) == ["seed-cnn", "ref-cnn", "mlp", "resnet-mini"]
+    assert list(models.MODELS) == ["seed-cnn", "ref-cnn", "mlp", "resnet-mini", "vgg-mini"]
     assert models.DEFAULT_MODEL == "seed-cnn"
     with pytest.raises(ModelError, match="unknown model 'resnet50' .choose from seed-cnn, "
-                                         "ref-cnn, mlp, resnet-mini, or give FILE.py:FUNCTION"):
+                                         "ref-cnn, mlp, resnet-mini, vgg-mini, or give "
+                                         "FILE.py:FUNCTION"):
         models.build("resnet50", *MNIST)
 
 

@@ -70,3 +70,21 @@ def test_a_two_rank_run_writes_a_trace_with_a_track_per_rank(small_h5, tmp_path)
             inside = [e for e in phases if step["ts"] <= e["ts"]
                       and e["ts"] + e["dur"] <= step["ts"] + step["dur"] + 1e-3]
             assert [e["name"] for e in inside] == list(STEP)
+
+
+def test_the_summary_names_the_layers_without_compiled_kernels(tmp_path):
+    from ddl import kernels, nn
+    from ddl.comm import SingleCommunicator
+    from ddl.timeline import Timeline
+    from ddl.train import slow_layers
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten())
+    with kernels.using("numba"):
+        slow = slow_layers(net)
+    assert slow == ["1 (Tanh)"]
+    comm = SingleCommunicator()
+    timeline = Timeline(comm, slow)
+    timeline.lap("forward")
+    lines = timeline.write(comm, str(tmp_path / "t.json"), 0)
+    assert lines[-1].endswith("(the slow steps of forward and backward): 1 (Tanh)")
+    with kernels.using("numpy"):
+        assert slow_layers(net) == []

@@ -3,37 +3,40 @@ run by compiled kernels, plus the fused passes that only this backend has (a con
 the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
 
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
-stride-1 layers with several input channels, a direct convolution for other stride-1 layers, and
-NumPy's im2col and one GEMM for strided and 1x1 layers, where GEMMs beat them. Activations keep
-the NumPy backend's memory order, (C, H, W, N) with the batch innermost, behind logically
-(N, C, H, W) arrays, so layers of either backend can follow one another.
+stride-1 layers with 32 or more input channels, a direct convolution for other stride-1 layers, and
+one GEMM on a compiled im2col panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer
+of stride 1 needs no panel).
+Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
+behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
 import sys
 
 import numpy as np
 
-from ddl.kernels import direct, loss, optim, pool, winograd
+from ddl.kernels import direct, gemm, loss, norm, optim, pool, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
 name = "numba"
 
 # Fewer input channels than this make Winograd's GEMMs too thin: direct wins ref-cnn's first
-# layer (C = 1), Winograd its second (C = 32).
-WINOGRAD_MIN_CHANNELS = 4
+# layer (C = 1), Winograd its second (C = 32). With 16 (resnet-mini's first stage, 28x28, batch
+# 64, forward and backward) direct took 217-229 ms to Winograd's 354-406, interleaved medians on a
+# 2-core Xeon under heavy load (2026-12-06): slow figures, but the same order twice.
+WINOGRAD_MIN_CHANNELS = 32
 
 
 def algorithm(weight_shape, stride):
-    """"direct", "winograd" or "im2col" for a convolution with this weight (O, C, kh, kw)."""
+    """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
     _, c, kh, kw = weight_shape
     if stride != (1, 1) or (kh, kw) == (1, 1):
-        return "im2col"
+        return "gemm"
     return "winograd" if (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS else "direct"
 
 
 def fusable(conv, pool_layer):
     """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
-    return (algorithm(conv.weight.shape, conv.stride) != "im2col"
+    return (algorithm(conv.weight.shape, conv.stride) != "gemm"
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
@@ -46,8 +49,11 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
     `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
     algo = algorithm(weight.shape, stride)
     ws = ws or Workspace()
-    if algo == "im2col":
-        y, ctx = reference.conv2d_forward(x, weight, bias, stride, padding, ws)
+    if algo == "gemm":
+        (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
+        out_hw = (out_size(h, kh, stride[0], padding[0]), out_size(w, kw, stride[1], padding[1]))
+        y, ctx = gemm.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
+        y = nchw(y)
     else:
         b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
         y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, b, padding, pool, relu, ws)
@@ -59,9 +65,11 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
     """As reference.conv2d_backward, for either kind of conv2d_forward."""
     algo, ctx = ctx
     ws = ws or Workspace()
-    if algo == "im2col":
-        return reference.conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding,
-                                          input_grad, ws)
+    if algo == "gemm":
+        n, c, h, w = x_shape
+        gx, grad_w, grad_b = gemm.backward(chwn(grad_y), ctx, weight, (c, h, w, n), stride,
+                                           padding, input_grad, ws)
+        return (None if gx is None else nchw(gx)), grad_w, grad_b
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
     gxp = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
@@ -116,6 +124,68 @@ def relu_backward(grad_y, ctx):
     return gx
 
 
+def _rows(a):
+    """a (N, C, H, W) as (C, H*W*N) rows of (C, H, W, N) memory (a copy unless it is that)."""
+    return chwn(a).reshape(a.shape[1], -1)
+
+
+_NO_ROWS = {}   # dtype -> an empty (0, 0) array: the residual argument when there is none
+
+
+def _none(dtype):
+    return _NO_ROWS.setdefault(dtype, np.empty((0, 0), dtype))
+
+
+def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None):
+    """As reference.batchnorm2d_forward: the statistics in one compiled pass, the normalisation,
+    residual add and ReLU in another."""
+    xr, dtype = _rows(x), x.dtype
+    c = xr.shape[0]
+    if running is None:
+        mean64, var64 = np.empty(c), np.empty(c)
+        norm.moments(xr, mean64, var64)
+        mean, var = mean64.astype(dtype), var64.astype(dtype)
+    else:
+        mean, var = (v.astype(dtype, copy=False) for v in running)
+    inv = (1 / np.sqrt(var + dtype.type(eps))).astype(dtype)
+    scale = (weight * inv).astype(dtype)
+    shift = (bias - mean * scale).astype(dtype)
+    y = np.empty_like(xr)
+    added = residual is not None
+    norm.normalize(xr, scale, shift, _rows(residual) if added else _none(dtype), added, relu, y)
+    shape = (c, x.shape[2], x.shape[3], x.shape[0])
+    return nchw(y.reshape(shape)), (mean, var), (xr, mean, inv, y, relu, running is None,
+                                                 added, shape)
+
+
+def batchnorm2d_backward(grad_y, ctx, weight):
+    """As reference.batchnorm2d_backward, in one compiled pass per channel."""
+    xr, mean, inv, y, relu, batch_stats, added, shape = ctx
+    gx = np.empty_like(xr)
+    gres = np.empty_like(xr) if added else _none(xr.dtype)
+    gw, gb = np.empty(len(xr)), np.empty(len(xr))
+    norm.normalize_grad(_rows(grad_y), xr, mean, inv, (weight * inv).astype(xr.dtype), y, relu,
+                        batch_stats, gres, added, gw, gb, gx)
+    return (nchw(gx.reshape(shape)), gw.astype(weight.dtype), gb.astype(weight.dtype),
+            nchw(gres.reshape(shape)) if added else None)
+
+
+def global_avgpool2d_forward(x):
+    """As reference.global_avgpool2d_forward; y is an (N, C) view of (C, N) memory."""
+    xc = chwn(x)
+    y = np.empty((xc.shape[0], xc.shape[3]), x.dtype)
+    norm.mean_over_pixels(xc.reshape(xc.shape[0], -1, xc.shape[3]), y)
+    return y.T
+
+
+def global_avgpool2d_backward(grad_y, x):
+    """As reference.global_avgpool2d_backward, the result in (C, H, W, N) memory."""
+    n, c, h, w = x.shape
+    gx = np.empty((c, h * w, n), grad_y.dtype)
+    norm.spread_over_pixels(np.ascontiguousarray(grad_y.T), gx)
+    return nchw(gx.reshape(c, h, w, n))
+
+
 # The same as the reference's: pooling by averages is rare, and allocation is NumPy's.
 avgpool2d_forward, avgpool2d_backward = reference.avgpool2d_forward, reference.avgpool2d_backward
 empty, zeros, array = reference.empty, reference.zeros, reference.array
@@ -125,13 +195,16 @@ sgd, adam, rmsprop = optim.sgd, optim.adam, optim.rmsprop
 
 # --- fused layer groups ---------------------------------------------------------------------------
 # `plan(layers)` is what a Sequential runs: its layers in order, except that a convolution followed
-# by a 2x2 max pool (and a ReLU before or after the pool) becomes one `ConvPool` step, and a max
-# pool next to a ReLU becomes one `PoolReLU` step. ReLU and max pooling commute, outputs and
-# gradients alike (ties included), so both layer orders fuse. A group only calls its layers' own
-# kernels with their own parameters and caches: the module tree, `parameters()` and `state_dict()`
-# do not change, and so neither does anything that reads them. Layers are known by the `op` their
-# class declares ("conv2d", "maxpool2d", "relu"), not by importing them: ddl.nn imports the
-# kernels, never the other way round.
+# by a 2x2 max pool (and a ReLU before or after the pool) becomes one `ConvPool` step, and a ReLU
+# after a max pool, a batch normalisation or a residual block (or a ReLU before a max pool) joins
+# that layer's pass as one `WithReLU` step. ReLU and max pooling commute, outputs and gradients
+# alike (ties included), so both layer orders fuse. A residual block whose body ends in a batch
+# normalisation adds its shortcut in that normalisation's pass (Residual.run), and its body is a
+# Sequential, planned here like any other. A group only calls its layers' own kernels with their
+# own parameters and caches: the module tree, `parameters()` and `state_dict()` do not change, and
+# so neither does anything that reads them. Layers are known by the `op` their class declares
+# ("conv2d", "maxpool2d", "relu", ...), not by importing them: ddl.nn imports the kernels, never
+# the other way round.
 class ConvPool:
     """Conv2d -> MaxPool2d(2) [-> ReLU], or Conv2d -> ReLU -> MaxPool2d(2): one pass that never
     stores the convolution's full-resolution output."""
@@ -149,20 +222,29 @@ class ConvPool:
         return f"{self.conv!r} + max pool 2x2" + (" + ReLU" if self.relu else "")
 
 
-class PoolReLU:
-    """MaxPool2d and ReLU, in either order: one pass."""
+class WithReLU:
+    """A layer whose `run(backend, x, relu=True)` applies the ReLU after it in its own pass
+    (MaxPool2d, BatchNorm2d, Residual), and that ReLU."""
 
-    def __init__(self, pool):
-        self.pool = pool
+    def __init__(self, layer):
+        self.layer = layer
 
     def forward(self, x):
-        return self.pool.run(_self, x, relu=True)
+        return self.layer.run(_self, x, relu=True)
 
     def backward(self, grad_y):
-        return self.pool.backward(grad_y)
+        return self.layer.backward(grad_y)
 
     def __repr__(self):
-        return f"{self.pool!r} + ReLU"
+        return f"{self.layer!r} + ReLU"
+
+
+# The ops of layers whose every pass here is compiled (or one BLAS call, or free): any other layer
+# runs NumPy code, which `slow_steps` names.
+COMPILED = {"conv2d", "maxpool2d", "relu", "batchnorm2d", "global_avgpool2d", "residual",
+            "sequential", "linear", "flatten"}
+# Ops whose layer takes run(backend, x, relu=True) for a ReLU after it.
+TAKES_RELU = ("maxpool2d", "batchnorm2d", "residual")
 
 
 def _op(layer):
@@ -184,13 +266,23 @@ def plan(layers):
         elif ops == ("conv2d", "relu", "maxpool2d") and fusable(a, c):
             steps.append(ConvPool(a, True))
             i += 3
-        elif ops[:2] in (("maxpool2d", "relu"), ("relu", "maxpool2d")):
-            steps.append(PoolReLU(a if ops[0] == "maxpool2d" else b))
+        elif ops[0] in TAKES_RELU and ops[1] == "relu":
+            steps.append(WithReLU(a))
+            i += 2
+        elif ops[:2] == ("relu", "maxpool2d"):
+            steps.append(WithReLU(b))
             i += 2
         else:
             steps.append(a)
             i += 1
     return steps
+
+
+def slow_steps(module):
+    """The names (state_dict prefixes, "" for `module` itself) of the layers in `module`'s tree
+    that this backend runs through the NumPy reference: no compiled kernel of theirs."""
+    return [name or "(the model)" for name, m in module.named_modules()
+            if _op(m) not in COMPILED]
 
 
 _self = sys.modules[__name__]   # this backend, which the fused groups run their layers with

@@ -181,6 +181,59 @@ def avgpool2d_backward(grad_y, x, kernel, stride):
     return grad_x
 
 
+# --- batch normalisation and global average pooling ---------------------------------------------
+def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None):
+    """x (N, C, H, W), weight and bias (C,) -> (y like x, (mean, var) (C,), ctx).
+
+    Training (`running` None) normalises by the batch's per-channel mean and biased variance
+    over (N, H, W), which come back for the running statistics; eval (`running` = (mean, var))
+    by those. Then y = xhat * weight + bias, plus `residual` (like x) when given, then ReLU when
+    `relu`: the tail of a residual block in one operation. ctx is what batchnorm2d_backward takes.
+    """
+    if running is None:
+        mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    else:
+        mean, var = running
+    inv_std = (1 / np.sqrt(var + eps)).astype(x.dtype)
+    xhat = (x - mean[:, None, None]) * inv_std[:, None, None]
+    y = xhat * weight[:, None, None] + bias[:, None, None]
+    if residual is not None:
+        y += residual
+    if relu:
+        np.maximum(y, 0, out=y)
+    return y, (mean, var), (xhat, inv_std, y if relu else None, running is None,
+                            residual is not None)
+
+
+def batchnorm2d_backward(grad_y, ctx, weight):
+    """grad_y like y -> (grad_x, grad_weight (C,), grad_bias (C,), grad_residual or None when
+    the forward added none)."""
+    xhat, inv_std, y, batch_stats, added = ctx
+    g = grad_y * (y > 0) if y is not None else grad_y
+    grad_w = (g * xhat).sum(axis=(0, 2, 3))
+    grad_b = g.sum(axis=(0, 2, 3))
+    gx = g * (weight * inv_std)[:, None, None]
+    if batch_stats:
+        # Batch statistics depend on every input: remove the gradient's mean and its projection
+        # onto xhat, per channel.
+        gx = gx - gx.mean(axis=(0, 2, 3), keepdims=True) - xhat * (
+            (gx * xhat).mean(axis=(0, 2, 3), keepdims=True))
+    return gx, grad_w, grad_b, (g if added else None)
+
+
+def global_avgpool2d_forward(x):
+    """x (N, C, H, W) -> y (N, C), each channel's mean over the image."""
+    return x.mean(axis=(2, 3))
+
+
+def global_avgpool2d_backward(grad_y, x):
+    """grad_y (N, C) -> grad_x like `x` (the forward's input: its shape and memory order), the
+    gradient spread evenly over each image."""
+    grad_x = np.empty_like(x, dtype=grad_y.dtype)
+    grad_x[...] = (grad_y / (grad_x.shape[2] * grad_x.shape[3]))[:, :, None, None]
+    return grad_x
+
+
 # --- activations and the loss -----------------------------------------------------------------
 def relu_forward(x):
     """x (any shape) -> (y = max(x, 0), ctx for relu_backward: the mask x > 0)."""
@@ -281,3 +334,9 @@ def plan(layers):
     """The steps that run `layers` (a Sequential's modules, in order): the layers themselves, one
     by one; the reference fuses nothing."""
     return list(layers)
+
+
+def slow_steps(module):
+    """The layers of `module` that this backend runs without compiled kernels, by name: none
+    counts here, the reference being chosen (`--kernels numpy`), not fallen back to."""
+    return []

@@ -10,7 +10,7 @@ import numpy as np
 
 from ddl import kernels
 from ddl.kernels.arrays import Workspace, matmul_like, pair
-from ddl.nn.module import Module, Parameter, Residual, Sequential
+from ddl.nn.module import Module, Parameter, Residual, Sequential, same_shape
 
 
 def _uniform(rng, bound, shape):
@@ -23,6 +23,8 @@ class Linear(Module):
 
     rng: np.random.Generator (or int seed; None -> fresh) drawing weight, then bias.
     """
+
+    op = "linear"
 
     def __init__(self, in_features, out_features, bias=True, rng=None):
         super().__init__()
@@ -148,14 +150,14 @@ class GlobalAvgPool2d(Module):
     """The mean of each channel over the whole image: (N, C, H, W) -> (N, C), what a classifier
     head reads whatever the image size (PyTorch: AdaptiveAvgPool2d(1) and Flatten)."""
 
+    op = "global_avgpool2d"
+
     def forward(self, x):
-        self._x = x
-        return x.mean(axis=(2, 3))
+        self._x, self._backend = x, kernels.get()
+        return self._backend.global_avgpool2d_forward(x)
 
     def backward(self, grad_y):
-        grad_x = np.empty_like(self._x)     # x's memory order, for the layers before it
-        grad_x[...] = (grad_y / (grad_x.shape[2] * grad_x.shape[3]))[:, :, None, None]
-        return grad_x
+        return self._backend.global_avgpool2d_backward(grad_y, self._x)
 
 
 class ReLU(Module):
@@ -209,6 +211,8 @@ class Sigmoid(Module):
 class Flatten(Module):
     """(N, ...) -> (N, prod(...))."""
 
+    op = "flatten"
+
     def forward(self, x):
         self._x_shape = x.shape
         return x.reshape(x.shape[0], -1)
@@ -254,6 +258,8 @@ class BatchNorm2d(Module):
     (running_var with the unbiased variance, as PyTorch) but never used. Eval: running stats only.
     """
 
+    op = "batchnorm2d"
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
@@ -264,10 +270,18 @@ class BatchNorm2d(Module):
         self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
 
     def forward(self, x):
-        self._batch_stats = self.training
+        return self.run(kernels.get(), x)
+
+    def run(self, backend, x, relu=False, residual=None):
+        """forward with the kernels of `backend`, plus `residual` (like the output) and then
+        ReLU when asked: the tail of a residual block in one pass (Residual.run asks)."""
+        if residual is not None:
+            same_shape(x, residual)     # the kernels would read past a smaller one
+        self._backend = backend
+        running = None if self.training else (self.running_mean, self.running_var)
+        y, (mean, var), self._ctx = backend.batchnorm2d_forward(
+            x, self.weight.data, self.bias.data, self.eps, running, relu, residual)
         if self.training:
-            mean = x.mean(axis=(0, 2, 3))
-            var = x.var(axis=(0, 2, 3))
             n = x.size // x.shape[1]
             m = self.momentum
             # In place: buffers may be views the data-parallel wrapper keeps in sync.
@@ -276,23 +290,16 @@ class BatchNorm2d(Module):
             self.running_var *= 1 - m
             self.running_var += m * var * (n / max(n - 1, 1))
             self.num_batches_tracked += 1
-        else:
-            mean, var = self.running_mean, self.running_var
-        self._inv_std = (1 / np.sqrt(var + self.eps)).astype(x.dtype)
-        self._xhat = (x - mean[:, None, None]) * self._inv_std[:, None, None]
-        return self._xhat * self.weight.data[:, None, None] + self.bias.data[:, None, None]
+        return y
 
     def backward(self, grad_y):
-        xhat, inv_std = self._xhat, self._inv_std
-        self.weight.grad += (grad_y * xhat).sum(axis=(0, 2, 3))
-        self.bias.grad += grad_y.sum(axis=(0, 2, 3))
-        g = grad_y * (self.weight.data * inv_std)[:, None, None]
-        if not self._batch_stats:  # running stats are constants
-            return g
-        # Batch statistics depend on every input: remove the gradient's mean and its projection
-        # onto xhat, per channel.
-        return g - g.mean(axis=(0, 2, 3), keepdims=True) - xhat * (
-            (g * xhat).mean(axis=(0, 2, 3), keepdims=True))
+        """The input's gradient; the residual's, when the forward added one, is left in
+        `residual_grad` for the Residual that asked."""
+        gx, gw, gb, self.residual_grad = self._backend.batchnorm2d_backward(
+            grad_y, self._ctx, self.weight.data)
+        self.weight.grad += gw
+        self.bias.grad += gb
+        return gx
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -304,6 +311,8 @@ class ResidualBlock(Residual):
     shortcut the identity, or a 1x1 convolution (with `stride`) and BatchNorm2d where the shape
     changes. (N, in_channels, H, W) -> (N, out_channels, OH, OW), OH = ceil(H / stride). The
     convolutions have no bias: the BatchNorm2d after each has one. rng as for Linear."""
+
+    op = Residual.op    # runs as any Residual
 
     def __init__(self, in_channels, out_channels, stride=1, rng=None):
         rng = np.random.default_rng(rng)

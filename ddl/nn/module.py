@@ -191,6 +191,8 @@ class Sequential(Module):
     one step (its `plan`); backward follows the steps of the last forward.
     """
 
+    op = "sequential"
+
     def __init__(self, *modules):
         super().__init__()
         for i, m in enumerate(modules):
@@ -225,10 +227,22 @@ class Sequential(Module):
         return self._plan[1]
 
     def forward(self, x):
+        return self.run(kernels.get(), x)
+
+    def run(self, backend, x, **fused):
+        """forward, the last step run with `fused` (Residual.run's residual and relu) when given:
+        only a last step that `fuses_tail` takes them is ever given them."""
         self._steps = self.steps()
-        for m in self._steps:
+        last = len(self._steps) - 1 if fused else len(self._steps)
+        for m in self._steps[:last]:
             x = m.forward(x)
-        return x
+        return self._steps[last].run(backend, x, **fused) if fused else x
+
+    def fuses_tail(self):
+        """Whether the last step takes a residual to add and a ReLU (`run(backend, x,
+        residual=, relu=)`): a BatchNorm2d does."""
+        steps = self.steps()
+        return bool(steps) and vars(type(steps[-1])).get("op") == "batchnorm2d"
 
     def backward(self, grad_y):
         for m in reversed(self._steps):
@@ -258,17 +272,42 @@ class Residual(Module):
     that changes it alike (a strided 1x1 Conv2d and a BatchNorm2d, say). Backward adds the input
     gradients of the two paths."""
 
+    op = "residual"     # what a backend's plan knows it by
+
     def __init__(self, body, shortcut=None):
         super().__init__()
         self.body, self.shortcut = body, shortcut
 
     def forward(self, x):
-        y = self.body.forward(x)
+        return self.run(kernels.get(), x)
+
+    def run(self, backend, x, relu=False):
+        """forward with the kernels of `backend`, followed by ReLU when `relu` (a backend's plan
+        asks, for a ReLU after the block). A body whose last step is a BatchNorm2d adds the
+        shortcut (and applies the ReLU) in that step's own pass, not in passes of their own."""
         skip = x if self.shortcut is None else self.shortcut.forward(x)
-        if y.shape != skip.shape:   # NumPy would broadcast some mismatches without a word
-            raise ValueError(f"Residual: the body gives {y.shape}, the shortcut {skip.shape}")
-        return y + skip
+        self._fused, self._relu = isinstance(self.body, Sequential) and self.body.fuses_tail(), None
+        if self._fused:
+            return self.body.run(backend, x, residual=skip, relu=relu)
+        y = self.body.forward(x)
+        same_shape(y, skip)
+        y = y + skip
+        if relu:
+            self._relu = backend
+            y, self._relu_ctx = backend.relu_forward(y)
+        return y
 
     def backward(self, grad_y):
+        if self._relu is not None:
+            grad_y = self._relu.relu_backward(grad_y, self._relu_ctx)
+        grad_x = self.body.backward(grad_y)
+        if self._fused:
+            grad_y = self.body[-1].residual_grad
         skip = grad_y if self.shortcut is None else self.shortcut.backward(grad_y)
-        return self.body.backward(grad_y) + skip
+        return grad_x + skip
+
+
+def same_shape(y, skip):
+    """ValueError unless a residual block's body output `y` and shortcut `skip` match."""
+    if y.shape != skip.shape:   # NumPy would broadcast some mismatches without a word
+        raise ValueError(f"Residual: the body gives {y.shape}, the shortcut {skip.shape}")
