@@ -1,0 +1,132 @@
+"""Tests written to kill the mutants that `make mutate` found alive (docs/mutation.md): each
+checks a value against one computed here by other means, never a function against itself."""
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from ddl import nn
+from ddl.errors import ReplicaDivergence
+from ddl.parallel import Replicas, Signals, flatten
+
+
+class TwoRanks:
+    """A communicator of two ranks in one process: the other rank's buffers are given, so every
+    collective's result is known beforehand."""
+    size, rank = 2, 0
+
+    def __init__(self, other_grads=None, other_buffers=None, other_crc=None, root_data=None):
+        self.other_grads, self.other_buffers = other_grads, other_buffers or {}
+        self.other_crc, self.root_data = other_crc, root_data
+        self.reduced = []
+
+    def bcast(self, buf, root=0, what=""):
+        if self.root_data is not None:
+            buf[...] = self.root_data
+
+    def bcast_obj(self, obj, root=0, what=""):
+        return obj
+
+    def allreduce(self, buf, op="sum", what=""):
+        self.reduced.append(what)
+        if what == "gradient all-reduce":
+            buf += self.other_grads
+        else:
+            buf += self.other_buffers[len(self.reduced) - 2]
+
+    def allgather_obj(self, obj, what=""):
+        return [obj, obj if self.other_crc is None else self.other_crc]
+
+
+def model():
+    return nn.Sequential(nn.Linear(3, 2, rng=0), nn.ReLU(),
+                         nn.Linear(2, 1, rng=1))
+
+
+def test_flatten_copies_values_into_views_of_two_buffers():
+    params = [nn.Parameter(np.arange(6.0).reshape(2, 3)), nn.Parameter([7.0, 8.0])]
+    params[0].grad[...] = -np.arange(6.0).reshape(2, 3)
+    params[1].grad[...] = [-7.0, -8.0]
+    data, grad = flatten(params, spare=3)
+    np.testing.assert_array_equal(data, [0, 1, 2, 3, 4, 5, 7, 8])
+    assert grad.shape == (11,)
+    np.testing.assert_array_equal(grad[:8], [0, -1, -2, -3, -4, -5, -7, -8])
+    data[...] = 10
+    grad[:8] = 20
+    for p in params:    # views, not copies
+        assert (p.data == 10).all() and (p.grad == 20).all()
+    assert params[0].data.shape == (2, 3) and params[1].grad.shape == (2,)
+
+
+def test_two_ranks_average_gradients_and_signals():
+    m = model()
+    other = np.arange(m_size(m) + 3, dtype=np.float32)
+    other[-3:] = [3.0, 1.0, 0.0]
+    comm = TwoRanks(other_grads=other)
+    replicas = Replicas(m, comm)
+    replicas.grad[...] = 1.0
+    signals = replicas.allreduce_grads(1.0, stop=False, save=True)
+    np.testing.assert_allclose(replicas.grad, (1.0 + other[:-3]) / 2)
+    assert signals == Signals(2.0, True, True)
+    assert not signals.diverged
+    replicas.zero_grad()
+    assert (m.parameters()[0].grad == 0).all() and (replicas.grad == 0).all()
+
+
+def m_size(m):
+    return sum(p.data.size for p in m.parameters())
+
+
+def test_one_rank_keeps_its_values_and_a_nan_anywhere_diverges():
+    m = model()
+    replicas = Replicas(m, TwoRanks(other_grads=None))
+    replicas.comm.size = 1
+    replicas.grad[...] = 3.0
+    assert replicas.allreduce_grads(0.5) == Signals(0.5, False, False)
+    np.testing.assert_array_equal(replicas.grad, 3.0)
+    replicas.grad[1] = np.inf
+    signals = replicas.allreduce_grads(0.5, stop=True)
+    assert signals.diverged and math.isnan(signals.loss) and signals.stop and not signals.save
+
+
+def test_rank_0s_weights_and_buffers_win():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.BatchNorm2d(2))
+    root = np.full(m_size(m), 0.25, np.float32)
+    Replicas(m, TwoRanks(root_data=root))
+    for p in m.parameters():
+        assert (p.data == 0.25).all()
+
+
+def test_running_statistics_are_averaged_over_ranks():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.BatchNorm2d(2))
+    buffers = dict(m.named_buffers())
+    floats = [v for v in buffers.values() if np.issubdtype(v.dtype, np.floating)]
+    before = [v.copy() for v in floats]
+    others = [np.full(v.shape, 4.0, v.dtype) for v in floats]
+    comm = TwoRanks(other_grads=None, other_buffers=others)
+    replicas = Replicas(m, comm)
+    comm.reduced.clear()
+    comm.reduced.append("start")
+    replicas.average_buffers()
+    for value, old in zip(floats, before):
+        np.testing.assert_allclose(value, (old + 4.0) / 2)
+    assert len(comm.reduced) == 1 + len(floats)    # integer counters are not averaged
+
+
+def test_one_rank_leaves_running_statistics_alone():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.BatchNorm2d(2))
+    replicas = Replicas(m, TwoRanks())
+    replicas.comm.size = 1
+    before = {k: v.copy() for k, v in m.named_buffers()}
+    replicas.average_buffers()
+    for k, v in m.named_buffers():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_the_checksum_names_the_odd_rank():
+    m = model()
+    Replicas(m, TwoRanks()).check()     # identical: no error
+    replicas = Replicas(m, TwoRanks(other_crc=zlib.crc32(b"other")))
+    with pytest.raises(ReplicaDivergence, match=r"rank\(s\) 1 differ"):
+        replicas.check()
