@@ -55,14 +55,17 @@ def operators(python):
     return [n for n in names if not any(re.search(k, n) for k in KEEP)]
 
 
+def tests(module, python):
+    return [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS[module].split()]
+
+
 def config(module, python, excluded):
-    tests = TESTS[module]
     return "\n".join([
         "[cosmic-ray]",
         f'module-path = "{module}"',
         f"timeout = {TIMEOUT}",
         "excluded-modules = []",
-        f'test-command = "{python} -m pytest -x -q -p no:cacheprovider {tests}"',
+        'test-command = "' + ' '.join(tests(module, python)) + '"',
         "[cosmic-ray.distributor]",
         'name = "local"',
         "[cosmic-ray.filters.operators-filter]",
@@ -93,7 +96,7 @@ def run(module, copy, python, excluded, out, size, seed):
     bindir = os.path.dirname(python)
     # Unmutated, the tests must pass (or every mutant would count as killed); this run also fills
     # numba's cache with the unmutated kernels.
-    baseline = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS[module].split()]
+    baseline = tests(module, python)
     if subprocess.run(baseline, cwd=copy, stdout=subprocess.DEVNULL).returncode:
         sys.exit(f"mutate: the tests of {module} fail without a mutant: {' '.join(baseline)}")
     subprocess.run([python, "-m", "cosmic_ray.cli", "init", cfg, db], cwd=copy, check=True)
