@@ -135,7 +135,8 @@ def main():
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     excluded = operators(python)
-    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True,
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                             cwd=root, capture_output=True, text=True,
                              check=True).stdout.split()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ddl-mutate-") as copy:
