@@ -151,7 +151,7 @@ def main():
                                                   args.sample, args.seed))
             rows.append((module, total, killed))
             for job, op, line, diff in survivors:
-                print(f"SURVIVED {module}:{line + 1} {op} ({job})\n{diff}")
+                print(f"SURVIVED {module}:{line} {op} ({job})\n{diff}")
     print("| module | mutants | killed | score |\n| --- | --- | --- | --- |")
     for module, total, killed in rows:
         print(f"| {module} | {total} | {killed} | {100 * killed / max(total, 1):.1f}% |")

@@ -16,17 +16,20 @@ class TwoRanks:
     collective's result is known beforehand."""
     size, rank = 2, 0
 
-    def __init__(self, other_grads=None, other_buffers=None, other_crc=None, root_data=None):
+    def __init__(self, other_grads=None, other_buffers=None, other_crc=None, root_data=None,
+                 root_buffers=None):
         self.other_grads, self.other_buffers = other_grads, other_buffers or {}
-        self.other_crc, self.root_data = other_crc, root_data
-        self.reduced = []
+        self.other_crc, self.root_data, self.root_buffers = other_crc, root_data, root_buffers
+        self.reduced, self.roots = [], []
 
     def bcast(self, buf, root=0, what=""):
+        self.roots.append(root)
         if self.root_data is not None:
             buf[...] = self.root_data
 
     def bcast_obj(self, obj, root=0, what=""):
-        return obj
+        self.roots.append(root)
+        return obj if self.root_buffers is None else self.root_buffers
 
     def allreduce(self, buf, op="sum", what=""):
         self.reduced.append(what)
@@ -57,6 +60,11 @@ def test_flatten_copies_values_into_views_of_two_buffers():
     for p in params:    # views, not copies
         assert (p.data == 10).all() and (p.grad == 20).all()
     assert params[0].data.shape == (2, 3) and params[1].grad.shape == (2,)
+
+
+def test_flatten_has_no_spare_floats_unless_asked():
+    data, grad = flatten([nn.Parameter(np.ones((2, 2)))])
+    assert data.shape == grad.shape == (4,)
 
 
 def test_two_ranks_average_gradients_and_signals():
@@ -93,9 +101,18 @@ def test_one_rank_keeps_its_values_and_a_nan_anywhere_diverges():
 def test_rank_0s_weights_and_buffers_win():
     m = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.BatchNorm2d(2))
     root = np.full(m_size(m), 0.25, np.float32)
-    Replicas(m, TwoRanks(root_data=root))
+    root_buffers = {k: np.full(v.shape, 3, v.dtype) for k, v in m.named_buffers()}
+    comm = TwoRanks(root_data=root, root_buffers=root_buffers)
+    Replicas(m, comm)
+    assert comm.roots == [0, 0]
     for p in m.parameters():
         assert (p.data == 0.25).all()
+    for _, value in m.named_buffers():
+        assert (value == 3).all()
+
+
+def test_signals_flags_are_off_unless_set():
+    assert Signals(0.5) == (0.5, False, False)
 
 
 def test_running_statistics_are_averaged_over_ranks():
