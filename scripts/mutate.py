@@ -19,7 +19,8 @@ import tempfile
 
 # Module -> the tests that guard it (-x: the first failure kills the mutant).
 TESTS = {
-    "ddl/kernels/numpy.py": "tests/test_references.py tests/test_mutants.py -k numpy",
+    "ddl/kernels/numpy.py": "tests/test_references.py tests/test_layers.py tests/test_optim.py "
+                            "tests/test_loss.py tests/test_mutants.py -k numpy",
     "ddl/kernels/direct.py": "tests/test_references.py -k numba",
     "ddl/kernels/winograd.py": "tests/test_references.py -k numba",
     "ddl/kernels/pool.py": "tests/test_references.py tests/test_mutants.py -k numba",

@@ -147,3 +147,16 @@ def test_the_checksum_names_the_odd_rank():
     replicas = Replicas(m, TwoRanks(other_crc=zlib.crc32(b"other")))
     with pytest.raises(ReplicaDivergence, match=r"rank\(s\) 1 differ"):
         replicas.check()
+
+
+@pytest.mark.usefixtures("backend")
+def test_centered_rmsprop_survives_a_variance_rounded_below_zero():
+    """float32 rounding can leave the running mean of squares a hair below the squared running
+    mean; the step must treat that variance as 0 (a step of g / eps), not take its root (NaN)."""
+    from ddl import kernels
+    data, grad = np.ones(4), np.array([0.0, 0.0, 1e-9, -1e-9])
+    square_avg, grad_avg, buf = np.full(4, 0.98), np.ones(4), np.zeros(4)
+    kernels.get().rmsprop(data, grad, square_avg, grad_avg, buf, 0.01, 0.99, 1e-3, 0.0, 0.0,
+                          True)
+    # s = 0.99 * 0.98 + 0.01 g^2 < a^2 = (0.99 + 0.01 g)^2: the variance is clamped to 0
+    np.testing.assert_allclose(data, 1 - 0.01 * grad / 1e-3, rtol=1e-12)
