@@ -23,7 +23,8 @@ TESTS = {
                             "tests/test_loss.py tests/test_mutants.py -k numpy",
     "ddl/kernels/direct.py": "tests/test_references.py -k numba",
     "ddl/kernels/winograd.py": "tests/test_references.py -k numba",
-    "ddl/kernels/pool.py": "tests/test_references.py tests/test_mutants.py -k numba",
+    "ddl/kernels/pool.py": "tests/test_references.py tests/test_layers.py tests/test_mutants.py "
+                           "-k numba",
     "ddl/kernels/loss.py": "tests/test_kernels.py -k cross_entropy",
     "ddl/kernels/optim.py": "tests/test_kernels.py -k optimizer",
     "ddl/kernels/arrays.py": "tests/test_references.py -k numba",

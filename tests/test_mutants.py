@@ -160,3 +160,35 @@ def test_centered_rmsprop_survives_a_variance_rounded_below_zero():
                           True)
     # s = 0.99 * 0.98 + 0.01 g^2 < a^2 = (0.99 + 0.01 g)^2: the variance is clamped to 0
     np.testing.assert_allclose(data, 1 - 0.01 * grad / 1e-3, rtol=1e-12)
+
+
+def test_optimizer_state_for_one_parameter_past_the_end_is_refused():
+    from ddl.optim import SGD
+    params = [nn.Parameter(np.ones(3)), nn.Parameter(np.ones(2))]
+    sd = SGD(params, lr=0.1, momentum=0.9).state_dict()
+    sd["state"] = {2: {"momentum_buffer": np.ones(3)}}     # parameters 0 and 1 only
+    with pytest.raises(ValueError, match="state for parameter 2, but there are only 2"):
+        SGD(params, lr=0.1, momentum=0.9).load_state_dict(sd)
+
+
+def test_an_optimizer_finds_its_runs_once_and_again_when_an_array_is_rebound(monkeypatch):
+    """The runs of flat buffers are found at the first step and remembered while each parameter
+    keeps its arrays; a parameter rebound to a new array is found again and updated there."""
+    from ddl import optim
+    params = [nn.Parameter(np.ones(3)), nn.Parameter(np.ones(2))]
+    flatten(params)
+    opt = optim.SGD(params, lr=0.5)
+    spans, real_span = [], optim._span
+    monkeypatch.setattr(optim, "_span", lambda arrays: spans.append(1) or real_span(arrays))
+    for p in params:
+        p.grad[...] = 1.0
+    opt.step()
+    found = len(spans)
+    assert found > 0
+    opt.step()
+    assert len(spans) == found         # remembered
+    params[1].data = np.full(2, 7.0)   # rebound: no longer beside parameter 0
+    opt.step()
+    assert len(spans) > found
+    np.testing.assert_array_equal(params[1].data, 6.5)
+    np.testing.assert_array_equal(params[0].data, -0.5)
