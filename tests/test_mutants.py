@@ -192,3 +192,12 @@ def test_an_optimizer_finds_its_runs_once_and_again_when_an_array_is_rebound(mon
     assert len(spans) > found
     np.testing.assert_array_equal(params[1].data, 6.5)
     np.testing.assert_array_equal(params[0].data, -0.5)
+
+
+def test_adam_takes_betas_of_zero():
+    """[0, 1) as PyTorch's: with betas (0, 0) the first step is lr * g / (|g| + eps)."""
+    from ddl.optim import Adam
+    p = nn.Parameter(np.array([1.0, 2.0]))
+    p.grad[...] = [0.5, -2.0]
+    Adam([p], lr=0.1, betas=(0.0, 0.0), eps=0.5).step()
+    np.testing.assert_allclose(p.data, [1.0 - 0.1 * 0.5 / 1.0, 2.0 + 0.1 * 2.0 / 2.5], rtol=1e-6)
