@@ -201,3 +201,12 @@ def test_adam_takes_betas_of_zero():
     p.grad[...] = [0.5, -2.0]
     Adam([p], lr=0.1, betas=(0.0, 0.0), eps=0.5).step()
     np.testing.assert_allclose(p.data, [1.0 - 0.1 * 0.5 / 1.0, 2.0 + 0.1 * 2.0 / 2.5], rtol=1e-6)
+
+
+@pytest.mark.usefixtures("backend")
+def test_relu_passes_no_gradient_at_zero():
+    """PyTorch's convention, and both backends': the gradient at exactly 0 is 0."""
+    relu = nn.ReLU()
+    x = np.array([[-1.0, 0.0, 2.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(relu.forward(x), [[0, 0, 2, 0]])
+    np.testing.assert_array_equal(relu.backward(np.ones_like(x)), [[0, 0, 1, 0]])
