@@ -210,3 +210,23 @@ def test_relu_passes_no_gradient_at_zero():
     x = np.array([[-1.0, 0.0, 2.0, 0.0]], np.float32)
     np.testing.assert_array_equal(relu.forward(x), [[0, 0, 2, 0]])
     np.testing.assert_array_equal(relu.backward(np.ones_like(x)), [[0, 0, 1, 0]])
+
+
+def test_default_dropout_drops_about_half_and_doubles_the_rest():
+    y = nn.Dropout(rng=0).forward(np.ones((100, 100)))
+    assert set(np.unique(y)) == {0.0, 2.0}
+    assert 0.45 < (y == 0).mean() < 0.55
+
+
+def test_default_batchnorm_momentum_moves_running_stats_a_tenth_of_the_way():
+    bn = nn.BatchNorm2d(1)
+    bn.forward(np.full((2, 1, 2, 2), 5.0))
+    np.testing.assert_allclose(bn.running_mean, [0.5], rtol=1e-6)    # 0.9 * 0 + 0.1 * 5
+
+
+def test_residual_block_convolutions_have_no_bias():
+    """ResNet's basic block: BatchNorm's shift follows every convolution, shortcut's too; the
+    parameters are the three convolutions' weights and the three BatchNorms' weight and bias."""
+    block = nn.ResidualBlock(2, 4, stride=2, rng=0)
+    shapes = sorted(p.shape for p in block.parameters())
+    assert shapes == sorted([(4, 2, 3, 3), (4, 4, 3, 3), (4, 2, 1, 1)] + [(4,)] * 6)
