@@ -230,3 +230,18 @@ def test_residual_block_convolutions_have_no_bias():
     block = nn.ResidualBlock(2, 4, stride=2, rng=0)
     shapes = sorted(p.shape for p in block.parameters())
     assert shapes == sorted([(4, 2, 3, 3), (4, 4, 3, 3), (4, 2, 1, 1)] + [(4,)] * 6)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_max_pool_with_relu_against_its_definition(name):
+    """The pool that the fused passes call with relu=True: max over each 2x2 window, then
+    max(., 0); the gradient reaches only windows whose maximum is positive."""
+    from ddl import kernels
+    x = np.random.default_rng(0).uniform(-1.5, 1, (2, 3, 4, 6))
+    want = np.maximum(x.reshape(2, 3, 2, 2, 3, 2).max(axis=(3, 5)), 0)
+    with kernels.using(name):
+        backend = kernels.get()
+        y, first = backend.maxpool2d_forward(x, (2, 2), (2, 2), relu=True)
+        np.testing.assert_array_equal(y, want)
+        gx = backend.maxpool2d_backward(np.ones_like(y), first, x, (2, 2), (2, 2))
+    assert gx.sum() == (want > 0).sum()
