@@ -245,3 +245,53 @@ def test_max_pool_with_relu_against_its_definition(name):
         np.testing.assert_array_equal(y, want)
         gx = backend.maxpool2d_backward(np.ones_like(y), first, x, (2, 2), (2, 2))
     assert gx.sum() == (want > 0).sum()
+
+
+def test_batchnorm_on_one_value_per_channel_keeps_a_finite_running_variance():
+    """n = 1 value per channel: the unbiased correction n / (n - 1) is taken as 1, not a
+    division by zero."""
+    bn = nn.BatchNorm2d(2)
+    bn.forward(np.ones((1, 2, 1, 1)))
+    np.testing.assert_allclose(bn.running_var, [0.9, 0.9], rtol=1e-6)
+
+
+def test_parameters_between_two_of_one_buffer_are_their_own_run():
+    """[p0, q, p1], p1 lying right after p0 in one buffer and q elsewhere: three runs, each
+    updated in its own memory."""
+    from ddl.optim import SGD
+    p0, q, p1 = nn.Parameter(np.ones(2)), nn.Parameter(np.full(3, 5.0)), nn.Parameter(np.ones(2))
+    flatten([p0, p1])
+    for p in (p0, q, p1):
+        p.grad[...] = 1.0
+    SGD([p0, q, p1], lr=0.5).step()
+    np.testing.assert_array_equal(p0.data, 0.5)
+    np.testing.assert_array_equal(q.data, 4.5)
+    np.testing.assert_array_equal(p1.data, 0.5)
+
+
+def test_make_optimizer_sgd_has_no_momentum_unless_asked():
+    from ddl.optim import make_optimizer
+    p = nn.Parameter(np.zeros(2))
+    opt = make_optimizer("sgd", [p], 0.1)
+    for _ in range(2):
+        p.grad[...] = 1.0
+        opt.step()
+    np.testing.assert_allclose(p.data, -0.2)    # with momentum the second step would be longer
+
+
+def test_a_run_after_a_lone_parameter_is_still_one_call(monkeypatch):
+    """[q, p0, p1], p1 right after p0 in one buffer: two backend calls, of 3 and of 2 + 2."""
+    from ddl import kernels
+    from ddl.optim import SGD
+    q, p0, p1 = nn.Parameter(np.ones(3)), nn.Parameter(np.ones(2)), nn.Parameter(np.ones(2))
+    flatten([p0, p1])
+    backend, calls = kernels.get(), []
+    rule = backend.sgd
+    monkeypatch.setattr(backend, "sgd", lambda data, *args: (calls.append(data.size),
+                                                             rule(data, *args))[1])
+    for p in (q, p0, p1):
+        p.grad[...] = 1.0
+    SGD([q, p0, p1], lr=0.5).step()
+    assert calls == [3, 4]
+    for p in (q, p0, p1):
+        np.testing.assert_array_equal(p.data, 0.5)
