@@ -295,3 +295,25 @@ def test_a_run_after_a_lone_parameter_is_still_one_call(monkeypatch):
     assert calls == [3, 4]
     for p in (q, p0, p1):
         np.testing.assert_array_equal(p.data, 0.5)
+
+
+def test_a_sequentials_input_gradient_is_its_first_layers():
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.ReLU(), nn.Flatten())
+    seq.needs_input_grad = False
+    assert seq[0].needs_input_grad is False
+    assert seq[1].needs_input_grad is True and seq[2].needs_input_grad is True
+    assert seq.needs_input_grad is False
+    seq[0].needs_input_grad = True
+    seq[2].needs_input_grad = False
+    assert seq.needs_input_grad is True
+
+
+@pytest.mark.usefixtures("backend")
+def test_a_sequential_plans_once_per_backend_and_layers():
+    from ddl import kernels
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.MaxPool2d(2), nn.ReLU())
+    steps = seq.steps()
+    assert seq.steps() is steps     # remembered
+    other = "numpy" if kernels.get().name == "numba" else "numba"
+    with kernels.using(other):
+        assert seq.steps() is not steps
