@@ -317,3 +317,29 @@ def test_a_sequential_plans_once_per_backend_and_layers():
     other = "numpy" if kernels.get().name == "numba" else "numba"
     with kernels.using(other):
         assert seq.steps() is not steps
+
+
+def test_an_empty_sequential_needs_its_input_gradient():
+    assert nn.Sequential().needs_input_grad is True
+
+
+def test_train_without_an_argument_switches_training_back_on():
+    seq = nn.Sequential(nn.Dropout(), nn.Sequential(nn.BatchNorm2d(1)))
+    seq.eval()
+    assert not any(m.training for m in seq.modules())
+    seq.train()
+    assert all(m.training for m in seq.modules())
+
+
+def test_repr_nests_children_as_pytorch_does():
+    seq = nn.Sequential(nn.Linear(2, 3, rng=0), nn.Sequential(nn.ReLU()))
+    assert repr(seq) == ("Sequential(\n  (0): Linear(2, 3, bias=True)\n  (1): Sequential(\n"
+                         "    (0): ReLU()\n  )\n)")
+
+
+def test_state_dict_buffers_are_copies():
+    bn = nn.BatchNorm2d(1)
+    sd = bn.state_dict()
+    bn.forward(np.full((2, 1, 2, 2), 5.0))
+    np.testing.assert_array_equal(sd["running_mean"], [0.0])
+    assert sd["num_batches_tracked"] == 0
