@@ -30,7 +30,7 @@ TESTS = {
     "ddl/kernels/arrays.py": "tests/test_references.py -k numba",
     "ddl/kernels/numba.py": "tests/test_references.py tests/test_kernels.py -k numba",
     "ddl/nn/layers.py": "tests/test_references.py tests/test_layers.py tests/test_mutants.py",
-    "ddl/nn/module.py": "tests/test_layers.py tests/test_optim.py tests/test_mutants.py",
+    "ddl/nn/module.py": "tests/test_mutants.py tests/test_layers.py tests/test_optim.py",
     "ddl/nn/loss.py": "tests/test_loss.py",
     "ddl/optim.py": "tests/test_optim.py tests/test_mutants.py",
     "ddl/parallel.py": "tests/test_mutants.py tests/test_optim.py",
