@@ -7,7 +7,7 @@ RAW    ?= $(firstword $(wildcard ../shared/data/mnist) data/raw)
 DATA   := data/mnist.h5
 NP     ?= 4
 
-.PHONY: install install-torch test lint data train bench clean
+.PHONY: install install-torch test lint data train bench mutate clean
 
 install: $(VENV)/.installed
 
@@ -47,5 +47,15 @@ train: install data
 bench: install-torch
 	$(BIN)/python scripts/benchmark.py --out docs/benchmarks.md
 
+# Mutation testing of ddl/nn, ddl/kernels, ddl/optim.py and ddl/parallel.py, each module against
+# the tests chosen for it in scripts/mutate.py (docs/mutation.md); MODULES= picks some, SAMPLE=N
+# tests N random mutants of each (a full run takes hours on 2 cores). Not in CI.
+mutate: $(VENV)/.mutate
+	$(BIN)/python scripts/mutate.py $(if $(SAMPLE),--sample $(SAMPLE)) $(MODULES)
+
+$(VENV)/.mutate: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,plot,mutate]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) *.egg-info data/*.h5 data/*.png data/*.jsonl
+	rm -rf $(VENV) *.egg-info mutants data/*.h5 data/*.png data/*.jsonl

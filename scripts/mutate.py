@@ -1,0 +1,163 @@
+"""Mutation testing of the numeric core with cosmic-ray (`make mutate`; docs/mutation.md).
+
+Each module is mutated on its own, in a copy of the tracked files (a stopped run never leaves a
+mutated file in the working tree), with the tests that guard it: a mutant is killed when they
+fail, survives when they pass, and counts as killed when it outruns the timeout (a loop that
+never ends). numba compiles each mutated kernel file afresh: ddl's kernel cache is named after a
+hash of ddl/kernels/*.py, and NUMBA_CACHE_DIR points into the copy, so no cache outside it is
+touched. Usage: scripts/mutate.py [MODULE ...] (default: every module below); the survivors
+are printed as diffs, the score per module as a table.
+"""
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+
+# Module -> the tests that guard it (-x: the first failure kills the mutant).
+TESTS = {
+    "ddl/kernels/numpy.py": "tests/test_references.py tests/test_layers.py tests/test_optim.py "
+                            "tests/test_loss.py tests/test_mutants.py -k numpy",
+    "ddl/kernels/direct.py": "tests/test_references.py -k numba",
+    "ddl/kernels/winograd.py": "tests/test_references.py -k numba",
+    "ddl/kernels/pool.py": "tests/test_references.py tests/test_layers.py tests/test_mutants.py "
+                           "-k numba",
+    "ddl/kernels/loss.py": "tests/test_kernels.py -k cross_entropy",
+    "ddl/kernels/optim.py": "tests/test_kernels.py -k optimizer",
+    "ddl/kernels/arrays.py": "tests/test_references.py -k numba",
+    "ddl/kernels/numba.py": "tests/test_references.py tests/test_kernels.py -k numba",
+    "ddl/nn/layers.py": "tests/test_references.py tests/test_layers.py tests/test_mutants.py",
+    "ddl/nn/module.py": "tests/test_mutants.py tests/test_layers.py tests/test_optim.py",
+    "ddl/nn/loss.py": "tests/test_loss.py",
+    "ddl/optim.py": "tests/test_optim.py tests/test_mutants.py",
+    "ddl/parallel.py": "tests/test_mutants.py tests/test_optim.py",
+}
+# The operators that make one natural mistake each (+ for -, < for <=, a constant off by one, a
+# loop that never runs, a negated condition). Excluded: the rest of cosmic-ray's binary operator
+# table (a + b -> a << b and the like, 11 per operator: mostly crashes, and most of the count),
+# comparisons replaced by `is`, RemoveDecorator (an undecorated kernel is the same function,
+# uncompiled) and the Variable* operators (random names).
+KEEP = [
+    "ReplaceBinaryOperator_(Add_Sub|Sub_Add|Mul_Div|Div_Mul|FloorDiv_Mul|Mod_FloorDiv|Pow_Mul)$",
+    "ReplaceComparisonOperator_(Lt_LtE|LtE_Lt|Gt_GtE|GtE_Gt|Eq_NotEq|NotEq_Eq|Is_IsNot|IsNot_Is)$",
+    "ReplaceUnaryOperator_USub_UAdd$",
+    "(AddNot|ReplaceTrueWithFalse|ReplaceFalseWithTrue|ReplaceAndWithOr|ReplaceOrWithAnd)$",
+    "(ReplaceBreakWithContinue|ReplaceContinueWithBreak|NumberReplacer|ZeroIterationForLoop)$",
+]
+TIMEOUT = 120.0   # seconds per mutant: a baseline run with every kernel compiled is about 40
+
+
+def operators(python):
+    import re
+    names = subprocess.run([python, "-m", "cosmic_ray.cli", "operators"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    return [n for n in names if not any(re.search(k, n) for k in KEEP)]
+
+
+def tests(module, python):
+    return [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS[module].split()]
+
+
+def config(module, python, excluded):
+    return "\n".join([
+        "[cosmic-ray]",
+        f'module-path = "{module}"',
+        f"timeout = {TIMEOUT}",
+        "excluded-modules = []",
+        'test-command = "' + ' '.join(tests(module, python)) + '"',
+        "[cosmic-ray.distributor]",
+        'name = "local"',
+        "[cosmic-ray.filters.operators-filter]",
+        "exclude-operators = " + json.dumps([n + "$" for n in excluded]),
+        "",
+    ])
+
+
+def sample(db, size, seed):
+    """Mark all but `size` of the mutants still to run (a seeded random choice) as skipped."""
+    import random
+    con = sqlite3.connect(db)
+    pending = sorted(j for (j,) in con.execute(
+        "SELECT job_id FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)"))
+    chosen = set(random.Random(seed).sample(pending, min(size, len(pending))))
+    con.executemany("INSERT INTO work_results (worker_outcome, job_id) VALUES ('SKIPPED', ?)",
+                    [(j,) for j in pending if j not in chosen])
+    con.commit()
+
+
+def run(module, copy, python, excluded, out, size, seed):
+    name = module.replace("/", "_").removesuffix(".py")
+    cfg, db = os.path.join(out, name + ".toml"), os.path.join(out, name + ".sqlite")
+    with open(cfg, "w") as f:
+        f.write(config(module, python, excluded))
+    if os.path.exists(db):
+        os.remove(db)
+    bindir = os.path.dirname(python)
+    # Unmutated, the tests must pass (or every mutant would count as killed); this run also fills
+    # numba's cache with the unmutated kernels.
+    baseline = tests(module, python)
+    if subprocess.run(baseline, cwd=copy, stdout=subprocess.DEVNULL).returncode:
+        sys.exit(f"mutate: the tests of {module} fail without a mutant: {' '.join(baseline)}")
+    subprocess.run([python, "-m", "cosmic_ray.cli", "init", cfg, db], cwd=copy, check=True)
+    subprocess.run([os.path.join(bindir, "cr-filter-operators"), db, cfg], cwd=copy, check=True)
+    if size:
+        sample(db, size, seed)
+    subprocess.run([python, "-m", "cosmic_ray.cli", "exec", cfg, db], cwd=copy, check=True)
+    return db
+
+
+def summary(db):
+    """(total, killed, survivors as [(job_id, operator, line, diff)])."""
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "SELECT m.job_id, m.operator_name, m.start_pos_row, r.test_outcome, r.diff "
+        "FROM mutation_specs m JOIN work_results r ON m.job_id = r.job_id "
+        "WHERE r.worker_outcome IN ('NORMAL', 'EXCEPTION')").fetchall()
+    survivors = [(j, op, line, diff) for j, op, line, outcome, diff in rows
+                 if outcome == "SURVIVED"]
+    return len(rows), len(rows) - len(survivors), survivors
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", default=list(TESTS), metavar="MODULE")
+    parser.add_argument("--out", default="mutants", help="folder for configs and sessions")
+    parser.add_argument("--sample", type=int, default=0, metavar="N",
+                        help="test N mutants per module, chosen at random (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="of the --sample choice")
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in TESTS]
+    if unknown:
+        sys.exit(f"mutate: no tests chosen for {', '.join(unknown)} (known: {', '.join(TESTS)})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = sys.executable
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    excluded = operators(python)
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                             cwd=root, capture_output=True, text=True,
+                             check=True).stdout.split()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ddl-mutate-") as copy:
+        for path in tracked:
+            if os.path.isfile(os.path.join(root, path)):
+                os.makedirs(os.path.join(copy, os.path.dirname(path)), exist_ok=True)
+                shutil.copy2(os.path.join(root, path), os.path.join(copy, path))
+        os.environ["NUMBA_CACHE_DIR"] = os.path.join(copy, ".numba-cache")
+        os.environ["PYTHONPATH"] = copy   # the copy's ddl, not the editable install's
+        for module in args.modules:
+            total, killed, survivors = summary(run(module, copy, python, excluded, out,
+                                                  args.sample, args.seed))
+            rows.append((module, total, killed))
+            for job, op, line, diff in survivors:
+                print(f"SURVIVED {module}:{line} {op} ({job})\n{diff}")
+    print("| module | mutants | killed | score |\n| --- | --- | --- | --- |")
+    for module, total, killed in rows:
+        print(f"| {module} | {total} | {killed} | {100 * killed / max(total, 1):.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
