@@ -78,6 +78,14 @@ def setup():
     jit.configure()
 
 
+def target():
+    """The CPU name that numba compiles the kernels for (measured per CPU model: docs/tuning.md);
+    sets numba up if that has not happened yet."""
+    from ddl.kernels import jit
+    setup()
+    return jit.target()
+
+
 def warm(comm=None):
     """Compile (or load from numba's cache) every kernel for float32 when the numba backend is
     in use; returns the seconds it took. Under MPI, rank 0 goes first and the others then load

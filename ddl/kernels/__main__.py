@@ -14,7 +14,7 @@ parser.add_argument("--show", action="store_true", help="print the tuning choice
 parser.add_argument("--retune", action="store_true", help="forget this CPU's choice, measure again")
 args = parser.parse_args()
 if args.show:
-    path, found = tune.stored(jit.choice_files(), jit.version())
+    path, found = tune.stored(jit.choice_files(), jit.version(), log=print)
     print(f"CPU: {tune.cpu_key()}\nkernels version: {jit.version()}")
     if os.environ.get(tune.EXPLICIT):
         print(f"target: {os.environ[tune.EXPLICIT]} (${tune.EXPLICIT}; wins over the choice)")

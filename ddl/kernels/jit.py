@@ -60,7 +60,9 @@ def configure():
         return
     for option in LLVM_OPTIONS:
         llvm.set_option("", option)
-    numba.config.CPU_NAME = target()
+    # numba reads its NUMBA_ variables again whenever one of them changes, and would forget a
+    # name set in numba.config alone; the ranks and tools that this process starts inherit it.
+    numba.config.CPU_NAME = os.environ[tune.EXPLICIT] = target()
     _configured = True
     for dispatcher, _ in _KERNELS:
         _cache(dispatcher)

@@ -88,8 +88,8 @@ def choice(paths, version, key=None, measure_fn=None, log=None):
         found = _stored(paths[:1], version, key, lambda _: None)    # another process's, meanwhile
         if found is not None:
             return found
-        log(f"ddl: measuring which CPU tuning makes the kernels fastest on this machine (once "
-            f"per CPU model and ddl version; docs/tuning.md)")
+        log("ddl: measuring which CPU tuning makes the kernels fastest on this machine (once "
+            "per CPU model and ddl version; docs/tuning.md)")
         found = decide(measure_fn or measure, log)
         _store(paths[0], version, key, found, log)
     return found
@@ -124,11 +124,12 @@ def forget(paths, version, key=None):
     return removed
 
 
-def stored(paths, version, key=None):
-    """(path, choice) of the choice stored for this CPU and version, or (None, None)."""
+def stored(paths, version, key=None, log=None):
+    """(path, choice) of the choice stored for this CPU and version, or (None, None); a damaged
+    file is said in one line to `log`."""
     key = key or cpu_key()
     for path in paths:
-        found = (_read(path, version, lambda _: None) or {}).get(key)
+        found = (_read(path, version, log or (lambda _: None)) or {}).get(key)
         if _valid(found):
             return path, found
     return None, None
