@@ -21,6 +21,7 @@ error. `python -m ddl.kernels --show` prints the choice, `--retune` measures aga
 """
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -192,9 +193,11 @@ def _locked(path):
         yield
 
 
-def measure(names, rounds=ROUNDS):
+def measure(names, rounds=ROUNDS, extra=None):
     """{name: {model: seconds per image}}: medians over `rounds` turns of a child process per
-    CPU name (all started at once, so they compile together, then timed one at a time)."""
+    CPU name (all started at once, so they compile together, then timed one at a time). `extra`,
+    {name: function returning the same kind of dict}, adds contestants timed in this process in
+    the same turns (a benchmark's)."""
     env = {k: v for k, v in os.environ.items() if k != EXPLICIT}
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     children = {name: subprocess.Popen([sys.executable, "-m", "ddl.tuning"],
@@ -204,12 +207,12 @@ def measure(names, rounds=ROUNDS):
     try:
         for name, child in children.items():
             _answer(name, child)                     # "ready": compiled and warmed up
-        times = {name: [] for name in names}
+        turns = {name: functools.partial(_turn, name, child) for name, child in children.items()}
+        turns.update(extra or {})
+        times = {name: [] for name in turns}
         for _ in range(rounds):
-            for name, child in children.items():
-                child.stdin.write("time\n")
-                child.stdin.flush()
-                times[name].append(_answer(name, child))
+            for name, turn in turns.items():
+                times[name].append(turn())
     finally:
         for child in children.values():
             with contextlib.suppress(OSError):
@@ -217,6 +220,12 @@ def measure(names, rounds=ROUNDS):
             child.wait()
     return {name: {model: sorted(t[model] for t in runs)[len(runs) // 2] for model in runs[0]}
             for name, runs in times.items()}
+
+
+def _turn(name, child):
+    child.stdin.write("time\n")
+    child.stdin.flush()
+    return _answer(name, child)
 
 
 def _answer(name, child):
