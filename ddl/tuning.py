@@ -2,8 +2,10 @@
 $NUMBA_CPU_NAME), timing the training steps of ref-cnn and seed-cnn (batch 64, SGD with momentum,
 as `ddl train` runs them).
 
-It compiles what the steps use and prints "{}" when ready; then, for each line "time" on stdin,
-prints {model: seconds per image} over about 0.1 s of steps per model. It lives outside
+It compiles every kernel, as `kernels.warm` does, so that the chosen candidate's cache folder is
+ready for the runs after it (compiling only what the steps use costs as much: numba files lazily
+compiled code under other keys), and prints "{}" when ready; then, for each line "time" on
+stdin, prints {model: seconds per image} over about 0.1 s of steps per model. It lives outside
 ddl/kernels because it builds models, and the kernels never import ddl.nn.
 """
 import json
@@ -40,6 +42,7 @@ def training_step(name):
 def main():
     kernels.setup()
     kernels.use("numba")
+    kernels.warm()
     steps = {name: training_step(name) for name in MODELS}
     counts = {}
     for name, step in steps.items():
