@@ -77,7 +77,7 @@ def main():
     torch_best = {m: min(measured[k][m] for k in extra) for m in tuning.MODELS} if extra else {}
     header = "| contestant | " + " | ".join(
         f"{m} | vs native" + (" | vs PyTorch's best" if extra else "") for m in tuning.MODELS)
-    print(header + " |\n" + "|---" * (header.count("|") - 1) + "|")
+    print(header + " |\n" + "|---" * header.count("|") + "|")
     for name, times in measured.items():
         label = name + (" (native)" if name == host else "") + (" (choice)" if name == chosen
                                                                else "")

@@ -144,12 +144,22 @@ def test_measure_times_each_candidate_in_its_own_process():
 
 
 def test_show_prints_the_choice_and_explicit_name(tmp_path):
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell")
-    out = subprocess.run([sys.executable, "-m", "ddl.kernels", "--show"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "target: haswell ($NUMBA_CPU_NAME" in out.stdout
-    assert f"kernels version: {jit.version()}" in out.stdout
+    name = f"ddl-kernels-{jit.version()}.tune.json"
+    measured = {"haswell": {"ref-cnn": 1 / 6000, "seed-cnn": 1 / 15000}}
+    tune._write(str(tmp_path / name), jit.version(),
+                {tune.cpu_key(): dict(target="haswell", measured=measured, when="then")})
+    env = {k: v for k, v in os.environ.items() if k != tune.EXPLICIT}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    shown = []
+    for extra in ({}, {tune.EXPLICIT: "znver4"}):
+        out = subprocess.run([sys.executable, "-m", "ddl.kernels", "--show"], cwd=ROOT,
+                             env=dict(env, **extra), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        shown.append(out.stdout)
+    assert f"choice file: {tmp_path / name}\ntarget: haswell (chosen then)" in shown[0]
+    assert "haswell: ref-cnn 6,000 images/s, seed-cnn 15,000 images/s" in shown[0]
+    assert f"kernels version: {jit.version()}" in shown[0]
+    assert "target: znver4 ($NUMBA_CPU_NAME; wins over the choice)" in shown[1]
 
 
 # The kernels compiled for a CPU name other than this session's give the NumPy reference's results:

@@ -3,7 +3,6 @@ install` runs it), after measuring which CPU tuning is fastest here if that is n
 --show prints the choice and what it was measured from; --retune measures again
 (docs/tuning.md)."""
 import argparse
-import json
 import os
 
 from ddl import kernels
@@ -21,7 +20,11 @@ if args.show:
     if found is None:
         print("no tuning choice stored yet: the next compile measures it")
     else:
-        print(f"choice file: {path}\n{json.dumps(found, indent=1)}")
+        print(f"choice file: {path}\ntarget: {found['target']} (chosen {found.get('when')})"
+              + (f"; the measurement failed: {found['error']}" if "error" in found else ""))
+        for name, seconds in found.get("measured", {}).items():
+            print(f"  {name}: " + ", ".join(f"{model} {1 / s:,.0f} images/s"
+                                           for model, s in seconds.items()))
     raise SystemExit(0)
 if args.retune:
     tune.forget(jit.choice_files(), jit.version())
