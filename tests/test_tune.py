@@ -192,3 +192,28 @@ def test_another_cpu_name_gives_the_reference_results():
                          env=dict(os.environ, NUMBA_CPU_NAME=name), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# Two processes (the ranks of a run) asking at once: one measures, both get its choice.
+TOGETHER = """
+import os, sys, time
+from ddl.kernels import tune
+tune.candidates = lambda: ["hostcpu", "fastcpu"]
+
+def measure(names):
+    with open(sys.argv[2], "a") as f:
+        f.write("measured\\n")
+    time.sleep(1)
+    return {"hostcpu": {"m": 1.0}, "fastcpu": {"m": float(sys.argv[3])}}
+print(tune.target([sys.argv[1]], "v1", key="cpu A", measure_fn=measure, log=lambda _: None))
+"""
+
+
+def test_processes_starting_together_measure_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != tune.EXPLICIT}
+    ranks = [subprocess.Popen([sys.executable, "-c", TOGETHER, str(tmp_path / "choice.json"),
+                               str(tmp_path / "log"), speed], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE) for speed in ("0.5", "2.0")]
+    chosen = {rank.communicate(timeout=60)[0].strip() for rank in ranks}
+    assert (tmp_path / "log").read_text() == "measured\n"
+    assert len(chosen) == 1 and chosen <= {"hostcpu", "fastcpu"}
