@@ -217,3 +217,24 @@ def test_processes_starting_together_measure_once(tmp_path):
     chosen = {rank.communicate(timeout=60)[0].strip() for rank in ranks}
     assert (tmp_path / "log").read_text() == "measured\n"
     assert len(chosen) == 1 and chosen <= {"hostcpu", "fastcpu"}
+
+
+class Rank1:
+    """Rank 1 of 2, whose rank 0 compiles for "fastcpu"."""
+    rank, size = 1, 2
+
+    def barrier(self, what, at_least=0.0):
+        pass
+
+    def bcast_obj(self, obj, root=0, what=""):
+        return "fastcpu"
+
+
+def test_every_rank_compiles_for_rank_0s_name_unless_its_own_is_explicit(monkeypatch):
+    from ddl import kernels
+    monkeypatch.delenv(tune.EXPLICIT, raising=False)
+    kernels._rank_0s_target(Rank1())
+    assert os.environ[tune.EXPLICIT] == "fastcpu"
+    monkeypatch.setenv(tune.EXPLICIT, "haswell")
+    kernels._rank_0s_target(Rank1())
+    assert os.environ[tune.EXPLICIT] == "haswell"
