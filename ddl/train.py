@@ -173,7 +173,8 @@ def set_up(cfg, comm, log):
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
              f"per rank; {steps} steps per epoch over {n_train:,} images; {cfg.optimizer} lr "
              f"{cfg.lr}, {cfg.schedule} schedule; {cfg.kernels} kernels"
-             + (f" (ready in {compile_seconds:.1f} s)" if cfg.kernels == "numba" else ""))
+             + (f" (compiled for CPU {kernels.target()}, ready in {compile_seconds:.1f} s)"
+                if cfg.kernels == "numba" else ""))
     return r
 
 

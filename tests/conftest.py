@@ -47,7 +47,9 @@ def quiet(_):
 
 
 def pytest_configure(config):
-    """numba set up for ddl's kernels (LLVM's options, their cache) before any test compiles."""
+    """numba set up for ddl's kernels (LLVM's options, the CPU name tuned for this machine, their
+    cache) before any test compiles; the tests' subprocesses inherit that CPU name
+    ($NUMBA_CPU_NAME, which setup exports) and so never measure it again (docs/tuning.md)."""
     from ddl import kernels
     kernels.setup()
 

@@ -82,13 +82,24 @@ def setup():
     jit.configure()
 
 
+def target():
+    """The CPU name that numba compiles the kernels for (measured per CPU model: docs/tuning.md);
+    sets numba up if that has not happened yet."""
+    from ddl.kernels import jit
+    setup()
+    return jit.target()
+
+
 def warm(comm=None):
     """Compile (or load from numba's cache) every kernel for float32 when the numba backend is
     in use; returns the seconds it took. Under MPI, rank 0 goes first and the others then load
-    what it cached, instead of every rank compiling the same code at once on shared cores."""
+    what it cached, instead of every rank compiling the same code at once on shared cores. Every
+    rank compiles for rank 0's CPU name (docs/tuning.md)."""
     if _active != "numba":
         return 0.0
     from ddl.kernels import jit
+    if comm is not None and comm.size > 1:
+        _rank_0s_target(comm)
     get()   # sets up, and imports (registers) every kernel
     if comm is not None and comm.rank != 0:
         comm.barrier(what="barrier after rank 0's kernel compile", at_least=COMPILING)
@@ -96,6 +107,18 @@ def warm(comm=None):
     if comm is not None and comm.rank == 0:
         comm.barrier(what="barrier after rank 0's kernel compile", at_least=COMPILING)
     return seconds
+
+
+def _rank_0s_target(comm):
+    """Make every rank compile for the CPU name that rank 0 compiles for (measured there if need
+    be) unless it has its own $NUMBA_CPU_NAME: code for different names may round differently,
+    and the optimizer's must give bit-identical replicas on every node, however the nodes'
+    measurements came out."""
+    import os
+    from ddl.kernels import jit, tune
+    name = jit.target() if comm.rank == 0 else None
+    comm.barrier(what="barrier after rank 0's kernel tuning", at_least=COMPILING)
+    os.environ.setdefault(tune.EXPLICIT, comm.bcast_obj(name, what="rank 0's kernel CPU name"))
 
 
 # Seconds the ranks may wait for one another's compile whatever --timeout says: a cold compile

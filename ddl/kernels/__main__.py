@@ -1,8 +1,34 @@
-"""`python -m ddl.kernels`: compile every kernel into numba's cache (`make install` runs it)."""
-from ddl import kernels
-from ddl.kernels import jit
+"""`python -m ddl.kernels [--show | --retune]`: compile every kernel into numba's cache (`make
+install` runs it), after measuring which CPU tuning is fastest here if that is not known yet.
+--show prints the choice and what it was measured from; --retune measures again
+(docs/tuning.md)."""
+import argparse
+import os
 
+from ddl import kernels
+from ddl.kernels import jit, tune
+
+parser = argparse.ArgumentParser(prog="python -m ddl.kernels", description=__doc__.split("\n")[0])
+parser.add_argument("--show", action="store_true", help="print the tuning choice; compile nothing")
+parser.add_argument("--retune", action="store_true", help="forget this CPU's choice, measure again")
+args = parser.parse_args()
+if args.show:
+    path, found = tune.stored(jit.choice_files(), jit.version(), log=print)
+    print(f"CPU: {tune.cpu_key()}\nkernels version: {jit.version()}")
+    if os.environ.get(tune.EXPLICIT):
+        print(f"target: {os.environ[tune.EXPLICIT]} (${tune.EXPLICIT}; wins over the choice)")
+    if found is None:
+        print("no tuning choice stored yet: the next compile measures it")
+    else:
+        print(f"choice file: {path}\ntarget: {found['target']} (chosen {found.get('when')})"
+              + (f"; the measurement failed: {found['error']}" if "error" in found else ""))
+        for name, seconds in found.get("measured", {}).items():
+            print(f"  {name}: " + ", ".join(f"{model} {1 / s:,.0f} images/s"
+                                           for model, s in seconds.items()))
+    raise SystemExit(0)
+if args.retune:
+    tune.forget(jit.choice_files(), jit.version())
 kernels.setup()
 with kernels.using("numba"):
     seconds = kernels.warm()
-print(f"numba kernels ready in {seconds:.1f} s (cache: {jit.cache_dir()})")
+print(f"numba kernels for CPU {jit.target()} ready in {seconds:.1f} s (cache: {jit.cache_dir()})")

@@ -3,14 +3,15 @@
 Kernels are plain loops over NumPy arrays, compiled on first use and cached on disk. numba checks
 a cached kernel only against its own file, so a change to a helper or an option in another file
 would go unseen: ddl's kernels therefore cache in a folder named after a hash of every file in
-ddl/kernels/, beside the code when that is writable, else in the user's cache folder, else in a
-temporary one (a read-only install still works). Each kernel names the float32 signatures that
+ddl/kernels/ and the CPU name compiled for (`target()`, measured per CPU model by tune.py), beside
+the code when that is writable, else in the user's cache folder, else in a temporary one (a
+read-only install still works). Each kernel names the float32 signatures that
 training uses, so `warm()` (run by `make install`, and rank 0 first at the start of training) can
 compile or load them all before the first step instead of in the middle of it.
 
 Importing this module changes nothing outside it: `configure()` (which `ddl.kernels.setup()`
-calls, and choosing the numba backend too) sets LLVM's options and the cache folder, before
-the first compile.
+calls, and choosing the numba backend too) sets LLVM's options, the CPU name and the cache
+folder, before the first compile.
 
 Writing a kernel that vectorises: the innermost loop runs over unit-stride memory and indexes it
 with its own loop variable. numba wraps negative indices around, and an index that LLVM cannot
@@ -33,6 +34,7 @@ import llvmlite.binding as llvm
 import numba
 
 from ddl.errors import KernelCacheError
+from ddl.kernels import tune
 
 # Fast-math minus the "no NaN / no inf" promises: a NaN must survive a ReLU or a max so that a
 # diverging run is seen, not hidden. `reassoc` lets LLVM vectorise sums; `contract` allows FMAs.
@@ -48,22 +50,41 @@ LLVM_OPTIONS = (
     "-unroll-threshold=2000",
 )
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _KERNELS = []   # (dispatcher, signature templates)
 _configured = False
 
 
 def configure():
-    """Set LLVM's options and give every kernel, registered or still to come, its on-disk cache.
-    Call it before the first compile (LLVM reads its options then); calling it again does
-    nothing."""
+    """Set LLVM's options and the CPU to compile for (`target()`), and give every kernel,
+    registered or still to come, its on-disk cache. Call it before the first compile (LLVM reads
+    its options then, numba the CPU name); calling it again does nothing."""
     global _configured
     if _configured:
         return
     for option in LLVM_OPTIONS:
         llvm.set_option("", option)
+    # numba reads its NUMBA_ variables again whenever one of them changes, and would forget a
+    # name set in numba.config alone; the ranks and tools that this process starts inherit it.
+    numba.config.CPU_NAME = os.environ[tune.EXPLICIT] = target()
     _configured = True
     for dispatcher, _ in _KERNELS:
         _cache(dispatcher)
+
+
+@functools.lru_cache(maxsize=None)
+def target():
+    """The LLVM CPU name that the kernels compile for: $NUMBA_CPU_NAME if set, else the fastest
+    measured on this CPU model for this version of the kernels (ddl/kernels/tune.py)."""
+    return tune.target(choice_files(), version())
+
+
+def choice_files():
+    """Where the tuning choice is looked for, the first where it is written: beside the cache
+    (`cache_base()`), then in the other cache bases (a choice holds for every cache folder)."""
+    name = f"ddl-kernels-{version()}.tune.json"
+    first = cache_base()
+    return [os.path.join(base, name) for base in [first] + [b for b in _bases() if b != first]]
 
 
 def _cache(dispatcher):
@@ -100,34 +121,55 @@ def kernel(*signatures):
     return decorate
 
 
-@functools.lru_cache(maxsize=None)
 def cache_dir():
-    """The first writable of: $NUMBA_CACHE_DIR, ddl/kernels/__pycache__, ~/.cache/ddl and the
-    temporary folder, each with a subfolder ddl-kernels-<hash of ddl/kernels/*.py>. Subfolders
-    of older hashes beside it are removed."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """The folder of numba's cache: ddl-kernels-<version()>-<target()> in `cache_base()`, so
+    that neither another version of the kernels nor code for another CPU name is ever loaded."""
+    folder = os.path.join(cache_base(), f"ddl-kernels-{version()}-{target()}")
+    os.makedirs(folder, exist_ok=True)
+    if folder not in _CHECKED:              # once a process: a full disk's leftovers go
+        _CHECKED.add(folder)
+        _drop_damaged(folder)
+    return folder
+
+
+_CHECKED = set()
+
+
+@functools.lru_cache(maxsize=None)
+def version():
+    """A hash of every file in ddl/kernels/: the version that the cache and the tuning hold for."""
     digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+    for path in sorted(glob.glob(os.path.join(_HERE, "*.py"))):
         with open(path, "rb") as f:
             digest.update(f.read())
-    name = f"ddl-kernels-{digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
+
+
+def _bases():
     user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
                                                                   ".cache")
-    bases = [os.environ.get("NUMBA_CACHE_DIR"), os.path.join(here, "__pycache__"),
-             os.path.join(user_cache, "ddl"),
-             os.path.join(tempfile.gettempdir(), f"ddl-{os.getuid()}")]
-    for base in filter(None, bases):
-        folder = os.path.join(base, name)
+    return [b for b in (os.environ.get("NUMBA_CACHE_DIR"), os.path.join(_HERE, "__pycache__"),
+                        os.path.join(user_cache, "ddl"),
+                        os.path.join(tempfile.gettempdir(), f"ddl-{os.getuid()}")) if b]
+
+
+@functools.lru_cache(maxsize=None)
+def cache_base():
+    """The first writable of: $NUMBA_CACHE_DIR, ddl/kernels/__pycache__, ~/.cache/ddl and the
+    temporary folder. What older versions of the kernels left there is removed."""
+    for base in _bases():
         try:
-            os.makedirs(folder, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
+            os.makedirs(base, exist_ok=True)
+            tempfile.TemporaryFile(dir=base).close()
         except OSError:
             continue
         for old in glob.glob(os.path.join(base, "ddl-kernels-*")):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-        _drop_damaged(folder)
-        return folder
+            if os.path.basename(old).startswith(f"ddl-kernels-{version()}"):
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(old)                      # an old tuning file: not a folder
+        return base
     raise RuntimeError("no writable folder for numba's cache: set NUMBA_CACHE_DIR")
 
 

@@ -1,0 +1,240 @@
+"""The per-CPU choice of the CPU name that numba compiles the kernels for (ddl/kernels/tune.py):
+measured once per CPU model and kernel version, remembered, overridden by $NUMBA_CPU_NAME, robust
+to a damaged choice file; and the kernels compiled for another CPU name agree with the NumPy
+reference. The timings are faked where the logic is what is tested."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ddl.kernels import jit, tune
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST, OTHERS = "hostcpu", ["fastcpu", "slowcpu"]
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """(paths, measured, log): choice files in tmp_path, the names a fake measurement was asked
+    for (one list per measurement), and the lines logged; the fake makes "fastcpu" 20% faster."""
+    monkeypatch.delenv(tune.EXPLICIT, raising=False)
+    monkeypatch.setattr(tune, "candidates", lambda: [HOST, *OTHERS])
+    measured, lines = [], []
+
+    def measure(names):
+        measured.append(list(names))
+        speed = {HOST: 1.0, "fastcpu": 0.8, "slowcpu": 1.5}
+        return {n: {"ref-cnn": 2e-4 * speed[n], "seed-cnn": 1e-4 * speed[n]} for n in names}
+    return [str(tmp_path / "a.json"), str(tmp_path / "b.json")], measure, measured, lines
+
+
+def choose(fake, version="v1", key="cpu A"):
+    paths, measure, _, lines = fake
+    return tune.target(paths, version, key=key, measure_fn=measure, log=lines.append)
+
+
+def test_the_fastest_is_chosen_once_and_remembered(fake):
+    paths, _, measured, lines = fake
+    assert choose(fake) == "fastcpu"
+    assert choose(fake) == "fastcpu"
+    assert measured == [[HOST, *OTHERS]]                 # measured once
+    stored = json.loads(open(paths[0]).read())
+    assert stored["version"] == "v1" and stored["cpus"]["cpu A"]["target"] == "fastcpu"
+    assert len(lines) == 1 and "measuring" in lines[0]
+
+
+def test_another_cpu_model_or_version_measures_again(fake):
+    paths, _, measured, _ = fake
+    choose(fake)
+    choose(fake, key="cpu B")
+    assert len(measured) == 2
+    assert set(json.loads(open(paths[0]).read())["cpus"]) == {"cpu A", "cpu B"}  # both kept
+    choose(fake, version="v2")
+    assert len(measured) == 3
+    assert json.loads(open(paths[0]).read())["version"] == "v2"
+    choose(fake, version="v2")
+    assert len(measured) == 3
+
+
+def test_a_choice_in_another_cache_base_is_used(fake):
+    paths, _, measured, _ = fake
+    tune._write(paths[1], "v1", {"cpu A": dict(target="slowcpu")})
+    assert choose(fake) == "slowcpu" and measured == []
+
+
+def test_the_host_name_stays_unless_clearly_beaten(fake, monkeypatch):
+    paths, _, _, lines = fake
+    monkeypatch.setattr(tune, "candidates", lambda: [HOST, "slowcpu"])
+    assert choose(fake) == HOST
+    within_noise = {HOST: {"m": 1.0}, "fastcpu": {"m": 1 / (1 + tune.MARGIN / 2)}}
+    assert tune.decide(lambda _: within_noise, lines.append)["target"] == HOST
+
+
+def test_explicit_numba_cpu_name_wins(fake, monkeypatch):
+    paths, _, measured, _ = fake
+    choose(fake)
+    monkeypatch.setenv(tune.EXPLICIT, "haswell")
+    assert choose(fake) == "haswell"
+    assert choose(fake, key="a CPU never measured") == "haswell" and len(measured) == 1
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]",
+                                     b'{"version": "v1", "cpus": {"cpu A": {"target": 5}}}',
+                                     b'{"version": "v1", "cpus": []}', b""])
+def test_a_damaged_choice_file_is_replaced_with_one_line(fake, content):
+    paths, _, measured, lines = fake
+    with open(paths[0], "wb") as f:
+        f.write(content)
+    assert choose(fake) == "fastcpu" and len(measured) == 1
+    assert len([line for line in lines if "measuring" not in line]) <= 1
+    assert all("\n" not in line and "Traceback" not in line for line in lines)
+    assert json.loads(open(paths[0]).read())["cpus"]["cpu A"]["target"] == "fastcpu"  # rebuilt
+    assert choose(fake) == "fastcpu" and len(measured) == 1
+
+
+def test_an_unreadable_unwritable_choice_file_costs_lines_not_errors(fake):
+    paths, _, measured, lines = fake
+    os.mkdir(paths[0])                              # unreadable as a file, and cannot be replaced
+    assert choose(fake) == "fastcpu"
+    assert [line.split(" (")[0] for line in lines] == [
+        f"ddl: ignoring the kernel tuning file {paths[0]}",
+        "ddl: measuring which CPU tuning makes the kernels fastest on this machine",
+        f"ddl: cannot store the kernel tuning in {paths[0]}"]
+
+
+def test_a_failed_measurement_keeps_the_host_name_and_says_so(fake):
+    paths, _, _, lines = fake
+
+    def broken(names):
+        raise RuntimeError("the timing process for fastcpu exited with status 1")
+    assert tune.target(paths, "v1", key="cpu A", measure_fn=broken, log=lines.append) == HOST
+    assert "kernel tuning failed (the timing process for fastcpu exited" in lines[-1]
+    assert choose(fake) == HOST                     # remembered: not measured at every start
+
+
+def test_forget_measures_again(fake):
+    paths, _, measured, _ = fake
+    choose(fake)
+    assert tune.forget(paths, "v1", key="cpu A") == 1
+    assert tune.stored(paths, "v1", key="cpu A") == (None, None)
+    choose(fake)
+    assert len(measured) == 2
+
+
+def test_the_cpu_key_names_the_model():
+    key = tune.cpu_key()
+    assert tune.candidates()[0] in key and "flags:" in key
+    assert tune.cpu_key() == key
+
+
+def test_the_cache_folder_names_the_target():
+    """Kernels compiled for different CPU names never share a cache folder."""
+    assert os.path.basename(jit.cache_dir()) == f"ddl-kernels-{jit.version()}-{jit.target()}"
+    assert jit.choice_files()[0].startswith(jit.cache_base())
+
+
+def test_measure_times_each_candidate_in_its_own_process():
+    """The real measurement, for the CPU name this session compiles for (so from the cache)."""
+    measured = tune.measure([jit.target()], rounds=2)
+    assert set(measured) == {jit.target()}
+    assert set(measured[jit.target()]) == {"ref-cnn", "seed-cnn"}
+    assert all(0 < s < 0.1 for s in measured[jit.target()].values())
+
+
+def test_show_prints_the_choice_and_explicit_name(tmp_path):
+    name = f"ddl-kernels-{jit.version()}.tune.json"
+    measured = {"haswell": {"ref-cnn": 1 / 6000, "seed-cnn": 1 / 15000}}
+    tune._write(str(tmp_path / name), jit.version(),
+                {tune.cpu_key(): dict(target="haswell", measured=measured, when="then")})
+    env = {k: v for k, v in os.environ.items() if k != tune.EXPLICIT}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    shown = []
+    for extra in ({}, {tune.EXPLICIT: "znver4"}):
+        out = subprocess.run([sys.executable, "-m", "ddl.kernels", "--show"], cwd=ROOT,
+                             env=dict(env, **extra), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        shown.append(out.stdout)
+    assert f"choice file: {tmp_path / name}\ntarget: haswell (chosen then)" in shown[0]
+    assert "haswell: ref-cnn 6,000 images/s, seed-cnn 15,000 images/s" in shown[0]
+    assert f"kernels version: {jit.version()}" in shown[0]
+    assert "target: znver4 ($NUMBA_CPU_NAME; wins over the choice)" in shown[1]
+
+
+# The kernels compiled for a CPU name other than this session's give the NumPy reference's results:
+# the forward and both gradients of a Winograd and a direct convolution, fused with pool and ReLU.
+OTHER_TARGET = """
+import numpy as np
+from ddl import kernels
+from ddl.kernels import jit, numba as fast, numpy as reference
+kernels.setup()
+assert jit.target() == "{name}" and jit.cache_dir().endswith("-{name}")
+rng = np.random.default_rng(0)
+for c in (1, 8):                    # direct, Winograd
+    x = rng.standard_normal((5, c, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((6, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    y, ctx = fast.conv2d_forward(x, w, b, (1, 1), (1, 1))
+    yr, ctxr = reference.conv2d_forward(x, w, b, (1, 1), (1, 1))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    got = fast.conv2d_backward(g, ctx, w, x.shape, (1, 1), (1, 1))
+    want = reference.conv2d_backward(g, ctxr, w, x.shape, (1, 1), (1, 1))
+    for a, r in zip((y, *got), (yr, *want)):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
+print("ok")
+"""
+
+
+def test_another_cpu_name_gives_the_reference_results():
+    name = "haswell" if jit.target() != "haswell" else "znver4"
+    out = subprocess.run([sys.executable, "-c", OTHER_TARGET.format(name=name)], cwd=ROOT,
+                         env=dict(os.environ, NUMBA_CPU_NAME=name), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# Two processes (the ranks of a run) asking at once: one measures, both get its choice.
+TOGETHER = """
+import os, sys, time
+from ddl.kernels import tune
+tune.candidates = lambda: ["hostcpu", "fastcpu"]
+
+def measure(names):
+    with open(sys.argv[2], "a") as f:
+        f.write("measured\\n")
+    time.sleep(1)
+    return {"hostcpu": {"m": 1.0}, "fastcpu": {"m": float(sys.argv[3])}}
+print(tune.target([sys.argv[1]], "v1", key="cpu A", measure_fn=measure, log=lambda _: None))
+"""
+
+
+def test_processes_starting_together_measure_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != tune.EXPLICIT}
+    ranks = [subprocess.Popen([sys.executable, "-c", TOGETHER, str(tmp_path / "choice.json"),
+                               str(tmp_path / "log"), speed], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE) for speed in ("0.5", "2.0")]
+    chosen = {rank.communicate(timeout=60)[0].strip() for rank in ranks}
+    assert (tmp_path / "log").read_text() == "measured\n"
+    assert len(chosen) == 1 and chosen <= {"hostcpu", "fastcpu"}
+
+
+class Rank1:
+    """Rank 1 of 2, whose rank 0 compiles for "fastcpu"."""
+    rank, size = 1, 2
+
+    def barrier(self, what, at_least=0.0):
+        pass
+
+    def bcast_obj(self, obj, root=0, what=""):
+        return "fastcpu"
+
+
+def test_every_rank_compiles_for_rank_0s_name_unless_its_own_is_explicit(monkeypatch):
+    from ddl import kernels
+    monkeypatch.delenv(tune.EXPLICIT, raising=False)
+    kernels._rank_0s_target(Rank1())
+    assert os.environ[tune.EXPLICIT] == "fastcpu"
+    monkeypatch.setenv(tune.EXPLICIT, "haswell")
+    kernels._rank_0s_target(Rank1())
+    assert os.environ[tune.EXPLICIT] == "haswell"
