@@ -160,11 +160,13 @@ def test_distributed_evaluation_is_exact(n, trained, data, request, tmp_path):
     assert multi["loss"] == pytest.approx(single["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("model, data, subset", [("seed-cnn", "mnist_h5", 256),
-                                                 ("resnet-mini", "colour_h5", 128)])
-def test_resume_is_bit_identical(model, data, subset, request, tmp_path):
+@pytest.mark.parametrize("model, data, subset, compress", [
+    ("seed-cnn", "mnist_h5", 256, "none"), ("resnet-mini", "colour_h5", 128, "none"),
+    ("ref-cnn", "mnist_h5", 256, "powersgd")])
+def test_resume_is_bit_identical(model, data, subset, compress, request, tmp_path):
+    """Also with PowerSGD, whose error feedback and warm start the checkpoint keeps."""
     pairs = [f"model={model}", f"data={request.getfixturevalue(data)}", f"subset={subset}",
-             "batch_size=64", "epochs=2", "quiet=1"]
+             "batch_size=64", "epochs=2", "quiet=1", f"compress={compress}"]
     job(2, "train", tmp_path / "full", *pairs, f"checkpoint={tmp_path / 'full.h5'}")
     job(2, "interrupt", tmp_path / "cut", *pairs, f"checkpoint={tmp_path / 'cut.h5'}")
     assert checkpoint.load(tmp_path / "cut.h5")["epoch"] == 1
@@ -177,6 +179,8 @@ def test_resume_is_bit_identical(model, data, subset, request, tmp_path):
         for name, value in state.items():
             assert np.array_equal(value, resumed["optimizer"]["state"][i][name])
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for key, value in full["exchange"].items():
+        assert np.array_equal(value, resumed["exchange"][key]), key
 
 
 def test_resume_on_another_world_size(mnist_h5, tmp_path):
