@@ -1,0 +1,102 @@
+"""Gradient exchange across an emulated link: ddl's --compress choices, 2 ranks on 2 nodes against
+the same 2 ranks on one host (needs root: scripts/emulated-cluster.sh).
+
+    sudo .venv/bin/python scripts/cluster_bench.py --out docs/cluster-benchmarks.md
+
+For each link rate, rounds of runs interleaved (one host exact, then 2 nodes with each --compress),
+images/s as --metrics reports them for one epoch of --subset images (64 per rank per step, ref-cnn),
+and the bytes that node n2 sent per step (its link's counters). Medians over the rounds.
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT, AGENT = ROOT / "scripts" / "emulated-cluster.sh", ROOT / "scripts" / "netns-agent"
+COMPRESS = ("none", "bf16", "powersgd")
+
+
+def sent(node):
+    return int(subprocess.run([str(SCRIPT), "exec", node, "cat",
+                               "/sys/class/net/eth0/statistics/tx_bytes"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def one_run(hosts, compress, args, folder):
+    """(images/s, bytes n2 sent per step) of one `ddl train` launched from n1 over `hosts`."""
+    hostfile, metrics = folder / "hosts", folder / "m.jsonl"
+    hostfile.write_text(hosts)
+    before = sent("n2")
+    cmd = [str(SCRIPT), "exec", "n1", sys.executable, "-m", "ddl", "launch", "-n", "2",
+           "--hostfile", str(hostfile), "--agent", str(AGENT), "--iface", "eth0", "--",
+           "train", "--model", "ref-cnn", "--data", args.data, "--subset", str(args.subset),
+           "--batch-size", "128", "--epochs", "1", "--quiet", "--compress", compress,
+           "--metrics", str(metrics), "--overwrite"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    steps = args.subset // 128
+    return (json.loads(metrics.read_text().splitlines()[-1])["images_per_second"],
+            (sent("n2") - before) / steps)
+
+
+def measure(rate, args):
+    """{case: [(images/s, bytes/step) per round]} on a cluster of 2 nodes at `rate`."""
+    subprocess.run([str(SCRIPT), "up", "2", rate], check=True, capture_output=True)
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.rounds):
+                cases = [("one host, none", "n1:2\n", "none")] + [
+                    (f"2 nodes, {c}", "n1\nn2\n", c) for c in COMPRESS]
+                for name, hosts, compress in cases:
+                    results.setdefault(name, []).append(one_run(hosts, compress, args, Path(tmp)))
+                    print(rate, name, results[name][-1], flush=True)
+    finally:
+        subprocess.run([str(SCRIPT), "down"], capture_output=True)
+    return results
+
+
+def table(all_results, rounds):
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        if line.startswith("Model name")), platform.processor())
+    lines = ["# Gradient exchange across an emulated link (scripts/cluster_bench.py)", "",
+             f"ref-cnn, 2 ranks, 64 images per rank per step, one epoch; {cpu}; medians of "
+             f"{rounds} interleaved round(s); efficiency = images/s over the same 2 ranks on "
+             "one host with exact gradients, medians of the same rounds; bytes: what n2 sent "
+             "over its link per step.", "",
+             "| link | case | images/s | efficiency | bytes/step | runs |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for rate, results in all_results.items():
+        base = statistics.median(r[0] for r in results["one host, none"])
+        for name, runs in results.items():
+            speed = statistics.median(r[0] for r in runs)
+            size = statistics.median(r[1] for r in runs)
+            lines.append(f"| {rate} | {name} | {speed:,.0f} | {speed / base:.0%} | "
+                         f"{size / 1e3:,.1f} kB | {', '.join(f'{r[0]:,.0f}' for r in runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="none,1gbit,100mbit")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--subset", type=int, default=8192)
+    parser.add_argument("--data", default=str(ROOT / "data" / "mnist.h5"))
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    results = {rate: measure(rate, args) for rate in args.rates.split(",")}
+    text = table(results, args.rounds)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
