@@ -1,5 +1,6 @@
 """Gradient exchange across an emulated link: ddl's --compress choices, 2 ranks on 2 nodes against
-the same 2 ranks on one host (needs root: scripts/emulated-cluster.sh).
+the same 2 ranks on one host, and PyTorch DDP over the same link (scripts/ddp_rank.py; needs root:
+scripts/emulated-cluster.sh, and torch: make install-torch).
 
     sudo .venv/bin/python scripts/cluster_bench.py --out docs/cluster-benchmarks.md
 
@@ -14,11 +15,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT, AGENT = ROOT / "scripts" / "emulated-cluster.sh", ROOT / "scripts" / "netns-agent"
 COMPRESS = ("none", "bf16", "powersgd")
+DDP_HOOKS = ("none", "fp16", "powersgd")
 
 
 def sent(node):
@@ -45,9 +48,35 @@ def one_run(hosts, compress, args, folder):
             (sent("n2") - before) / steps)
 
 
+def ddp_run(hook, args):
+    """(images/s, bytes n2 sent per step) of PyTorch DDP, rank 0 on n1 and rank 1 on n2."""
+    before = sent("n2")
+    ranks = [subprocess.Popen([str(SCRIPT), "exec", f"n{r + 1}", "env", "GLOO_SOCKET_IFNAME=eth0",
+                               sys.executable, str(ROOT / "scripts" / "ddp_rank.py"), str(r),
+                               "10.99.0.1", hook, str(args.ddp_steps)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in ranks]
+    if any(p.returncode for p in ranks):
+        raise SystemExit(f"DDP ({hook}) failed:\n{outs[0][1][-2000:]}\n{outs[1][1][-2000:]}")
+    speed = float(outs[0][0].split()[-1])
+    return speed, (sent("n2") - before) / (args.ddp_steps + 3)
+
+
+def up(rate):
+    """The cluster of 2 nodes at `rate` (tried for 5 minutes: another user of the machine's
+    cluster, a test run, may hold it meanwhile)."""
+    for _ in range(30):
+        done = subprocess.run([str(SCRIPT), "up", "2", rate], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(10)
+    raise SystemExit(f"emulated-cluster.sh up 2 {rate}: {done.stderr.strip()}")
+
+
 def measure(rate, args):
     """{case: [(images/s, bytes/step) per round]} on a cluster of 2 nodes at `rate`."""
-    subprocess.run([str(SCRIPT), "up", "2", rate], check=True, capture_output=True)
+    up(rate)
     results = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -56,6 +85,10 @@ def measure(rate, args):
                     (f"2 nodes, {c}", "n1\nn2\n", c) for c in COMPRESS]
                 for name, hosts, compress in cases:
                     results.setdefault(name, []).append(one_run(hosts, compress, args, Path(tmp)))
+                    print(rate, name, results[name][-1], flush=True)
+                for hook in DDP_HOOKS if args.ddp_steps else ():
+                    name = f"2 nodes, PyTorch DDP, {hook} hook"
+                    results.setdefault(name, []).append(ddp_run(hook, args))
                     print(rate, name, results[name][-1], flush=True)
     finally:
         subprocess.run([str(SCRIPT), "down"], capture_output=True)
@@ -89,6 +122,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--subset", type=int, default=8192)
     parser.add_argument("--data", default=str(ROOT / "data" / "mnist.h5"))
+    parser.add_argument("--ddp-steps", type=int, default=32, help="0: no PyTorch DDP")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     results = {rate: measure(rate, args) for rate in args.rates.split(",")}
