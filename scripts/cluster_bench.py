@@ -42,10 +42,29 @@ def one_run(hosts, compress, args, folder):
            "--metrics", str(metrics), "--overwrite"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        raise Failed(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     steps = args.subset // 128
     return (json.loads(metrics.read_text().splitlines()[-1])["images_per_second"],
             (sent("n2") - before) / steps)
+
+
+class Failed(Exception):
+    """A run failed: its cluster may have been taken down under it (see `again`)."""
+
+
+def again(run, rate, *args):
+    """`run(*args)`, run again on a fresh cluster when it failed because the cluster went away
+    (a test run elsewhere on the machine may take it down); any other failure ends the script."""
+    for _ in range(3):
+        try:
+            return run(*args)
+        except Failed as e:
+            status = subprocess.run([str(SCRIPT), "status"], capture_output=True, text=True)
+            if "No emulated cluster is up" not in status.stdout + status.stderr:
+                raise SystemExit(str(e)) from None
+            print(f"the cluster went away during a run: up again at {rate}", flush=True)
+            up(rate)
+    raise SystemExit("the cluster keeps going away")
 
 
 def ddp_run(hook, args):
@@ -58,7 +77,7 @@ def ddp_run(hook, args):
              for r in range(2)]
     outs = [p.communicate(timeout=600) for p in ranks]
     if any(p.returncode for p in ranks):
-        raise SystemExit(f"DDP ({hook}) failed:\n{outs[0][1][-2000:]}\n{outs[1][1][-2000:]}")
+        raise Failed(f"DDP ({hook}) failed:\n{outs[0][1][-2000:]}\n{outs[1][1][-2000:]}")
     speed = float(outs[0][0].split()[-1])
     return speed, (sent("n2") - before) / (args.ddp_steps + 3)
 
@@ -84,11 +103,12 @@ def measure(rate, args):
                 cases = [("one host, none", "n1:2\n", "none")] + [
                     (f"2 nodes, {c}", "n1\nn2\n", c) for c in COMPRESS]
                 for name, hosts, compress in cases:
-                    results.setdefault(name, []).append(one_run(hosts, compress, args, Path(tmp)))
+                    results.setdefault(name, []).append(again(one_run, rate, hosts, compress,
+                                                             args, Path(tmp)))
                     print(rate, name, results[name][-1], flush=True)
                 for hook in DDP_HOOKS if args.ddp_steps else ():
                     name = f"2 nodes, PyTorch DDP, {hook} hook"
-                    results.setdefault(name, []).append(ddp_run(hook, args))
+                    results.setdefault(name, []).append(again(ddp_run, rate, hook, args))
                     print(rate, name, results[name][-1], flush=True)
     finally:
         subprocess.run([str(SCRIPT), "down"], capture_output=True)

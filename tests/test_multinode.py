@@ -87,8 +87,10 @@ needs_nodes = pytest.mark.skipif(bool(CANNOT), reason=CANNOT)
 def cluster():
     """n1..n4 at 1 Gbit/s, taken down (with any process left on a node) whatever happens."""
     up = subprocess.run([SCRIPT, "up", str(NODES), "1gbit"], capture_output=True, text=True)
+    # Only a cluster this fixture made is its to take down: one that `up` refused (another
+    # run's, up since this module was imported) is left alone.
+    assert up.returncode == 0, up.stderr
     try:
-        assert up.returncode == 0, up.stderr
         yield
     finally:
         subprocess.run([SCRIPT, "down"], capture_output=True)
