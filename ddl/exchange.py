@@ -49,10 +49,11 @@ def parse(spec):
 
 
 def resolve(spec, comm):
-    """The --compress value `spec` with `auto` decided (a collective: every rank's host)."""
-    name, _ = parse(spec)
+    """The --compress value `spec` with `auto` decided (a collective: every rank's host), and
+    PowerSGD's rank spelled out ("powersgd" -> "powersgd:4")."""
+    name, rank = parse(spec)
     if name != "auto":
-        return spec
+        return f"powersgd:{rank}" if name == "powersgd" else spec
     hosts = comm.allgather_obj(platform.node(), what="exchange of host names")
     return "none" if len(set(hosts)) == 1 else "bf16"
 

@@ -110,10 +110,10 @@ class Replicas:
     def load_state_dict(self, state):
         """Restore `state_dict()`'s state when it comes from the same --compress and world size;
         returns why it could not (a note for the log), or ""."""
-        if not state or (state.get("compress"), int(state.get("world_size", 0))) == (
-                self.compress, self.comm.size):
-            if state and self.comm.size > 1:
-                self.exchange.load_state_dict(state)
+        if not state or "error" not in state:         # none and bf16 keep nothing
+            return ""
+        if (state["compress"], int(state["world_size"])) == (self.compress, self.comm.size):
+            self.exchange.load_state_dict(state)
             return ""
         return (f"the {state['compress']} exchange's state of {int(state['world_size'])} "
                 f"rank(s) does not apply to {self.compress} on {self.comm.size}: starting afresh")
