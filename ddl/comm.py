@@ -149,6 +149,10 @@ class SingleCommunicator(_Scoped):
     def iallreduce(self, buf, op="sum", what="all-reduce"):
         return _Done()
 
+    def iallgather(self, send, recv, what="all-gather"):
+        recv[0] = send
+        return _Done()
+
     def bcast(self, buf, root=0, what="broadcast"):
         return buf
 
@@ -173,6 +177,9 @@ class SingleCommunicator(_Scoped):
 
 
 class _Done:
+    def test(self):
+        return True
+
     def wait(self):
         pass
 
@@ -182,6 +189,11 @@ class _Pending:
 
     def __init__(self, request, finish, what):
         self.request, self.finish, self.what = request, finish, what
+
+    def test(self):
+        """Let MPI move the collective on (MPICH progresses only inside MPI calls); True when
+        it has completed. `wait()` must still follow, under the watchdog."""
+        return self.request.Test()
 
     def wait(self):
         self.finish(self.request, self.what)
@@ -220,6 +232,11 @@ class MPICommunicator(_Scoped):
         """Start an in-place all-reduce; call `.wait()` on the result before reading `buf`."""
         return _Pending(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op]),
                         self._wait, what)
+
+    def iallgather(self, send, recv, what="all-gather"):
+        """Start gathering every rank's array `send` into the rows of `recv` (size, *send.shape),
+        in rank order; call `.wait()` on the result before reading `recv`."""
+        return _Pending(self.comm.Iallgather(send, recv), self._wait, what)
 
     def bcast(self, buf, root=0, what="broadcast"):
         self._wait(self.comm.Ibcast(buf, root=root), what)

@@ -12,7 +12,7 @@ import os
 
 import click
 
-from ddl import checkpoint, kernels
+from ddl import checkpoint, exchange, kernels
 from ddl.atomic import check_outputs, remove_leftovers
 from ddl.data import SUBSET_DRAWS
 from ddl.errors import UsageError
@@ -87,6 +87,10 @@ class Config:
     timeout: float = option(DEFAULT_TIMEOUT, "Seconds a rank may wait for the others in a "
                                              "collective before the job ends naming those that "
                                              "did not arrive (0: wait for ever).", finite=">= 0")
+    compress: str = option("auto", "How the gradients cross between ranks: none (exact), bf16 "
+                                   "(half the bytes), powersgd or powersgd:RANK (low rank, "
+                                   "error feedback; RANK 4 by default), or auto: none on one "
+                                   "host, bf16 across hosts (docs/cluster-benchmarks.md).")
     quiet: bool = option(False, "Print nothing but errors.")
     debug: bool = option(False, "Name the first layer and step giving NaN or inf.")
 
@@ -161,6 +165,10 @@ def check_options(cfg, world_size):
     for name in ("resume", "checkpoint_every", "checkpoint_seconds", "keep_best"):
         if getattr(cfg, name) and not cfg.checkpoint:
             raise UsageError(f"{flag(name)} needs --checkpoint PATH")
+    try:
+        exchange.parse(cfg.compress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the checkpoint and --overwrite replaces it: "
                          "choose one")

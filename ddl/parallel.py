@@ -1,19 +1,20 @@
-"""Replica synchronisation: one flat buffer, one broadcast, one all-reduce, one checksum.
+"""Replica synchronisation: one flat buffer, one broadcast, one gradient exchange, one checksum.
 
 Every parameter's `data` and `grad` become views into two contiguous buffers, so the start-up
-broadcast, the per-step gradient all-reduce and the divergence check each cost one MPI call
-whatever the number of layers (Horovod's tensor fusion and PyTorch DDP's buckets, taken to the
-limit that these small models allow). The step's `Signals` ride in the gradients' buffer: the
-loss, with it the check that nothing turned NaN or inf on any rank, and the flags that every rank
-must agree on at the same step (stop now, save now).
+broadcast and the divergence check each cost one MPI call whatever the number of layers, and the
+gradients' exchange (ddl/exchange.py) cuts its buckets from one buffer. The step's `Signals`
+ride in the gradients' buffer, before them: the loss, with it the check that nothing turned NaN
+or inf on any rank, and the flags that every rank must agree on at the same step (stop now, save
+now).
 """
+import contextlib
 import math
 import typing
 import zlib
 
 import numpy as np
 
-from ddl import kernels
+from ddl import exchange, kernels
 from ddl.errors import ReplicaDivergence
 
 
@@ -33,10 +34,11 @@ class Signals(typing.NamedTuple):
 
 def flatten(params, dtype=np.float32, spare=0):
     """Rebind each parameter's data and grad as views of two flat arrays of `sum(p.size)` floats;
-    the gradients' array has `spare` more at its end, for values that travel with them."""
+    the gradients' array has `spare` more at its start, for values that travel with them."""
     total, backend = sum(p.data.size for p in params), kernels.get()
-    data, grad = backend.empty(total, dtype), backend.empty(total + spare, dtype)
-    offset = 0
+    data, full = backend.empty(total, dtype), backend.empty(total + spare, dtype)
+    full[:spare] = 0
+    grad, offset = full[spare:], 0
     for p in params:
         n = p.data.size
         data[offset:offset + n] = p.data.ravel()
@@ -44,16 +46,21 @@ def flatten(params, dtype=np.float32, spare=0):
         p.data = data[offset:offset + n].reshape(p.data.shape)
         p.grad = grad[offset:offset + n].reshape(p.grad.shape)
         offset += n
-    return data, grad
+    return data, full
 
 
 class Replicas:
-    """Keeps a model identical on every rank of `comm` (a world of one is fine: no-ops)."""
+    """Keeps a model identical on every rank of `comm` (a world of one is fine: no-ops), its
+    gradients exchanged as `compress` says (ddl/exchange.py: none, bf16, powersgd[:RANK]; auto is
+    decided here)."""
 
-    def __init__(self, model, comm, root=0):
+    def __init__(self, model, comm, root=0, compress="none"):
         self.model, self.comm = model, comm
-        self.data, self.reduced = flatten(model.parameters(), spare=len(Signals._fields))
-        self.grad = self.reduced[:-len(Signals._fields)]    # then the signals
+        n = len(Signals._fields)
+        self.data, self.reduced = flatten(model.parameters(), spare=n)
+        self.grad = self.reduced[n:]                        # after the signals
+        self.compress = exchange.resolve(compress, comm)
+        self.exchange = exchange.make(self.compress, model.parameters(), comm, self.reduced, n)
         # Seeded init already agrees, but a user's own model or seed handling may not: rank 0 wins.
         comm.bcast(self.data, root=root, what="broadcast of the initial weights")
         buffers = comm.bcast_obj(dict(model.named_buffers()), root=root,
@@ -64,20 +71,52 @@ class Replicas:
     def zero_grad(self):
         self.grad[...] = 0
 
+    @contextlib.contextmanager
+    def overlapping(self):
+        """Within the block (a step's last backward), backward starts the exchange of each bucket
+        of gradients as soon as it is complete (a model that is not a Sequential exchanges them
+        all in `allreduce_grads`)."""
+        if self.comm.size == 1:
+            yield
+            return
+        self.model.after_step = self.exchange.after
+        try:
+            yield
+        finally:
+            self.model.after_step = None
+
     def allreduce_grads(self, loss, stop=False, save=False):
-        """Average the gradients of all ranks, and their `Signals` with them, in one all-reduce
-        (each rank's loss is a mean over equal local batches, so the averages are the global batch
-        mean's gradient and loss). The finite check costs one pass over the buffer and no
-        collective of its own: a NaN or inf anywhere makes the loss NaN on every rank. Returns
-        the world's Signals: that loss, and each flag set if any rank set it."""
+        """Average the gradients of all ranks, and their `Signals` with them (each rank's loss is
+        a mean over equal local batches, so the averages are the global batch mean's gradient and
+        loss), finishing the buckets that `overlapping` started. The finite check costs one pass
+        over the buffer and no collective of its own: a NaN or inf anywhere makes the loss NaN on
+        every rank. Returns the world's Signals: that loss, and each flag set if any rank set
+        it."""
         n = len(Signals._fields)
-        self.reduced[-n:] = Signals(loss, stop, save)
+        self.reduced[:n] = Signals(loss, stop, save)
         if self.comm.size > 1:
-            self.comm.allreduce(self.reduced, what="gradient all-reduce")
-            self.reduced *= np.float32(1.0 / self.comm.size)
+            self.exchange.finish()
         finite = np.isfinite(self.reduced).all()
-        loss, *flags = self.reduced[-n:]
+        loss, *flags = self.reduced[:n]
         return Signals(float(loss) if finite else math.nan, *(bool(f) for f in flags))
+
+    def state_dict(self):
+        """The exchange's state (PowerSGD's error feedback and warm start) for the checkpoint, on
+        rank 0 (a collective: every rank calls it); None elsewhere."""
+        state = self.exchange.state_dict() if self.comm.size > 1 else {}
+        return None if state is None else dict(state, compress=self.compress,
+                                               world_size=self.comm.size)
+
+    def load_state_dict(self, state):
+        """Restore `state_dict()`'s state when it comes from the same --compress and world size;
+        returns why it could not (a note for the log), or ""."""
+        if not state or "error" not in state:         # none and bf16 keep nothing
+            return ""
+        if (state["compress"], int(state["world_size"])) == (self.compress, self.comm.size):
+            self.exchange.load_state_dict(state)
+            return ""
+        return (f"the {state['compress']} exchange's state of {int(state['world_size'])} "
+                f"rank(s) does not apply to {self.compress} on {self.comm.size}: starting afresh")
 
     def average_buffers(self):
         """Running statistics (BatchNorm) saw only their rank's data: average them before eval."""

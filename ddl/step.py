@@ -1,6 +1,8 @@
 """One training step's work on a rank: forward and backward in micro-batches, and the dropout
 masks that make it repeatable at any step (`train.py` runs the step; `Replicas` averages it).
 """
+import contextlib
+
 import numpy as np
 
 from ddl.nn import Dropout
@@ -16,10 +18,11 @@ def micro_batches(x, y, size):
     return ((x[i:i + size], y[i:i + size]) for i in range(0, len(y), size))
 
 
-def train_step(model, criterion, x, y, micro_batch, timeline=OFF):
+def train_step(model, criterion, x, y, micro_batch, timeline=OFF, last=contextlib.nullcontext):
     """Forward and backward of one local batch (x (b, C, H, W), y (b,)) in micro-batches; adds the
     gradients of the batch's mean loss into every p.grad and returns that loss; `timeline`
-    records each pass.
+    records each pass. `last()` is a context entered around the last micro-batch's backward,
+    the one that completes the gradients (Replicas.overlapping: their exchange starts there).
 
     The model's buffers (BatchNorm's running statistics) move as if the micro-batches were ranks
     (see Replicas.average_buffers): each starts from the buffers the step found, and the step
@@ -31,13 +34,14 @@ def train_step(model, criterion, x, y, micro_batch, timeline=OFF):
     start = [b.copy() for b in buffers]
     total = [np.zeros(b.shape) for b in buffers]
     loss = 0.0
-    for xs, ys in slices:
+    for i, (xs, ys) in enumerate(slices, 1):
         for b, b0 in zip(buffers, start):
             b[...] = b0
         share = len(ys) / len(y)                   # the slices' gradients add up to the mean's
         loss += share * criterion(model.forward(xs), ys)
         timeline.lap("forward")
-        model.backward(criterion.backward() * np.float32(share))
+        with last() if i == len(slices) else contextlib.nullcontext():
+            model.backward(criterion.backward() * np.float32(share))
         timeline.lap("backward")
         for t, b in zip(total, buffers):
             t += b

@@ -99,12 +99,13 @@ class Run:
         if not finite(self.model):
             raise _diverged(self.cfg, _position(epoch, step), self.saved,
                             "a weight or buffer of the model")
+        exchange = self.replicas.state_dict()      # a collective: PowerSGD's per-rank errors
         agree(self.comm, lambda: self.comm.rank == 0 and checkpoint.save(self.cfg.checkpoint, dict(
             model=self.model.state_dict(), architecture=self.record["architecture"],
             optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
             epoch=epoch, step=step, partial=partial, history=self.history,
             config=dataclasses.asdict(self.cfg), data=self.record["data"],
-            world_size=self.comm.size)), "checkpoint write")
+            world_size=self.comm.size, exchange=exchange)), "checkpoint write")
         self.saved, self.last_save = _position(epoch, step), time.monotonic()
 
     def finish_timeline(self, log):
@@ -151,7 +152,7 @@ def set_up(cfg, comm, log):
     test_loader = eval_loader(test_set, comm)
     steps = len(loader)
     check = finite_check(model, cfg.debug)
-    replicas = Replicas(model, comm)
+    replicas = Replicas(model, comm, compress=cfg.compress)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     schedule = make_schedule(cfg.schedule, optimizer, cfg.epochs, steps, cfg.warmup)
@@ -168,13 +169,17 @@ def set_up(cfg, comm, log):
         r.start, r.first, r.partial = int(state["epoch"]), int(state["step"]), state["partial"]
         r.history, r.saved = list(state["history"]), _position(r.start, r.first)
         r.resumed_from = int(state["world_size"])
+        note = replicas.load_state_dict(state.get("exchange"))
+        if note:
+            log.info(note)
     log.info(f"{cfg.model} for {dims(train_set.image_shape)} images of "
              f"{train_set.num_classes} classes: {replicas.data.size:,} parameters on "
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
              f"per rank; {steps} steps per epoch over {n_train:,} images; {cfg.optimizer} lr "
              f"{cfg.lr}, {cfg.schedule} schedule; {cfg.kernels} kernels"
              + (f" (compiled for CPU {kernels.target()}, ready in {compile_seconds:.1f} s)"
-                if cfg.kernels == "numba" else ""))
+                if cfg.kernels == "numba" else "")
+             + (f"; gradients exchanged: {replicas.compress}" if comm.size > 1 else ""))
     return r
 
 
@@ -205,7 +210,8 @@ def _train(cfg, comm, log, r, on_epoch_end):
                 with comm.at(f"of step {done:,}"):
                     seed_dropout(dropouts, cfg.seed, epoch, step, comm.rank)
                     replicas.zero_grad()
-                    loss = train_step(model, criterion, x, y, cfg.micro_batch, timeline)
+                    loss = train_step(model, criterion, x, y, cfg.micro_batch, timeline,
+                                      replicas.overlapping)
                     timeline.sync(comm)
                     # The global batch's loss, NaN if any rank's loss or gradient is not finite:
                     # then stop before the optimizer spreads it into the weights. With it travel

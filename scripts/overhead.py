@@ -64,7 +64,7 @@ def worker(rounds):
                 x, y = data[i % len(data)]
                 timeline.lap("data")
                 replicas.zero_grad()
-                buf[-1] = train_step(model, criterion, x, y, 64, timeline=timeline)
+                buf[0] = train_step(model, criterion, x, y, 64, timeline=timeline)
                 timeline.sync(comm)
                 allreduce()
                 timeline.lap("all-reduce")

@@ -188,6 +188,66 @@ def job_behind(comm, out, args):
         comm.abort(5)
 
 
+def job_exchange(comm, out, args):
+    """ARGS[0] steps of ref-cnn's gradients exchanged with --compress ARGS[1]: each rank's own
+    random gradients (scaled by the step, so that they differ), through the overlapped path of
+    a real backward for `none`. Writes the sum of the gradients that each rank produced and of
+    the means that the exchange applied, its final error, and (for `none`) whether every step
+    equalled one all-reduce of the whole buffer bit for bit."""
+    from ddl.models import build
+    from ddl.nn import CrossEntropyLoss
+    from ddl.parallel import Replicas
+    from ddl.step import train_step
+    steps, compress = int(args[0]), args[1]
+    model = build("ref-cnn", (1, 28, 28), 10, seed=0, input_grad=False)
+    replicas = Replicas(model, comm, compress=compress)
+    rng = np.random.default_rng(comm.rank)
+    produced, applied, exact = 0.0, 0.0, True
+    for step in range(steps):
+        replicas.zero_grad()
+        x = rng.standard_normal((16, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, 16)
+        if compress == "none":      # the same backward twice: plain, then overlapped
+            train_step(model, CrossEntropyLoss(), x, y, 8)
+            whole = replicas.reduced.copy()
+            replicas.zero_grad()
+            loss = train_step(model, CrossEntropyLoss(), x, y, 8, last=replicas.overlapping)
+        else:
+            loss = 1.0
+            replicas.grad[...] = rng.standard_normal(replicas.grad.size) * (step + 1)
+            whole = replicas.reduced.copy()
+        produced = produced + whole[3:].astype(np.float64)
+        whole[:3] = loss, 0, 0
+        comm.allreduce(whole)
+        whole *= np.float32(1 / comm.size)
+        replicas.allreduce_grads(loss)
+        exact &= bool(np.array_equal(whole, replicas.reduced))
+        applied = applied + replicas.grad.astype(np.float64)
+    error = getattr(replicas.exchange, "error", np.zeros(1))
+    np.savez(out / f"rank{comm.rank}.npz", produced=produced, applied=applied, error=error,
+             exact=exact, sent=replicas.exchange.bytes_per_step()
+             if hasattr(replicas.exchange, "bytes_per_step") else 0)
+
+
+def job_hang_in_backward(comm, out, args):
+    """`ddl train ARGS` with rank 1 stopping for 30 s inside its second step's backward, after
+    its first bucket of gradients has started."""
+    import time
+    from ddl import cli, exchange
+    after, finish, finished = exchange.Exact.after, exchange.Exact.finish, []
+
+    def stuck(self, step):
+        after(self, step)
+        if comm.rank == 1 and self.started and len(finished) == 1:
+            time.sleep(30)
+
+    def count(self):
+        finish(self)
+        finished.append(1)
+    exchange.Exact.after, exchange.Exact.finish = stuck, count
+    cli.main(["train", *args])
+
+
 if __name__ == "__main__":
     name, folder, *rest = sys.argv[1:]
     out = Path(folder)

@@ -244,9 +244,15 @@ class Sequential(Module):
         steps = self.steps()
         return bool(steps) and vars(type(steps[-1])).get("op") == "batchnorm2d"
 
+    # Called with each step (layer or fused group) once its backward is done, when set: lets
+    # the trainer exchange finished gradients while backward goes on (Replicas.overlapping).
+    after_step = None
+
     def backward(self, grad_y):
         for m in reversed(self._steps):
             grad_y = m.backward(grad_y)
+            if self.after_step is not None:
+                self.after_step(m)
         return grad_y
 
     def step(self, optimizer):

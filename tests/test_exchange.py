@@ -1,0 +1,71 @@
+"""The gradients' exchange (ddl/exchange.py): buckets overlapped with backward, bf16, PowerSGD."""
+import numpy as np
+import pytest
+
+from conftest import run_mpi
+from test_mpi import JOBS, job
+from test_promises import small_run
+from ddl import exchange
+
+
+def test_bf16_rounds_to_nearest_even_within_half_an_ulp():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32)
+    back = exchange.from_bf16(exchange.to_bf16(x))
+    assert np.all(np.abs(back - x) <= np.abs(x) * 2.0 ** -8)
+    # Ties go to the even neighbour; NaN and inf survive.
+    ties = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, np.nan, np.inf, -np.inf], np.float32)
+    got = exchange.from_bf16(exchange.to_bf16(ties))
+    assert got[0] == 1.0 and got[1] == 1 + 2 ** -6
+    assert np.isnan(got[2]) and got[3] == np.inf and got[4] == -np.inf
+
+
+@pytest.mark.parametrize("spec, parsed", [("none", ("none", 4)), ("powersgd:2", ("powersgd", 2)),
+                                          ("auto", ("auto", 4))])
+def test_compress_values(spec, parsed):
+    assert exchange.parse(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["fp8", "bf16:2", "powersgd:0", "powersgd:x"])
+def test_bad_compress_values_are_refused(spec):
+    with pytest.raises(ValueError, match="--compress"):
+        exchange.parse(spec)
+
+
+def load(folder, n):
+    return [np.load(folder / f"rank{r}.npz") for r in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_overlapped_buckets_equal_one_allreduce_bit_for_bit(n, tmp_path):
+    job(n, "exchange", tmp_path, "3", "none")
+    assert all(bool(r["exact"]) for r in load(tmp_path, n))
+
+
+def test_powersgd_sends_updates_whose_sum_and_residuals_make_the_true_gradients(tmp_path):
+    """Error feedback: over the steps, N times the applied means plus every rank's residual equal
+    the sum of every rank's true gradients; and the exchange sends what rank 4 promises."""
+    job(2, "exchange", tmp_path, "5", "powersgd")
+    ranks = load(tmp_path, 2)
+    true = sum(r["produced"] for r in ranks)
+    sent = 2 * ranks[0]["applied"] + sum(r["error"] for r in ranks)
+    np.testing.assert_allclose(sent, true, rtol=0, atol=1e-4 * np.abs(true).max())
+    assert np.abs(ranks[0]["error"]).max() > 0.1           # it did compress
+    assert int(ranks[0]["sent"]) < 0.05 * 4 * 225_034       # ref-cnn: 41 kB of 0.90 MB
+
+
+def test_bf16_exchange_is_within_rounding_of_the_exact_mean(tmp_path):
+    job(2, "exchange", tmp_path, "2", "bf16")
+    ranks = load(tmp_path, 2)
+    true = sum(r["produced"] for r in ranks) / 2
+    np.testing.assert_allclose(ranks[0]["applied"], true, rtol=0, atol=2 ** -7 * np.abs(true).max())
+    assert np.array_equal(ranks[0]["applied"], ranks[1]["applied"])
+
+
+def test_the_watchdog_names_a_rank_that_hangs_inside_an_overlapped_backward(mnist_h5, tmp_path):
+    done = run_mpi(2, [JOBS, "hang_in_backward", tmp_path,
+                       *small_run(mnist_h5, "--epochs", "1", "--timeout", "1", "--model",
+                                  "ref-cnn", "--compress", "none")])
+    assert done.returncode == 5, done.stderr
+    assert "Error: rank 1 did not reach the gradient all-reduce of step 2 within 1 s" in \
+        done.stderr.splitlines(), done.stderr
