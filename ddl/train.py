@@ -7,23 +7,21 @@ there: the checkpoint records the step, and every random stream derives from (se
 
 Around the loop: the options and their checks (ddl/config.py), where a run starts
 (ddl/resume.py), a step's forward and backward (ddl/step.py), evaluation (ddl/evaluation.py),
---debug (ddl/debug.py).
+--debug (ddl/debug.py), and the run's state with its checkpoint writes (ddl/state.py).
 """
 import contextlib
 import dataclasses
 import math
-import signal
 import time
 
 import numpy as np
 
-from ddl import checkpoint, kernels
-from ddl.atomic import write_bytes
+from ddl import kernels
 from ddl.comm import SingleCommunicator, agree
 from ddl.config import best, check_options, claim_outputs
 from ddl.data import DistributedSampler, Loader
 from ddl.debug import finite_check
-from ddl.errors import Diverged, Stopped, dims
+from ddl.errors import dims
 from ddl.evaluation import EvaluationStopped, eval_loader, evaluate
 from ddl.identity import listed
 from ddl.log import Log
@@ -34,6 +32,7 @@ from ddl.parallel import Replicas
 from ddl.preemption import StopRequest
 from ddl.resume import check_inputs, data_file, resume
 from ddl.schedules import make_schedule
+from ddl.state import Run, copy, diverged, finite, position, slow_layers, stopped
 from ddl.step import OFF, dropout_layers, seed_dropout, train_step
 from ddl.timeline import Timeline
 
@@ -67,66 +66,6 @@ def run(cfg, comm=None, on_epoch_end=None):
                     agree(comm, lambda: comm.rank == 0 and curves(r.history, cfg.plot),
                           "plot write")
             return r.history, r.model
-
-
-@dataclasses.dataclass
-class Run:
-    """What `set_up` made, the same on every rank, and where the run is."""
-    cfg: object
-    comm: object
-    model: object
-    replicas: Replicas
-    optimizer: object
-    schedule: object
-    loader: Loader
-    test_loader: Loader
-    record: dict                    # what each checkpoint holds besides states and position
-    check: object                   # --debug's FiniteCheck, or one that checks nothing
-    start: int = 0                  # where the run starts: epochs done ...
-    first: int = 0                  # ... and steps of the next, with that epoch's sums so far
-    partial: dict = dataclasses.field(default_factory=lambda: dict(loss_sum=0.0, seconds=0.0))
-    history: list = dataclasses.field(default_factory=list)     # one dict per epoch done
-    saved: str = ""                 # where the checkpoint is (_position; "" for none yet)
-    resumed_from: int = 0           # the world size of the checkpoint's run, when resumed
-    last_save: float = 0.0          # time.monotonic() then
-    timeline: object = OFF
-
-    def save(self, epoch, step, partial):
-        """Rank 0 writes the checkpoint after `step` steps of epoch `epoch` + 1 (0: after epoch
-        `epoch`), and every rank hears whether it could: a full disk ends the whole job with one
-        line, the previous file kept. A state that is not finite (a BatchNorm running statistic
-        that overflowed, say) is never saved: the run stops as diverged."""
-        if not finite(self.model):
-            raise _diverged(self.cfg, _position(epoch, step), self.saved,
-                            "a weight or buffer of the model")
-        exchange = self.replicas.state_dict()      # a collective: PowerSGD's per-rank errors
-        agree(self.comm, lambda: self.comm.rank == 0 and checkpoint.save(self.cfg.checkpoint, dict(
-            model=self.model.state_dict(), architecture=self.record["architecture"],
-            optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
-            epoch=epoch, step=step, partial=partial, history=self.history,
-            config=dataclasses.asdict(self.cfg), data=self.record["data"],
-            world_size=self.comm.size, exchange=exchange)), "checkpoint write")
-        self.saved, self.last_save = _position(epoch, step), time.monotonic()
-
-    def finish_timeline(self, log):
-        """Rank 0 writes the timeline and shows its summary."""
-        if self.cfg.timeline:
-            begun = self.start * len(self.loader) + self.first
-            # A run that goes on on another number of ranks (an elastic restart) says so.
-            was = self.resumed_from
-            note = (f"resumed at step {begun:,} on {self.comm.size} rank(s), after "
-                    f"{was} rank(s)" if was and was != self.comm.size else "")
-            for line in agree(self.comm, lambda: self.timeline.write(
-                    self.comm, self.cfg.timeline, begun, note), "timeline write"):
-                log.info(line)
-
-
-def slow_layers(model):
-    """"name (Type)" of each layer of `model` that the kernels in use run without a compiled
-    kernel (the backend's `slow_steps`)."""
-    modules = dict(model.named_modules())
-    return [f"{name} ({type(modules.get(name, model)).__name__})"
-            for name in kernels.get().slow_steps(model)]
 
 
 def set_up(cfg, comm, log):
@@ -167,7 +106,7 @@ def set_up(cfg, comm, log):
     state = resume(cfg, comm, log, state, changes, model, optimizer, schedule, steps)
     if state is not None:
         r.start, r.first, r.partial = int(state["epoch"]), int(state["step"]), state["partial"]
-        r.history, r.saved = list(state["history"]), _position(r.start, r.first)
+        r.history, r.saved = list(state["history"]), position(r.start, r.first)
         r.resumed_from = int(state["world_size"])
         note = replicas.load_state_dict(state.get("exchange"))
         if note:
@@ -206,7 +145,7 @@ def _train(cfg, comm, log, r, on_epoch_end):
             for step, (x, y) in enumerate(loader, begin + 1):
                 timeline.lap("data")
                 done += 1
-                r.check.where = where = _position(epoch, step)
+                r.check.where = where = position(epoch, step)
                 with comm.at(f"of step {done:,}"):
                     seed_dropout(dropouts, cfg.seed, epoch, step, comm.rank)
                     replicas.zero_grad()
@@ -222,7 +161,7 @@ def _train(cfg, comm, log, r, on_epoch_end):
                         and time.monotonic() - r.last_save >= cfg.checkpoint_seconds))
                     timeline.lap("all-reduce")
                     if signals.diverged:
-                        raise _diverged(cfg, where, r.saved)
+                        raise diverged(cfg, where, r.saved)
                     model.step(r.optimizer)
                     r.schedule.step()
                     timeline.lap("optimizer")
@@ -240,7 +179,7 @@ def _train(cfg, comm, log, r, on_epoch_end):
                         timeline.lap("checkpoint")
                     if signals.stop:
                         r.finish_timeline(log)
-                        raise _stopped(cfg, stop.signum, done, where, steps)
+                        raise stopped(cfg, stop.signum, done, where, steps)
             with comm.at(f"at the end of epoch {epoch + 1}"):
                 seconds = before + time.perf_counter() - started
                 try:
@@ -250,7 +189,7 @@ def _train(cfg, comm, log, r, on_epoch_end):
                         r.save(epoch, steps, dict(loss_sum=loss_sum, seconds=seconds,
                                                   world_sizes=sizes))
                     r.finish_timeline(log)
-                    raise _stopped(cfg, stop.signum, done, _position(epoch, steps),
+                    raise stopped(cfg, stop.signum, done, position(epoch, steps),
                                    steps) from None
                 if on_epoch_end:
                     on_epoch_end(epoch + 1, model)
@@ -267,7 +206,7 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes, stop):
     # The last step's finite gradient times a huge lr, or huge weights whose logits overflow:
     # nothing the steps saw, and still nothing to save.
     if not (math.isfinite(test_loss) and finite(r.model)):
-        raise _diverged(cfg, f"the end of epoch {epoch + 1}", r.saved,
+        raise diverged(cfg, f"the end of epoch {epoch + 1}", r.saved,
                         "the weights or the test loss")
     steps = len(r.loader)
     better = test_accuracy > max((h["test_accuracy"] for h in r.history), default=-1.0)
@@ -287,37 +226,3 @@ def _end_epoch(cfg, comm, log, r, epoch, loss_sum, seconds, sizes, stop):
     r.timeline.lap("checkpoint")
 
 
-def finite(model):
-    """Whether every array that a checkpoint of `model` holds, weights and buffers (BatchNorm's
-    running statistics), is finite: what `checkpoint.load` will demand of it."""
-    return all(np.isfinite(v).all() for v in model.state_dict().values())
-
-
-def copy(source, target):
-    """File `source` copied to `target` whole or not at all (the previous one kept)."""
-    with open(source, "rb") as f:
-        write_bytes(target, f.read())
-
-
-def _position(epoch, step):
-    """Where a run is after `step` steps of epoch `epoch` + 1, in words ("epoch 2": its end)."""
-    return f"epoch {epoch + 1}, step {step}" if step else f"epoch {epoch}"
-
-
-def _diverged(cfg, where, saved, what="the loss or a gradient"):
-    """The error for a run whose `what` turned NaN or inf at `where`; `saved`: where the
-    checkpoint is (`_position`; "" for none yet)."""
-    kept = (f"; {cfg.checkpoint} keeps {saved}" if cfg.checkpoint and saved else
-            f"; {cfg.checkpoint} was not written" if cfg.checkpoint else "")
-    return Diverged(f"training diverged at {where}: {what} turned NaN or inf{kept} (lower --lr, "
-                    f"or find the layer with --debug)", everywhere=True)
-
-
-def _stopped(cfg, signum, done, where, steps):
-    """The Stopped error for a run that `signum` stopped after its step `done` (`where`: "epoch
-    E, step S"), saved there when it has a checkpoint."""
-    kept = (f"{cfg.checkpoint} saved there: --resume continues" if cfg.checkpoint else
-            "nothing saved (no --checkpoint)")
-    name = signal.Signals(signum or signal.SIGTERM).name
-    return Stopped(signum or signal.SIGTERM,
-                   f"stopped by {name} after step {done:,} ({where} of {steps}): {kept}")

@@ -76,7 +76,7 @@ def test_the_summary_names_the_layers_without_compiled_kernels(tmp_path):
     from ddl import kernels, nn
     from ddl.comm import SingleCommunicator
     from ddl.timeline import Timeline
-    from ddl.train import slow_layers
+    from ddl.state import slow_layers
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten())
     with kernels.using("numba"):
         slow = slow_layers(net)
