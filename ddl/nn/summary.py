@@ -27,11 +27,12 @@ def _traced(model, rows):
     to `rows` (parents before children), and an exception raised in a forward carries
     `ddl_layer`, (name, module, input shape) of the innermost module it came from."""
     def wrap(name, module, forward):
-        def traced(x):
+        def traced(*args, **kwargs):            # forward(x), or run(backend, x, ...)
+            x = args[-1]
             row = [name, module, None]
             rows.append(row)
             try:
-                y = forward(x)
+                y = forward(*args, **kwargs)
             except Exception as e:
                 if not hasattr(e, "ddl_layer"):
                     e.ddl_layer = (name, module, tuple(np.shape(x)))
@@ -41,16 +42,18 @@ def _traced(model, rows):
         return traced
 
     # Each module once, under its first name: a layer used twice (refused later, by name) must
-    # not be wrapped twice.
+    # not be wrapped twice. A module with a `run` method is traced there, as Module.add_hook
+    # hooks it: its forward calls run, and so do the containers and fused steps around it.
     modules = list({id(m): (name, m) for name, m in reversed(model.named_modules())}.values())
-    for name, module in modules:
-        module.forward = wrap(name, module, module.forward)
+    methods = [(m, "run" if hasattr(m, "run") else "forward") for _, m in modules]
+    for (name, module), (_, method) in zip(modules, methods):
+        setattr(module, method, wrap(name, module, getattr(module, method)))
     try:
         with kernels.using("numpy"):
             yield
     finally:
-        for _, module in modules:
-            del module.forward
+        for module, method in methods:
+            delattr(module, method)
 
 
 def trace(model, in_shape, batch=2):
