@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -205,6 +206,36 @@ def run_ddl(args, timeout=120, n=None):
     return subprocess.run([sys.executable, "-m", "ddl", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=rank_env(), stdin=subprocess.DEVNULL)
 
+
+
+def start(args, env=None):
+    """`ddl ARGS...` started in the background (in the ranks' environment, or `env`), its errors
+    piped."""
+    return subprocess.Popen([sys.executable, "-m", "ddl", *map(str, args)],
+                            env=env or rank_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=60):
+    """Until `condition()`, while `proc` runs (its errors shown if it ends first)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def ddl(capfd):
+    """`ddl ARGS...` in this process: (exit status, everything it printed)."""
+    from ddl import cli
+
+    def call(*args):
+        with pytest.raises(SystemExit) as done:
+            cli.main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return done.value.code, out + err
+    return call
 
 
 def processes(token):

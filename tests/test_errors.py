@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import needs, refused, run_ddl, run_mpi, untouched
-from ddl import checkpoint, cli
+from ddl import checkpoint
 from ddl.errors import OutputError
 from ddl.config import Config
 from ddl.train import run
@@ -20,17 +20,6 @@ from ddl.train import run
 JOBS = Path(__file__).with_name("mpi_jobs.py")
 FAST = ["--subset", "256", "--batch-size", "64"]       # 4 steps an epoch
 RECIPE = Config()
-
-
-@pytest.fixture
-def ddl(capfd):
-    """`ddl ARGS...` in this process: (exit status, everything it printed)."""
-    def call(*args):
-        with pytest.raises(SystemExit) as done:
-            cli.main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return done.value.code, out + err
-    return call
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import processes, rank_env, refused, run_ddl
+from conftest import processes, refused, run_ddl, start, wait_for
 from ddl import checkpoint
 from ddl.config import Config
 from ddl.step import dropout_layers, seed_dropout
@@ -28,21 +26,6 @@ def train_args(mnist_h5, ckpt, *more):
     return ["train", "--data", mnist_h5, "--model", "mlp", "--subset", STEPS * 64,
             "--batch-size", "64", "--epochs", "2", "--checkpoint", ckpt,
             "--checkpoint-every", "20", "--shift", "0", "--quiet", *more]
-
-
-def start(args):
-    """`ddl ARGS...` started in the background, its errors piped."""
-    return subprocess.Popen([sys.executable, "-m", "ddl", *map(str, args)], env=rank_env(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def ranks_of(folder, n, proc):

@@ -14,7 +14,6 @@ from ddl import checkpoint
 from ddl.config import Config
 from ddl.data import DistributedSampler, subset_rows
 from ddl.train import run
-from test_errors import ddl  # noqa: F401  (the fixture: `ddl ARGS...` in this process)
 
 QUICK = ["--model", "mlp", "--batch-size", "64", "--epochs", "1", "--quiet"]
 
@@ -51,7 +50,7 @@ def test_the_checkpoint_records_its_data(own):
     assert len(data["fingerprint"]) == 32 and (data["train"], data["test"]) == (256, 128)
 
 
-def test_evaluate_and_predict_take_the_recorded_data(ddl, work, own):  # noqa: F811
+def test_evaluate_and_predict_take_the_recorded_data(ddl, work, own):
     with untouched(own), untouched(work):
         code, output = ddl("evaluate", "--checkpoint", "c.h5")
         assert code == 0 and "(128 images, 1 rank(s))" in output, output
@@ -61,7 +60,7 @@ def test_evaluate_and_predict_take_the_recorded_data(ddl, work, own):  # noqa: F
         assert code == 0 and output.startswith("test image 3: predicted "), output
 
 
-def test_other_data_is_refused_in_one_line(ddl, work):  # noqa: F811
+def test_other_data_is_refused_in_one_line(ddl, work):
     with untouched(work):
         for command in ("evaluate", "predict"):
             # the same pixels, labelled otherwise: the fingerprint differs
@@ -78,7 +77,7 @@ def test_other_data_is_refused_in_one_line(ddl, work):  # noqa: F811
         assert code == 0 and "accuracy" in output, output
 
 
-def test_a_checkpoint_without_its_data_file_is_one_line(ddl, work):  # noqa: F811
+def test_a_checkpoint_without_its_data_file_is_one_line(ddl, work):
     state = checkpoint.load("c.h5")
     state["data"]["path"] = str(work / "gone.h5")
     checkpoint.save("moved.h5", state)
@@ -86,7 +85,7 @@ def test_a_checkpoint_without_its_data_file_is_one_line(ddl, work):  # noqa: F81
         refused(ddl("evaluate", "--checkpoint", "moved.h5"), 2, "gone.h5: no such file")
 
 
-def test_an_older_checkpoint_still_evaluates(ddl, work):  # noqa: F811
+def test_an_older_checkpoint_still_evaluates(ddl, work):
     """Before checkpoints recorded their data: the path the run was given, and no names or
     fingerprint to compare; the sizes and pixel statistics still are."""
     state = checkpoint.load("c.h5")
@@ -105,7 +104,7 @@ def test_an_older_checkpoint_still_evaluates(ddl, work):  # noqa: F811
         os.unlink("brighter.h5")
 
 
-def test_resume_takes_the_recorded_data_and_refuses_a_relabelled_copy(ddl, work, own):  # noqa: F811
+def test_resume_takes_the_recorded_data_and_refuses_a_relabelled_copy(ddl, work, own):
     with untouched(work):
         refused(ddl("train", *QUICK, "--checkpoint", "c.h5", "--resume", "--epochs", "2",
                     "--data", "relabelled.h5"), 2,
@@ -119,7 +118,7 @@ def test_resume_takes_the_recorded_data_and_refuses_a_relabelled_copy(ddl, work,
     assert checkpoint.load("c.h5")["epoch"] == 2
 
 
-def test_train_names_its_data_and_says_when_nothing_is_saved(ddl, work):  # noqa: F811
+def test_train_names_its_data_and_says_when_nothing_is_saved(ddl, work):
     with untouched(work):
         code, output = ddl("train", *QUICK[:-1], "--data", "folder.h5", "--subset", "128")
     lines = output.splitlines()
@@ -173,7 +172,7 @@ def test_the_folder_subset_learns_as_the_npz_subset_does(colour_h5, colour_folde
 
 
 # --- one class numbering per data set -------------------------------------------------------------
-def test_class_names_from_the_npz_or_the_command_line(ddl, colour_npz, tmp_path):  # noqa: F811
+def test_class_names_from_the_npz_or_the_command_line(ddl, colour_npz, tmp_path):
     """Named as the image folder names them, the .npz's images are the folder's data set: a
     checkpoint trained on one evaluates on the other without --other-data."""
     with np.load(colour_npz) as f:
@@ -189,7 +188,7 @@ def test_class_names_from_the_npz_or_the_command_line(ddl, colour_npz, tmp_path)
         out.unlink()
 
 
-def test_the_same_images_are_the_same_data_set_whatever_the_source(ddl, work,  # noqa: F811
+def test_the_same_images_are_the_same_data_set_whatever_the_source(ddl, work,
                                                                    colour_npz):
     run(Config(data="folder.h5", model="mlp", batch_size=64, epochs=1, quiet=True,
                checkpoint="f.h5"))
@@ -208,13 +207,13 @@ def test_the_same_images_are_the_same_data_set_whatever_the_source(ddl, work,  #
     (["--class-names", "a,b,a,c"], ["must be distinct and non-empty, got a, b, a, c"]),
     (["--class-names", "a,,b,c"], ["must be distinct and non-empty"]),
 ])
-def test_bad_class_names_are_refused(ddl, colour_npz, tmp_path, args, words):  # noqa: F811
+def test_bad_class_names_are_refused(ddl, colour_npz, tmp_path, args, words):
     with untouched(tmp_path), untouched(colour_npz.parent):
         refused(ddl("prepare", "--npz", colour_npz, "--out", tmp_path / "x.h5", *args), 2, *words)
 
 
 def test_class_names_are_refused_for_an_image_folder_and_checked_in_an_npz(
-        ddl, colour_folder, colour_npz, tmp_path):  # noqa: F811
+        ddl, colour_folder, colour_npz, tmp_path):
     with untouched(tmp_path):
         refused(ddl("prepare", "--image-folder", colour_folder, "--out", tmp_path / "x.h5",
                     "--class-names", "a,b,c,d"), 2, "named by its class folders")
@@ -229,7 +228,7 @@ def test_class_names_are_refused_for_an_image_folder_and_checked_in_an_npz(
 
 
 # --- predict any image; per-class accuracy and the confusion matrix -------------------------------
-def test_predict_image_files(ddl, work, colour_folder):  # noqa: F811
+def test_predict_image_files(ddl, work, colour_folder):
     """A PNG of the training size, one twice as big (resized) and a gray JPEG (made RGB): one line
     each, the class named as the checkpoint's data names it."""
     from PIL import Image
@@ -250,7 +249,7 @@ def test_predict_image_files(ddl, work, colour_folder):  # noqa: F811
     assert Image.open("p.png").size[0] > 100
 
 
-def test_predict_refuses_what_is_not_an_image(ddl, work):  # noqa: F811
+def test_predict_refuses_what_is_not_an_image(ddl, work):
     with untouched(work):
         refused(ddl("predict", "--checkpoint", "c.h5", "--image", "colours.h5"), 2,
                 "colours.h5: not an image")
@@ -259,7 +258,7 @@ def test_predict_refuses_what_is_not_an_image(ddl, work):  # noqa: F811
         refused(ddl("predict", "--checkpoint", "c.h5", "--image", "gone.png"), 2, "gone.png")
 
 
-def test_evaluate_per_class_and_confusion(ddl, work):  # noqa: F811
+def test_evaluate_per_class_and_confusion(ddl, work):
     from PIL import Image
     with untouched(work):
         code, output = ddl("evaluate", "--checkpoint", "c.h5")
@@ -307,7 +306,7 @@ def photos(tmp_path):
     return tmp_path / "photos"
 
 
-def test_resize_and_test_split_of_one_tree(ddl, photos, tmp_path):  # noqa: F811
+def test_resize_and_test_split_of_one_tree(ddl, photos, tmp_path):
     with untouched(photos):
         refused(ddl("prepare", "--image-folder", photos, "--test-split", "0.3", "--out",
                     tmp_path / "x.h5"), 2, "pixels, but", "--resize HxW makes them one")
@@ -333,13 +332,13 @@ def test_resize_and_test_split_of_one_tree(ddl, photos, tmp_path):  # noqa: F811
     (["--resize", "0x8"], ["--resize 0x8"]),
     (["--test-split", "1"], ["--test-split"]),
 ])
-def test_bad_resize_or_split_is_refused(ddl, photos, tmp_path, args, words):  # noqa: F811
+def test_bad_resize_or_split_is_refused(ddl, photos, tmp_path, args, words):
     with untouched(tmp_path):
         refused(ddl("prepare", "--image-folder", photos, "--out", tmp_path / "x.h5", *args), 2,
                 *words)
 
 
-def test_shuffle_writes_the_same_rows_in_a_seeded_order(ddl, colour_folder,  # noqa: F811
+def test_shuffle_writes_the_same_rows_in_a_seeded_order(ddl, colour_folder,
                                                          tmp_path):
     read = {}
     for name, args in (("plain", []), ("shuffled", ["--shuffle"]), ("again", ["--shuffle"])):
@@ -356,7 +355,7 @@ def test_shuffle_writes_the_same_rows_in_a_seeded_order(ddl, colour_folder,  # n
     assert len(np.unique(mixed_labels[:32])) == 4                         # a prefix has them all
 
 
-def test_split_refuses_a_tree_with_train_and_test(ddl, colour_folder, colour_npz,  # noqa: F811
+def test_split_refuses_a_tree_with_train_and_test(ddl, colour_folder, colour_npz,
                                                    tmp_path):
     with untouched(tmp_path):
         refused(ddl("prepare", "--image-folder", colour_folder, "--test-split", "0.2", "--out",
@@ -377,7 +376,7 @@ def test_the_progress_bar_shows_an_eta():
     assert (clock(7), clock(754), clock(3723)) == ("0:07", "12:34", "1:02:03")
 
 
-def test_keep_best_keeps_the_best_epoch_beside_the_last(ddl, work, monkeypatch):  # noqa: F811
+def test_keep_best_keeps_the_best_epoch_beside_the_last(ddl, work, monkeypatch):
     """Test accuracies 0.5, 0.75, 0.25: c-best.h5 holds epoch 2, c2.h5 epoch 3."""
     scores = iter([(1.0, 0.5), (0.5, 0.75), (2.0, 0.25)])
     monkeypatch.setattr("ddl.train.evaluate", lambda *args: next(scores))
@@ -422,7 +421,7 @@ def test_a_nested_model_summary_indents_its_children():
     assert f": {total:,} parameters" in lines[-1]
 
 
-def test_ddl_summary(ddl, work, tmp_path):  # noqa: F811
+def test_ddl_summary(ddl, work, tmp_path):
     (tmp_path / "mine.py").write_text(
         "from ddl import nn\n\n\ndef make(in_shape, num_classes):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(100, num_classes))\n")
@@ -435,7 +434,7 @@ def test_ddl_summary(ddl, work, tmp_path):  # noqa: F811
         refused(ddl("summary", "--data", "gone.h5"), 2, "gone.h5: no such file")
 
 
-def test_the_example_model_file_trains(ddl, work):  # noqa: F811
+def test_the_example_model_file_trains(ddl, work):
     example = Path(__file__).parents[1] / "examples" / "your_model.py"
     code, output = ddl("summary", "--model", f"{example}:make_model", "--data", "colours.h5")
     assert code == 0 and "Dropout" in output and "BatchNorm2d" in output, output

@@ -6,14 +6,12 @@ each rank one thread."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import processes, rank_env, refused, run_ddl, run_mpi
+from conftest import processes, rank_env, refused, run_ddl, run_mpi, start, wait_for
 from ddl import checkpoint
 
 JOBS = Path(__file__).with_name("mpi_jobs.py")
@@ -22,22 +20,6 @@ JOBS = Path(__file__).with_name("mpi_jobs.py")
 def small_run(data, *more):
     return ["--data", data, "--model", "mlp", "--subset", "512", "--batch-size", "64",
             "--quiet", "--shift", "0", *more]
-
-
-def start(args, env=None):
-    """`ddl ARGS...` started in the background (in the ranks' environment, or `env`), its errors
-    piped."""
-    return subprocess.Popen([sys.executable, "-m", "ddl", *map(str, args)],
-                            env=env or rank_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_replicas_that_drift_end_the_run_with_status_1(mnist_h5, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import colour_images, refused, untouched
-from ddl import checkpoint, cli
+from ddl import checkpoint
 from ddl.atomic import create_new
 from ddl.config import Config
 from ddl.errors import KernelCacheError
@@ -24,17 +24,6 @@ FAST = ["--subset", "256", "--batch-size", "64"]
 NET = ("from ddl import nn\nimport pathlib\n\npathlib.Path(__file__).with_name('ran').touch()\n\n\n"
        "def make(in_shape, num_classes):\n"
        "    return nn.Sequential(nn.Flatten(), nn.Linear({inputs}, num_classes))\n")
-
-
-@pytest.fixture
-def ddl(capfd):
-    """`ddl ARGS...` in this process: (exit status, everything it printed)."""
-    def call(*args):
-        with pytest.raises(SystemExit) as done:
-            cli.main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return done.value.code, out + err
-    return call
 
 
 COMMON = dict(data="data.h5", subset=256, batch_size=64, epochs=1, quiet=True)
