@@ -122,9 +122,7 @@ class H5Dataset:
                 and (self.std > 0).all()):
             raise self._error(f"bad normalisation attributes mean={self.mean.tolist()} "
                               f"std={self.std.tolist()}")
-        # Per channel, as (C, 1, 1) factors: (x / 255 - mean) / std = x * scale - shift.
-        self._scale = (1.0 / (255.0 * self.std)).astype(np.float32)[:, None, None]
-        self._shift = (self.mean / self.std).astype(np.float32)[:, None, None]
+        self.normalize = normalizer(self.mean, self.std)
         self.num_classes = self._integer("num_classes", (2, MAX_CLASSES))
         names = attrs.get("class_names", range(self.num_classes))
         if not (isinstance(names, range) or (isinstance(names, np.ndarray) and names.ndim == 1
@@ -243,13 +241,6 @@ class H5Dataset:
         images, labels = self.read_raw(rows)
         return self.normalize(images), labels
 
-    def normalize(self, images):
-        """uint8 (k, C, H, W) -> float32 (k, C, H, W): (x / 255 - mean[c]) / std[c]."""
-        out = images.astype(np.float32)
-        out *= self._scale
-        out -= self._shift
-        return out
-
     def _check_rows(self, rows):
         rows = np.asarray(rows)
         if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
@@ -344,6 +335,23 @@ class DistributedSampler:
 
 
 SUBSET_DRAWS = ("stratified", "random", "first")
+
+
+def normalizer(mean, std):
+    """The function uint8 (k, C, H, W) -> float32 (k, C, H, W), (x / 255 - mean[c]) / std[c],
+    for per-channel statistics `mean` and `std` (C,): how a data file's images, and the image
+    files `ddl predict` is given, reach a model."""
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    # Per channel, as (C, 1, 1) factors: (x / 255 - mean) / std = x * scale - shift.
+    scale = (1.0 / (255.0 * std)).astype(np.float32)[:, None, None]
+    shift = (mean / std).astype(np.float32)[:, None, None]
+
+    def normalize(images):
+        out = images.astype(np.float32)
+        out *= scale
+        out -= shift
+        return out
+    return normalize
 
 
 def subset_rows(labels, n, seed, draw="stratified"):

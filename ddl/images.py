@@ -47,9 +47,3 @@ def read(path, shape, error=UsageError):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise error(f"{path}: not an image ({one_line(e)})") from None
 
-
-def normalize(images, mean, std):
-    """uint8 (k, C, H, W) -> float32 (k, C, H, W): (x / 255 - mean[c]) / std[c], as training saw
-    its images (ddl/data.py's H5Dataset.normalize)."""
-    mean, std = (np.asarray(v, np.float64).reshape(-1, 1, 1) for v in (mean, std))
-    return ((images / 255.0 - mean) / std).astype(np.float32)

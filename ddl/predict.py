@@ -3,6 +3,7 @@ files (`--image`), one line each, and the picture (`--out`)."""
 import numpy as np
 
 from ddl import images as image_files
+from ddl.data import normalizer
 from ddl.errors import UsageError
 from ddl.evaluation import checked_split
 
@@ -51,8 +52,7 @@ def files(model, state, takes, paths, echo):
     of the last one."""
     names = class_names(state)
     raw = np.stack([image_files.read(path, takes[0]) for path in paths])
-    probs = probabilities(model, image_files.normalize(raw, state["data"]["mean"],
-                                                       state["data"]["std"]))
+    probs = probabilities(model, normalizer(state["data"]["mean"], state["data"]["std"])(raw))
     for path, p in zip(paths, probs):
         echo(f"{path}: predicted {names[p.argmax()]} (p={p.max():.4f})  {listing(p, names)}")
     return raw[-1], probs[-1], names, str(paths[-1])
