@@ -58,8 +58,14 @@ def listed(names, most=12):
     return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
+def class_names(identity):
+    """The class names that `identity` records (one from before checkpoints recorded them:
+    "0".."K-1")."""
+    return identity.get("class_names") or [str(k) for k in range(identity["classes"])]
+
+
 def _names(identity):
-    return listed(identity.get("class_names") or [str(k) for k in range(identity["classes"])])
+    return listed(class_names(identity))
 
 
 def check(saved, now, checkpoint, other=False):

@@ -2,7 +2,7 @@
 files (`--image`), one line each, and the picture (`--out`)."""
 import numpy as np
 
-from ddl import images as image_files
+from ddl import identity, images as image_files
 from ddl.data import normalizer
 from ddl.errors import UsageError
 from ddl.evaluation import checked_split
@@ -26,12 +26,6 @@ def listing(probs, names):
     return "  ".join(f"{names[k]}:{probs[k]:.3f}" for k in shown(probs))
 
 
-def class_names(state):
-    """The class names a checkpoint records (one from before it did: "0".."K-1")."""
-    k = int(state["architecture"]["num_classes"])
-    return state["data"].get("class_names") or [str(i) for i in range(k)]
-
-
 def test_image(model, state, takes, checkpoint, data, other, index, echo):
     """Classify test image `index` of `data` (see `checked_split`); returns what `picture` draws."""
     test = checked_split(data, state, takes, checkpoint, other)
@@ -50,7 +44,7 @@ def files(model, state, takes, paths, echo):
     """Classify image files `paths`, converted to the model's images (ddl/images.py) and
     normalised with the training set's statistics: one line each; returns what `picture` draws
     of the last one."""
-    names = class_names(state)
+    names = identity.class_names(state["data"])
     raw = np.stack([image_files.read(path, takes[0]) for path in paths])
     probs = probabilities(model, normalizer(state["data"]["mean"], state["data"]["std"])(raw))
     for path, p in zip(paths, probs):
