@@ -80,7 +80,8 @@ def slow_layers(model):
 def finite(model):
     """Whether every array that a checkpoint of `model` holds, weights and buffers (BatchNorm's
     running statistics), is finite: what `checkpoint.load` will demand of it."""
-    return all(np.isfinite(v).all() for v in model.state_dict().values())
+    arrays = [p.data for p in model.parameters()] + [v for _, v in model.named_buffers()]
+    return all(np.isfinite(a).all() for a in arrays)     # state_dict() would copy each first
 
 
 def copy(source, target):
