@@ -9,6 +9,7 @@ import functools
 import operator
 import os
 import pickle
+import platform
 import sys
 
 import numpy as np
@@ -142,6 +143,7 @@ class SingleCommunicator(_Scoped):
     """A world of one: every collective is the identity, so debug mode costs nothing."""
 
     rank, size = 0, 1
+    hosts = (platform.node(),)
 
     def allreduce(self, buf, op="sum", what="all-reduce"):
         return buf
@@ -221,7 +223,8 @@ class MPICommunicator(_Scoped):
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.watchdog = Watchdog(MPI, self.comm)
+        self.hosts = self.comm.allgather(MPI.Get_processor_name())     # each rank's host
+        self.watchdog = Watchdog(MPI, self.comm, self.hosts)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     def allreduce(self, buf, op="sum", what="all-reduce"):

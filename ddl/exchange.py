@@ -27,8 +27,6 @@ sums it over the ranks and scales it to the mean. Three methods (`--compress`):
 the bytes at no measurable cost in accuracy; over links slower than about 1 Gbit/s, `powersgd`
 is the one that keeps the ranks busy (docs/cluster-benchmarks.md).
 """
-import platform
-
 import numpy as np
 
 METHODS = ("auto", "none", "bf16", "powersgd")
@@ -49,13 +47,12 @@ def parse(spec):
 
 
 def resolve(spec, comm):
-    """The --compress value `spec` with `auto` decided (a collective: every rank's host), and
+    """The --compress value `spec` with `auto` decided from the hosts of `comm`'s ranks, and
     PowerSGD's rank spelled out ("powersgd" -> "powersgd:4")."""
     name, rank = parse(spec)
     if name != "auto":
         return f"powersgd:{rank}" if name == "powersgd" else spec
-    hosts = comm.allgather_obj(platform.node(), what="exchange of host names")
-    return "none" if len(set(hosts)) == 1 else "bf16"
+    return "none" if len(set(comm.hosts)) == 1 else "bf16"
 
 
 def make(spec, params, comm, reduced, head):

@@ -44,14 +44,15 @@ class Scope:
 
 
 class Watchdog:
-    """Waits on the requests of collectives over `comm`, an mpi4py communicator."""
+    """Waits on the requests of collectives over `comm`, an mpi4py communicator whose ranks run
+    on `hosts` (a host name per rank)."""
 
-    def __init__(self, MPI, comm):
+    def __init__(self, MPI, comm, hosts):
         self.MPI = MPI
         self.comm = comm.Dup()             # its messages never meet the job's
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         # Where each rank runs, to name the host of a rank that does not arrive (its link down).
-        self.hosts = comm.allgather(MPI.Get_processor_name())
+        self.hosts = hosts
         self.entered = 0                   # collectives this rank has started
         self._asked = 0                    # questions this rank has asked
         self._sends = []                   # (request, buffer) of answers and questions in flight
