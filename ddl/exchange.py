@@ -27,7 +27,11 @@ sums it over the ranks and scales it to the mean. Three methods (`--compress`):
 the bytes at no measurable cost in accuracy; over links slower than about 1 Gbit/s, `powersgd`
 is the one that keeps the ranks busy (docs/cluster-benchmarks.md).
 """
+import os
+
 import numpy as np
+
+from ddl.progress import Progress
 
 METHODS = ("auto", "none", "bf16", "powersgd")
 DEFAULT_RANK = 4
@@ -97,6 +101,7 @@ class Exact:
                 hi = lo
         self.bounds.append((0, hi))
         self._owned = {}
+        self.progress = Progress() if os.environ.get("DDL_PROGRESS", "1") == "1" else None
         self.begin()
 
     def begin(self):
@@ -109,13 +114,18 @@ class Exact:
         frontier = self._frontier(step)
         while self.started < len(self.bounds) - 1 and self.bounds[self.started][0] >= frontier:
             self.pending.append(self._start(*self.bounds[self.started]))
+            if self.progress is not None:
+                self.progress.add(self.pending[-1])
             self.started += 1
-        for request in self.pending:
-            request.test()
+        if self.progress is None:
+            for request in self.pending:
+                request.test()
 
     def finish(self):
         """Start what backward did not, wait for everything, and leave the world's mean gradients
         and Signals in `reduced`."""
+        if self.progress is not None:
+            self.progress.pause()
         while self.started < len(self.bounds) - 1:
             self.pending.append(self._start(*self.bounds[self.started]))
             self.started += 1
