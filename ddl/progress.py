@@ -4,8 +4,10 @@ MPICH moves a nonblocking collective on only inside MPI calls, and over TCP a la
 many: its rendezvous, then one to refill the socket each time it drains. Tests between layers are
 not enough when one layer's backward is most of the step (ref-cnn's second convolution: one
 compiled call), so, while requests are outstanding, a thread tests them every INTERVAL seconds and
-sleeps in between: the compiled kernels release the GIL (`jit.kernel`'s nogil), and a test costs
-a few microseconds, not a core (2 ranks may share 2 cores).
+sleeps in between: the compiled kernels release the GIL (`jit.kernel`'s nogil), and a wake-up
+costs about 27 us of CPU, 5% to 8% of a core while requests are outstanding, not a core (2 ranks
+may share 2 cores). Every 200 us hid a 0.8 MB transfer at 1 Gbit/s behind 10 ms of computing;
+every 1 ms hid little of it (docs/cluster-benchmarks.md).
 
 MPI runs at MPI_THREAD_SERIALIZED: one thread in MPI at a time, under the communicator's lock
 (ddl/comm.py), which a request's `test()` takes too. `pause()` returns once the thread is out of
