@@ -11,6 +11,7 @@ import os
 import pickle
 import platform
 import sys
+import threading
 
 import numpy as np
 
@@ -189,16 +190,27 @@ class _Done:
 class _Pending:
     """A started collective; `wait()` finishes it with `finish` (the communicator's `_wait`)."""
 
-    def __init__(self, request, finish, what):
-        self.request, self.finish, self.what = request, finish, what
+    def __init__(self, request, finish, what, lock):
+        self.request, self.finish, self.what, self.lock = request, finish, what, lock
 
     def test(self):
         """Let MPI move the collective on (MPICH progresses only inside MPI calls); True when
-        it has completed. `wait()` must still follow, under the watchdog."""
-        return self.request.Test()
+        it has completed. `wait()` must still follow, under the watchdog. Any thread may call
+        it (ddl/progress.py)."""
+        with self.lock:
+            return self.request.Test()
 
     def wait(self):
         self.finish(self.request, self.what)
+
+
+def _locked(method):
+    """`method` with the communicator's lock held: nothing else enters MPI meanwhile."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 _REDUCE = {"sum": operator.add, "max": max, "min": min}
@@ -216,11 +228,12 @@ class MPICommunicator(_Scoped):
             for var, value in _YIELD_WHEN_IDLE.items():
                 os.environ.setdefault(var, value)
         import mpi4py
-        # Only the main thread calls MPI (the loader's thread reads HDF5), and a lower thread
-        # level keeps MPICH on its fast path.
-        mpi4py.rc.thread_level = "funneled"
+        # One thread in MPI at a time, under `lock`: the main thread, or the exchange's progress
+        # thread (ddl/progress.py). Below MPI_THREAD_MULTIPLE, MPICH takes no locks of its own.
+        mpi4py.rc.thread_level = "serialized"
         from mpi4py import MPI
         self.MPI = MPI
+        self.lock = threading.RLock()
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.hosts = self.comm.allgather(MPI.Get_processor_name())     # each rank's host
@@ -233,18 +246,23 @@ class MPICommunicator(_Scoped):
 
     def iallreduce(self, buf, op="sum", what="all-reduce"):
         """Start an in-place all-reduce; call `.wait()` on the result before reading `buf`."""
-        return _Pending(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op]),
-                        self._wait, what)
+        with self.lock:
+            request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+        return _Pending(request, self._wait, what, self.lock)
 
     def iallgather(self, send, recv, what="all-gather"):
         """Start gathering every rank's array `send` into the rows of `recv` (size, *send.shape),
         in rank order; call `.wait()` on the result before reading `recv`."""
-        return _Pending(self.comm.Iallgather(send, recv), self._wait, what)
+        with self.lock:
+            request = self.comm.Iallgather(send, recv)
+        return _Pending(request, self._wait, what, self.lock)
 
+    @_locked
     def bcast(self, buf, root=0, what="broadcast"):
         self._wait(self.comm.Ibcast(buf, root=root), what)
         return buf
 
+    @_locked
     def barrier(self, what="barrier", at_least=0.0):
         """`at_least`: seconds this barrier may take whatever the timeout, for a wait on work of
         unknown length (rank 0 compiling the kernels)."""
@@ -268,6 +286,7 @@ class MPICommunicator(_Scoped):
         """Every rank's `obj`, in rank order, on `root`; None elsewhere."""
         return self._gather(obj, root, what)
 
+    @_locked
     def _gather(self, obj, root, what):
         """Pickles gathered on `root`, or on every rank when root is None: their sizes first."""
         data = _pickled(obj)
@@ -285,6 +304,7 @@ class MPICommunicator(_Scoped):
         ends = np.cumsum(sizes)
         return [pickle.loads(out[end - size:end]) for size, end in zip(sizes, ends)]
 
+    @_locked
     def _wait(self, request, what, at_least=0.0):
         """Finish `request` under the watchdog, in the scope of the moment."""
         self.watchdog.wait(request, what, self.scope, at_least)

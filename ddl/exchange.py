@@ -6,7 +6,8 @@ sums it over the ranks and scales it to the mean. Three methods (`--compress`):
 - `none`: exact. The gradients are cut, at parameter boundaries, into buckets of about
   BUCKET_BYTES taken from the end of the buffer (the last layers, whose gradients backward makes
   first); each is all-reduced (nonblocking) as soon as backward has passed its first parameter,
-  and the requests are tested after every layer so that MPI moves them on while backward runs.
+  and MPI moves the requests on while backward runs: across hosts a thread tests them every
+  200 us (ddl/progress.py), on one host they are tested after every layer.
   The first bucket (the first layers) and the Signals before it go last, when the step ends, in
   one all-reduce. Each element is summed by the same MPI algorithm over the same ranks as one
   all-reduce of the whole buffer (pairwise, in rank order), so the result is today's.
@@ -28,6 +29,8 @@ the bytes at no measurable cost in accuracy; over links slower than about 1 Gbit
 is the one that keeps the ranks busy (docs/cluster-benchmarks.md).
 """
 import numpy as np
+
+from ddl.progress import Progress
 
 METHODS = ("auto", "none", "bf16", "powersgd")
 DEFAULT_RANK = 4
@@ -97,6 +100,10 @@ class Exact:
                 hi = lo
         self.bounds.append((0, hi))
         self._owned = {}
+        # Across hosts a thread tests the started buckets while backward computes; on one host
+        # the tests between layers suffice, and the thread's wake-ups cost more than they
+        # gain (docs/cluster-benchmarks.md).
+        self.progress = Progress() if len(set(comm.hosts)) > 1 else None
         self.begin()
 
     def begin(self):
@@ -105,17 +112,23 @@ class Exact:
 
     def after(self, step):
         """Backward has passed `step` (a layer, or the backend's fused group of layers): start
-        every bucket whose gradients are all complete now, and let MPI move the started ones on."""
+        every bucket whose gradients are all complete now, and let MPI move the started ones on
+        (here, or in the progress thread until `finish`)."""
         frontier = self._frontier(step)
         while self.started < len(self.bounds) - 1 and self.bounds[self.started][0] >= frontier:
             self.pending.append(self._start(*self.bounds[self.started]))
+            if self.progress is not None:
+                self.progress.add(self.pending[-1])
             self.started += 1
-        for request in self.pending:
-            request.test()
+        if self.progress is None:
+            for request in self.pending:
+                request.test()
 
     def finish(self):
         """Start what backward did not, wait for everything, and leave the world's mean gradients
         and Signals in `reduced`."""
+        if self.progress is not None:
+            self.progress.pause()
         while self.started < len(self.bounds) - 1:
             self.pending.append(self._start(*self.bounds[self.started]))
             self.started += 1
@@ -125,6 +138,12 @@ class Exact:
         self._combine()
         self.reduced *= np.float32(1.0 / self.comm.size)
         self.begin()
+
+    def abandon(self):
+        """The step ends without `finish` (an exception in backward): stop testing its
+        requests."""
+        if self.progress is not None:
+            self.progress.pause()
 
     def _frontier(self, step):
         """The lowest offset of `step`'s parameters (everything above it is complete, since

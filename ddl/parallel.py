@@ -82,6 +82,9 @@ class Replicas:
         self.model.after_step = self.exchange.after
         try:
             yield
+        except BaseException:
+            self.exchange.abandon()
+            raise
         finally:
             self.model.after_step = None
 

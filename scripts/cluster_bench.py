@@ -10,6 +10,7 @@ and the bytes that node n2 sent per step (its link's counters). Medians over the
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT, AGENT = ROOT / "scripts" / "emulated-cluster.sh", ROOT / "scripts" / "netns-agent"
 COMPRESS = ("none", "bf16", "powersgd")
 DDP_HOOKS = ("none", "fp16", "powersgd")
+# The nodes' names: P1, P2 with scripts/emulated-cluster.sh's DDL_CLUSTER_PREFIX=P (default n).
+N1, N2 = (os.environ.get("DDL_CLUSTER_PREFIX", "n") + k for k in "12")
 
 
 def sent(node):
@@ -34,8 +37,8 @@ def one_run(hosts, compress, args, folder):
     """(images/s, bytes n2 sent per step) of one `ddl train` launched from n1 over `hosts`."""
     hostfile, metrics = folder / "hosts", folder / "m.jsonl"
     hostfile.write_text(hosts)
-    before = sent("n2")
-    cmd = [str(SCRIPT), "exec", "n1", sys.executable, "-m", "ddl", "launch", "-n", "2",
+    before = sent(N2)
+    cmd = [str(SCRIPT), "exec", N1, sys.executable, "-m", "ddl", "launch", "-n", "2",
            "--hostfile", str(hostfile), "--agent", str(AGENT), "--iface", "eth0", "--",
            "train", "--model", "ref-cnn", "--data", args.data, "--subset", str(args.subset),
            "--batch-size", "128", "--epochs", "1", "--quiet", "--compress", compress,
@@ -45,7 +48,7 @@ def one_run(hosts, compress, args, folder):
         raise Failed(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     steps = args.subset // 128
     return (json.loads(metrics.read_text().splitlines()[-1])["images_per_second"],
-            (sent("n2") - before) / steps)
+            (sent(N2) - before) / steps)
 
 
 class Failed(Exception):
@@ -60,7 +63,7 @@ def again(run, rate, *args):
             return run(*args)
         except Failed as e:
             status = subprocess.run([str(SCRIPT), "status"], capture_output=True, text=True)
-            if "No emulated cluster is up" not in status.stdout + status.stderr:
+            if "no emulated cluster is up" not in status.stdout + status.stderr:
                 raise SystemExit(str(e)) from None
             print(f"the cluster went away during a run: up again at {rate}", flush=True)
             up(rate)
@@ -69,8 +72,8 @@ def again(run, rate, *args):
 
 def ddp_run(hook, args):
     """(images/s, bytes n2 sent per step) of PyTorch DDP, rank 0 on n1 and rank 1 on n2."""
-    before = sent("n2")
-    ranks = [subprocess.Popen([str(SCRIPT), "exec", f"n{r + 1}", "env", "GLOO_SOCKET_IFNAME=eth0",
+    before = sent(N2)
+    ranks = [subprocess.Popen([str(SCRIPT), "exec", (N1, N2)[r], "env", "GLOO_SOCKET_IFNAME=eth0",
                                sys.executable, str(ROOT / "scripts" / "ddp_rank.py"), str(r),
                                "10.99.0.1", hook, str(args.ddp_steps)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,7 +82,7 @@ def ddp_run(hook, args):
     if any(p.returncode for p in ranks):
         raise Failed(f"DDP ({hook}) failed:\n{outs[0][1][-2000:]}\n{outs[1][1][-2000:]}")
     speed = float(outs[0][0].split()[-1])
-    return speed, (sent("n2") - before) / (args.ddp_steps + 3)
+    return speed, (sent(N2) - before) / (args.ddp_steps + 3)
 
 
 def up(rate):
@@ -100,8 +103,8 @@ def measure(rate, args):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.rounds):
-                cases = [("one host, none", "n1:2\n", "none")] + [
-                    (f"2 nodes, {c}", "n1\nn2\n", c) for c in COMPRESS]
+                cases = [("one host, none", f"{N1}:2\n", "none")] + [
+                    (f"2 nodes, {c}", f"{N1}\n{N2}\n", c) for c in COMPRESS]
                 for name, hosts, compress in cases:
                     results.setdefault(name, []).append(again(one_run, rate, hosts, compress,
                                                              args, Path(tmp)))

@@ -193,14 +193,18 @@ def job_exchange(comm, out, args):
     random gradients (scaled by the step, so that they differ), through the overlapped path of
     a real backward for `none`. Writes the sum of the gradients that each rank produced and of
     the means that the exchange applied, its final error, and (for `none`) whether every step
-    equalled one all-reduce of the whole buffer bit for bit."""
+    equalled one all-reduce of the whole buffer bit for bit. ARGS[2] "thread": the progress
+    thread moves the buckets on, as across hosts."""
     from ddl.models import build
     from ddl.nn import CrossEntropyLoss
     from ddl.parallel import Replicas
+    from ddl.progress import Progress
     from ddl.step import train_step
     steps, compress = int(args[0]), args[1]
     model = build("ref-cnn", (1, 28, 28), 10, seed=0, input_grad=False)
     replicas = Replicas(model, comm, compress=compress)
+    if args[2:] == ["thread"]:
+        replicas.exchange.progress = Progress()
     rng = np.random.default_rng(comm.rank)
     produced, applied, exact = 0.0, 0.0, True
     for step in range(steps):

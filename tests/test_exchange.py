@@ -36,9 +36,12 @@ def load(folder, n):
     return [np.load(folder / f"rank{r}.npz") for r in range(n)]
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_overlapped_buckets_equal_one_allreduce_bit_for_bit(n, tmp_path):
-    job(n, "exchange", tmp_path, "3", "none")
+@pytest.mark.parametrize("n, progress", [(2, "tests"), (4, "tests"), (2, "thread"),
+                                         (4, "thread")])
+def test_overlapped_buckets_equal_one_allreduce_bit_for_bit(n, progress, tmp_path):
+    """Tested between layers (one host) or by the progress thread (across hosts), with the
+    job's own all-reduce between backward and the exchange's end while the thread runs."""
+    job(n, "exchange", tmp_path, "3", "none", progress)
     assert all(bool(r["exact"]) for r in load(tmp_path, n))
 
 

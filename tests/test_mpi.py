@@ -50,6 +50,7 @@ def test_step_signals_travel_with_the_gradients():
 
     class TwoRanks:             # rank 0 of two; rank 1's loss is 3 and it received a SIGTERM
         rank, size = 0, 2
+        hosts = ("vm", "vm")
 
         def bcast(self, buf, root=0, what=""):
             return buf
