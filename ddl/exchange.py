@@ -30,6 +30,7 @@ is the one that keeps the ranks busy (docs/cluster-benchmarks.md).
 """
 import numpy as np
 
+from ddl import kernels
 from ddl.progress import Progress
 
 METHODS = ("auto", "none", "bf16", "powersgd")
@@ -64,22 +65,6 @@ def make(spec, params, comm, reduced, head):
     name, rank = parse(spec)
     kind = {"none": Exact, "bf16": BFloat16, "powersgd": PowerSGD}[name]
     return kind(params, comm, reduced, head, **({"rank": rank} if name == "powersgd" else {}))
-
-
-def to_bf16(x):
-    """float32 array -> its bfloat16 bits as uint16: round to nearest, ties to even; NaN stays
-    NaN, and what rounds past bf16's largest value becomes inf."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
-
-
-def from_bf16(h):
-    """uint16 bfloat16 bits -> float32 (exact)."""
-    return (h.astype(np.uint32) << 16).view(np.float32)
 
 
 class Exact:
@@ -183,7 +168,8 @@ class BFloat16(Exact):
         self.gathered = []
 
     def _start(self, lo, hi):
-        mine = to_bf16(self.grad[lo:hi])
+        mine = np.empty(hi - lo, np.uint16)
+        kernels.get().round_bf16(self.grad[lo:hi], mine)
         every = np.empty((self.comm.size, hi - lo), np.uint16)
         self.gathered.append((lo, hi, every))
         return self.comm.iallgather(mine, every, what=WHAT)
@@ -194,10 +180,7 @@ class BFloat16(Exact):
 
     def _combine(self):
         for lo, hi, every in self.gathered:
-            total = from_bf16(every[0])
-            for r in range(1, len(every)):
-                total += from_bf16(every[r])
-            self.grad[lo:hi] = total
+            kernels.get().sum_bf16(every, self.grad[lo:hi])
 
 
 class PowerSGD(Exact):

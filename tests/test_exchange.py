@@ -5,19 +5,53 @@ import pytest
 from conftest import run_mpi
 from test_mpi import JOBS, job
 from test_promises import small_run
-from ddl import exchange
+from ddl import exchange, kernels
 
 
-def test_bf16_rounds_to_nearest_even_within_half_an_ulp():
+def bf16_round_trip(x, backend):
+    """x rounded to bf16 by `backend`'s round_bf16 and widened back by its sum_bf16 (one rank)."""
+    bits = np.empty(x.shape, np.uint16)
+    backend.round_bf16(x, bits)
+    back = np.empty(x.shape, np.float32)
+    backend.sum_bf16(bits[None], back)
+    return bits, back
+
+
+@pytest.mark.parametrize("name", kernels.NAMES)
+def test_bf16_rounds_to_nearest_even_within_half_an_ulp(name):
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal(100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32)
-    back = exchange.from_bf16(exchange.to_bf16(x))
+    x = (rng.standard_normal(100_003) * 10.0 ** rng.integers(-30, 30, 100_003)).astype(np.float32)
+    bits, back = bf16_round_trip(x, kernels.get(name))
     assert np.all(np.abs(back - x) <= np.abs(x) * 2.0 ** -8)
-    # Ties go to the even neighbour; NaN and inf survive.
-    ties = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, np.nan, np.inf, -np.inf], np.float32)
-    got = exchange.from_bf16(exchange.to_bf16(ties))
+    assert np.array_equal(bits, back.view(np.uint32) >> 16)        # widening is exact
+    # Ties go to the even neighbour; NaN and inf survive; past bf16's largest value is inf.
+    largest = np.float32(np.uint32(0x7F7F0000).view(np.float32))
+    ties = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, np.nan, np.inf, -np.inf, -np.nan,
+                     np.finfo(np.float32).max, largest, -np.finfo(np.float32).max], np.float32)
+    _, got = bf16_round_trip(ties, kernels.get(name))
     assert got[0] == 1.0 and got[1] == 1 + 2 ** -6
-    assert np.isnan(got[2]) and got[3] == np.inf and got[4] == -np.inf
+    assert np.isnan(got[2]) and got[3] == np.inf and got[4] == -np.inf and np.isnan(got[5])
+    assert got[6] == np.inf and got[7] == largest and got[8] == -np.inf
+
+
+def test_the_compiled_bf16_passes_give_the_reference_s_bits():
+    """Rounding, and sums of 1 to 5 ranks in rank order, on lengths around the compiled sum's
+    block, with NaN, inf and subnormal values among them."""
+    rng = np.random.default_rng(1)
+    fast, slow = kernels.get("numba"), kernels.get("numpy")
+    for n in (1, 1023, 1024, 1025, 3000):
+        x = (rng.standard_normal((5, n)) * 10.0 ** rng.integers(-44, 38, (5, n))).astype(np.float32)
+        x.flat[rng.integers(0, x.size, 3)] = [np.nan, np.inf, -np.inf]
+        bits = [np.empty(x.shape, np.uint16) for _ in range(2)]
+        for backend, out in zip((fast, slow), bits):
+            for row, b in zip(x, out):
+                backend.round_bf16(row, b)
+        assert np.array_equal(bits[0], bits[1])
+        for ranks in range(1, 6):
+            sums = [np.empty(n, np.float32) for _ in range(2)]
+            fast.sum_bf16(bits[0][:ranks], sums[0])
+            slow.sum_bf16(bits[0][:ranks], sums[1])
+            assert np.array_equal(sums[0].view(np.uint32), sums[1].view(np.uint32)), (n, ranks)
 
 
 @pytest.mark.parametrize("spec, parsed", [("none", ("none", 4)), ("powersgd:2", ("powersgd", 2)),

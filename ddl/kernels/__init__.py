@@ -18,15 +18,16 @@ import contextlib
 
 NAMES = ("numba", "numpy")
 # What every backend offers: the layers' kernels (each forward returns what its backward takes),
-# the loss, the optimizers' update rules over flat arrays, allocation, and the plan that a
-# Sequential runs (its layers, or groups of them that the backend runs in one pass), and
-# `slow_steps(module)`, the layers it runs without compiled kernels (named by --timeline).
+# the loss, the optimizers' update rules over flat arrays, --compress bf16's rounding and sum,
+# allocation, and the plan that a Sequential runs (its layers, or groups of them that the backend
+# runs in one pass), and `slow_steps(module)`, the layers it runs without compiled kernels (named
+# by --timeline).
 OPERATIONS = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward",
               "avgpool2d_forward", "avgpool2d_backward", "batchnorm2d_forward",
               "batchnorm2d_backward", "global_avgpool2d_forward", "global_avgpool2d_backward",
               "relu_forward", "relu_backward",
-              "cross_entropy", "sgd", "adam", "rmsprop", "empty", "zeros", "array", "plan",
-              "slow_steps")
+              "cross_entropy", "sgd", "adam", "rmsprop", "round_bf16", "sum_bf16", "empty",
+              "zeros", "array", "plan", "slow_steps")
 _active = "numba"
 
 

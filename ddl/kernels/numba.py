@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ddl.kernels import direct, gemm, loss, norm, optim, pool, winograd
+from ddl.kernels import bf16, direct, gemm, loss, norm, optim, pool, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -191,6 +191,7 @@ avgpool2d_forward, avgpool2d_backward = reference.avgpool2d_forward, reference.a
 empty, zeros, array = reference.empty, reference.zeros, reference.array
 cross_entropy = loss.cross_entropy
 sgd, adam, rmsprop = optim.sgd, optim.adam, optim.rmsprop
+round_bf16, sum_bf16 = bf16.round_bf16, bf16.sum_bf16
 
 
 # --- fused layer groups ---------------------------------------------------------------------------

@@ -268,6 +268,23 @@ def _decayed(data, grad, weight_decay):
     return grad + weight_decay * data if weight_decay else grad
 
 
+def round_bf16(x, out):
+    """out (uint16, like x) = float32 x rounded to bfloat16 (its upper 16 bits), to nearest with
+    ties to even; NaN stays a NaN, and what rounds past bf16's largest value becomes inf."""
+    u = x.view(np.uint32)
+    out[...] = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    out[np.isnan(x)] = 0x7FC0
+
+
+def sum_bf16(every, out):
+    """out (float32, n) = every[0] + every[1] + ... in that order: the bfloat16 bits (R, n) of R
+    ranks, widened exactly to float32 and summed."""
+    out[...] = (every[0].astype(np.uint32) << 16).view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):   # the step's finite check says it
+        for row in every[1:]:
+            out += (row.astype(np.uint32) << 16).view(np.float32)
+
+
 def sgd(data, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
     """torch.optim.SGD's step; buf is the momentum buffer (unused without momentum), `first`
     when it holds nothing yet."""
