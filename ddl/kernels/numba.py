@@ -26,17 +26,17 @@ name = "numba"
 WINOGRAD_MIN_CHANNELS = 32
 
 
-def algorithm(weight_shape, stride):
+def algorithm(weight_shape, stride, padding=(0, 0)):
     """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
     _, c, kh, kw = weight_shape
-    if stride != (1, 1) or (kh, kw) == (1, 1):
+    if stride != (1, 1) or (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
         return "gemm"
     return "winograd" if (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS else "direct"
 
 
 def fusable(conv, pool_layer):
     """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
-    return (algorithm(conv.weight.shape, conv.stride) != "gemm"
+    return (algorithm(conv.weight.shape, conv.stride, conv.padding) != "gemm"
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
@@ -47,7 +47,7 @@ _ALGORITHMS = {"direct": (direct.forward, direct.backward),
 def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=False):
     """As reference.conv2d_forward; with `pool` (a fusable layer), max-pooled 2x2 and, with
     `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
-    algo = algorithm(weight.shape, stride)
+    algo = algorithm(weight.shape, stride, padding)
     ws = ws or Workspace()
     if algo == "gemm":
         (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
@@ -72,11 +72,13 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
         return (None if gx is None else nchw(gx)), grad_w, grad_b
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
-    gxp = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
-    if gxp is None:
+    gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
+    if gx is None:
         return None, grad_w, grad_b
-    (ph, pw), (h, w) = padding, x_shape[2:]
-    return nchw(gxp[:, ph:ph + h, pw:pw + w]), grad_w, grad_b
+    if algo == "winograd":                  # the gradient of the padded input
+        (ph, pw), (h, w) = padding, x_shape[2:]
+        gx = gx[:, ph:ph + h, pw:pw + w]
+    return nchw(gx), grad_w, grad_b
 
 
 def maxpool2d_forward(x, kernel, stride, relu=False):
