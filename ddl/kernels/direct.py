@@ -48,8 +48,11 @@ def forward_kernel(kh, kw):
         # Unsigned offsets: numba checks signed indices for wrap-around, which kept LLVM from
         # proving `j * n + m` contiguous and made every load a gather.
         nu, width = np.uint64(n), np.uint64(rows.shape[2])
-        for o in range(0, y.shape[0], 4):
-            for out_row in range(y.shape[1]):
+        # Output rows outermost: the input rows that one output row reads (C x kh rows) stay in
+        # the L2 cache for every block of channels (blocks outermost streamed x from memory
+        # once per block: the input gradient of a 32 -> 64 layer at 26x26 ran 1.6x slower).
+        for out_row in range(y.shape[1]):
+            for o in range(0, y.shape[0], 4):
                 for a in range(2 if pool else 1):
                     r = 2 * out_row + a if pool else out_row
                     y0 = rows[0, a] if pool else y[o, r]
@@ -96,8 +99,8 @@ def weight_grad_kernel(kh, kw):
         nu = np.uint64(n)
         oh, width = x.shape[1] - kh + 1, np.uint64(x.shape[2] - (kw - 1) * n)
         start, zero = cb * n, x.dtype.type(0)
-        for o in range(0, grad_w.shape[0], 4):
-            for r in range(oh):
+        for r in range(oh):                  # rows outermost, as in the forward kernel
+            for o in range(0, grad_w.shape[0], 4):
                 g0, g1 = g[o, ra + r, start:], g[o + 1, ra + r, start:]
                 g2, g3 = g[o + 2, ra + r, start:], g[o + 3, ra + r, start:]
                 for b, gb in enumerate((g0, g1, g2, g3)):
