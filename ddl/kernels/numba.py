@@ -19,19 +19,22 @@ from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
 name = "numba"
 
-# Fewer input channels than this make Winograd's GEMMs too thin: direct wins ref-cnn's first
-# layer (C = 1), Winograd its second (C = 32). With 16 (resnet-mini's first stage, 28x28, batch
-# 64, forward and backward) direct took 217-229 ms to Winograd's 354-406, interleaved medians on a
-# 2-core Xeon under heavy load (2026-12-06): slow figures, but the same order twice.
-WINOGRAD_MIN_CHANNELS = 32
+# Winograd's GEMMs are (O x C) @ (C x tiles*N): thin, and slower than the direct kernel, with
+# fewer channels than these. Per-layer medians of forward + backward, one thread, batch 64, on a
+# 2-core Xeon under heavy load (2026-12-06), direct vs Winograd: 16 -> 16 at 28x28 9.3 vs 16.4 ms;
+# 32 -> 32 at 14x14 6.9 vs 9.1, at 32x32 40-50 vs 58; but 32 -> 64 at 14x14 16.4-16.8 vs 12.2-15.4,
+# 64 -> 64 at 8x8 8.9-9.8 vs 7.1-7.5 (at 7x7 6.5-6.9 vs 6.8-7.6, even), and ref-cnn (32 -> 64 at
+# 13x13, pooled) trained at 1.56x PyTorch's speed with Winograd, 1.01x with direct.
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUTPUTS = 32, 64
 
 
 def algorithm(weight_shape, stride, padding=(0, 0)):
     """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
-    _, c, kh, kw = weight_shape
+    o, c, kh, kw = weight_shape
     if stride != (1, 1) or (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
         return "gemm"
-    return "winograd" if (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS else "direct"
+    winograd = (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
+    return "winograd" if winograd else "direct"
 
 
 def fusable(conv, pool_layer):
