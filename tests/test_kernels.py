@@ -31,7 +31,8 @@ CONVS = {
     "gemm": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
              (3, 4, 3, 2, 1, (2, 3, 7, 5)), (2, 3, 3, 3, 2, (1, 2, 8, 7)),    # odd sides
              (6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
-             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4))],  # padded 1x1
+             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4)),  # padded 1x1
+             (2, 3, 3, 1, (3, 2), (2, 2, 4, 5))],   # padded by the kernel's size: not direct
 }
 CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]
 
@@ -75,7 +76,7 @@ def assert_same(out, tol=1e-10):
 @pytest.mark.parametrize("algo, cfg", CONV_CASES)
 def test_conv_algorithm_matches_numpy(algo, cfg):
     conv = make_conv(cfg)
-    assert compiled.algorithm(conv.weight.shape, conv.stride) == algo
+    assert compiled.algorithm(conv.weight.shape, conv.stride, conv.padding) == algo
     assert_same(run_both(lambda: make_conv(cfg), randn(*cfg[-1])))
 
 

@@ -16,13 +16,15 @@ output is never stored.
 
 The backward pass: the input gradient is the forward kernel again, run over the zero-padded
 output gradient with the kernels flipped and their two channel axes swapped (a "full"
-correlation, cropped to the unpadded input); the weight gradient takes dot products of gradient
+correlation, cropped to the unpadded input), unless the output is under half the input's size
+(then one GEMM and gemm.py's adjoint of im2col); the weight gradient takes dot products of gradient
 rows with shifted input rows, four output channels by up to three taps in registers.
 """
 import functools
 
 import numpy as np
 
+from ddl.kernels import gemm
 from ddl.kernels.jit import X3, X4, kernel
 from ddl.kernels.pool import first_max4, spread4
 
@@ -212,13 +214,18 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     (o, c, kh, kw), n = weight.shape, xp.shape[3]
     op = _blocks(o)
     oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-    # The full-resolution output gradient, with O' channels and, for the input gradient, the
-    # zero border that makes its correlation "full": g[o, ra + r, cb + q] = grad of y[o, r, q].
-    ra, cb = (kh - 1 - ph, kw - 1 - pw) if input_grad else (0, 0)
-    if code is None and not input_grad and op == o:
+    # The full correlation below runs the kernel over every input pixel, zeros around the output
+    # gradient included: when the output is much smaller than the input (seed-cnn's 5x5 layer on
+    # 12x12 images: 8x8), most of that is multiplying zeros, and one GEMM on the gradient's panel
+    # (gemm.py's adjoint of im2col) does less.
+    full = input_grad and 2 * oh * ow >= x_shape[1] * x_shape[2]
+    # The full-resolution output gradient, with O' channels and, for the full correlation, the
+    # zero border that makes it "full": g[o, ra + r, cb + q] = the gradient of y[o, r, q].
+    ra, cb = (kh - 1 - ph, kw - 1 - pw) if full else (0, 0)
+    if code is None and not full and op == o:
         g = gy
     else:
-        g = ws.zeros(f"grad_padded {input_grad}", (op, oh + 2 * ra, ow + 2 * cb, n), gy.dtype)
+        g = ws.zeros(f"grad_padded {full}", (op, oh + 2 * ra, ow + 2 * cb, n), gy.dtype)
         if code is None:
             g[:o, ra:ra + oh, cb:cb + ow] = gy
         else:
@@ -232,6 +239,12 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
         grad_b += gb[:o]
     if not input_grad:
         return None
+    if not full:
+        panel = ws.empty("panel_grad", (c * kh * kw, oh * ow * n), gy.dtype)
+        np.matmul(weight.reshape(o, -1).T, g[:o].reshape(o, -1), out=panel)
+        gx = np.zeros(x_shape, gy.dtype)
+        gemm.unpack_add(panel.reshape(-1, oh, ow, n), kh, kw, 1, 1, ph, pw, gx)
+        return gx
     # gx[c, v] = sum over o, i, j of w[o, c, i, j] g[o, v + kh-1 - i]: the forward kernel with
     # the taps reversed, the channel axes swapped and the O' - O zero channels of g given zeros.
     flipped = np.zeros((c, op, kh, kw), weight.dtype)
