@@ -117,22 +117,26 @@ def weight_grad_kernel(kh, kw):
                             a20 = a21 = a22 = a30 = a31 = a32 = zero
                             for m in range(width):
                                 at = np.uint64(j0) * nu + m
-                                v0 = xs[at]
-                                v1 = xs[at + nu] if j0 + 1 < kw else zero
-                                v2 = xs[at + np.uint64(2) * nu] if j0 + 2 < kw else zero
                                 h0, h1, h2, h3 = g0[m], g1[m], g2[m], g3[m]
-                                a00 += h0 * v0
-                                a01 += h0 * v1
-                                a02 += h0 * v2
-                                a10 += h1 * v0
-                                a11 += h1 * v1
-                                a12 += h1 * v2
-                                a20 += h2 * v0
-                                a21 += h2 * v1
-                                a22 += h2 * v2
-                                a30 += h3 * v0
-                                a31 += h3 * v1
-                                a32 += h3 * v2
+                                v = xs[at]
+                                a00 += h0 * v
+                                a10 += h1 * v
+                                a20 += h2 * v
+                                a30 += h3 * v
+                                # Taps past the kernel's width (constant conditions, gone once
+                                # the j0 loop unrolls): adding h * 0 would still cost the FMAs.
+                                if j0 + 1 < kw:
+                                    v = xs[at + nu]
+                                    a01 += h0 * v
+                                    a11 += h1 * v
+                                    a21 += h2 * v
+                                    a31 += h3 * v
+                                if j0 + 2 < kw:
+                                    v = xs[at + np.uint64(2) * nu]
+                                    a02 += h0 * v
+                                    a12 += h1 * v
+                                    a22 += h2 * v
+                                    a32 += h3 * v
                             for t, (s0, s1, s2, s3) in enumerate(((a00, a10, a20, a30),
                                                                   (a01, a11, a21, a31),
                                                                   (a02, a12, a22, a32))):
