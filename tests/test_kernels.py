@@ -130,6 +130,19 @@ def test_conv_pool_relu_fuse_and_match_numpy(algo, cfg, order):
         check_module(make(), randn(*cfg[-1], seed=4))
 
 
+@pytest.mark.parametrize("algo, cfg", [c for c in FUSED if c[0] == "direct"])
+def test_fused_first_layer_matches_numpy(algo, cfg):
+    """A first layer (no input gradient) pooled in the direct kernel's pass: its weight gradient
+    spreads the pooled gradient itself, two rows at a time, odd last rows and columns included."""
+    def make():
+        group = conv_pool(("pool", "relu"), cfg)()
+        group[0].needs_input_grad = False
+        return group
+    out = run_both(make, randn(*cfg[-1]))
+    assert out["numba"][1] is None
+    assert_same(out)
+
+
 def test_ties_go_to_the_first_maximum_in_fused_passes():
     """Integer images with blank rows: exact ties in every method's arithmetic."""
     rng = np.random.default_rng(5)
