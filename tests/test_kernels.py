@@ -23,13 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVS = {
     "direct": [(1, 4, 3, 1, 0, (2, 1, 7, 6)), (1, 3, 5, 1, 2, (1, 1, 6, 5)),
                (2, 3, (2, 3), 1, (1, 0), (3, 2, 5, 6)), (3, 2, 3, 1, 1, (2, 3, 4, 4)),
-               (6, 2, 5, 1, 0, (2, 6, 7, 7)), (16, 3, 3, 1, 1, (2, 16, 5, 4))],
-    "winograd": [(32, 3, 3, 1, 0, (2, 32, 6, 6)), (33, 2, 3, 1, 1, (1, 33, 5, 7)),  # odd outputs
-                 (32, 4, 3, 1, 2, (1, 32, 3, 4)), (34, 3, 3, 1, 0, (2, 34, 3, 3))],  # one output
+               (6, 2, 5, 1, 0, (2, 6, 7, 7)), (16, 3, 3, 1, 1, (2, 16, 5, 4)),
+               (33, 7, 3, 1, 1, (3, 33, 4, 5)),                 # many inputs, few outputs
+               (5, 6, 3, 1, 1, (37, 5, 3, 15))],     # rows of 15 x 37 values: two chunks
+    "winograd": [(32, 64, 3, 1, 0, (2, 32, 6, 6)), (33, 65, 3, 1, 1, (1, 33, 5, 7)),  # odd outputs
+                 (32, 64, 3, 1, 2, (1, 32, 3, 4)), (34, 66, 3, 1, 0, (2, 34, 3, 3))],  # one output
     "gemm": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
              (3, 4, 3, 2, 1, (2, 3, 7, 5)), (2, 3, 3, 3, 2, (1, 2, 8, 7)),    # odd sides
              (6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
-             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4))],  # padded 1x1
+             (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4)),  # padded 1x1
+             (2, 3, 3, 1, (3, 2), (2, 2, 4, 5))],   # padded by the kernel's size: not direct
 }
 CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]
 
@@ -73,7 +76,7 @@ def assert_same(out, tol=1e-10):
 @pytest.mark.parametrize("algo, cfg", CONV_CASES)
 def test_conv_algorithm_matches_numpy(algo, cfg):
     conv = make_conv(cfg)
-    assert compiled.algorithm(conv.weight.shape, conv.stride) == algo
+    assert compiled.algorithm(conv.weight.shape, conv.stride, conv.padding) == algo
     assert_same(run_both(lambda: make_conv(cfg), randn(*cfg[-1])))
 
 
@@ -125,6 +128,19 @@ def test_conv_pool_relu_fuse_and_match_numpy(algo, cfg, order):
     assert_same(run_both(make, x))
     with kernels.using("numba"):
         check_module(make(), randn(*cfg[-1], seed=4))
+
+
+@pytest.mark.parametrize("algo, cfg", [c for c in FUSED if c[0] == "direct"])
+def test_fused_first_layer_matches_numpy(algo, cfg):
+    """A first layer (no input gradient) pooled in the direct kernel's pass: its weight gradient
+    spreads the pooled gradient itself, two rows at a time, odd last rows and columns included."""
+    def make():
+        group = conv_pool(("pool", "relu"), cfg)()
+        group[0].needs_input_grad = False
+        return group
+    out = run_both(make, randn(*cfg[-1]))
+    assert out["numba"][1] is None
+    assert_same(out)
 
 
 def test_ties_go_to_the_first_maximum_in_fused_passes():

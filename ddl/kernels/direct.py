@@ -1,26 +1,38 @@
 """Direct convolution for stride-1 layers that Winograd does not take (few input channels, or
-kernels other than 3x3): a network's first layer, seed-cnn's 5x5 layers.
+kernels other than 3x3): a network's first layer, seed-cnn's 5x5 layers, resnet-mini's first
+stage.
 
 Arrays are (C, H, W, N), the batch innermost, seen here with the last two axes merged,
 (C, H, W*N): one output row of one channel, y[o, r] (OW*N values), is then a sum of shifted
 input rows, y[o, r, m] = sum over c, i, j of w[o, c, i, j] * x[c, r + i, j*N + m], a long
-unit-stride loop. The forward kernel is compiled per kernel size, which numba then treats as
-constants: the kh*kw taps unroll inside that loop, so each output accumulates a channel's taps in
-a register (tap by tap through memory, it ran several times slower; with one input channel,
-im2col would copy the images 9 or 25 times to feed a GEMM whose inner dimension is only 9 or
-25). `pool=True` max-pools 2x2 (and applies ReLU) from two rows at a time, so the
-full-resolution output is never stored. The backward pass walks the same rows: dot products for
-the weights, and for the input a gather of the gradient row through the taps.
+unit-stride loop. The kernels are compiled per kernel size, which numba then treats as
+constants: the kh*kw taps unroll inside that loop. Each input value loaded feeds the
+accumulators of four output channels at once (OB), whose rows are loaded and stored once per
+input channel. One output channel at a time, each load fed one multiply-add: 16 -> 16 channels
+at 28x28, batch 64, took 10.9 ms forward and 25.6 backward to this kernel's 6.7 and 14.8 (one
+run, interleaved, on a loaded 2-core Xeon, 2026-12-06). The layer pads
+its output channels to a multiple of OB with zero weights and returns a view of the first O.
+`pool=True` max-pools 2x2 (and applies ReLU) from two rows at a time, so the full-resolution
+output is never stored.
+
+The backward pass: the input gradient is the forward kernel again, run over the zero-padded
+output gradient with the kernels flipped and their two channel axes swapped (a "full"
+correlation, cropped to the unpadded input), unless the output is under half the input's size
+(then one GEMM and gemm.py's adjoint of im2col); the weight gradient takes dot products of gradient
+rows with shifted input rows, four output channels by up to three taps in registers.
 """
 import functools
 
 import numpy as np
 
+from ddl.kernels import gemm
 from ddl.kernels.jit import X3, X4, kernel
 from ddl.kernels.pool import first_max4, spread4
 
 # Kernel sizes compiled ahead by `warm` (others on first use): ref-cnn's and seed-cnn's.
 COMMON = ((3, 3), (5, 5))
+OB = 4      # output channels per block (the kernels below hold OB of them by name)
+CHUNK = np.uint64(512)      # values of a row per pass over the input channels
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,140 +41,246 @@ def forward_kernel(kh, kw):
     nothing else: numba's cache keys a closure by its contents, and a function among them would
     pickle differently in every process (no cache hit ever)."""
 
-    @kernel(f"({X3}, {X4}, T[::1], int64, boolean, boolean, T[:, ::1], {X3}, uint8[:, :, ::1])")
+    @kernel(f"({X3}, {X4}, T[::1], int64, boolean, boolean, T[:, :, ::1], {X3}, "
+            "uint8[:, :, ::1])")
     def conv(x, w, bias, n, pool, relu, rows, y, code):
-        """y (O, OH, OW*N) = the convolution of x (C, H, W*N) with w (O, C, kh, kw) plus bias;
-        with `pool`, y and code (O, OH//2, (OW//2)*N) hold it max-pooled 2x2 (ReLU'd if relu)
-        and each window's code (see pool.py), from two rows at a time in rows (2, OW*N)."""
+        """y (O, OH, OW*N) = the convolution of x (C, H, W*N) with w (O, C, kh, kw) plus bias,
+        O a multiple of 4; with `pool`, y and code (O, OH//2, (OW//2)*N) hold it max-pooled 2x2
+        (ReLU'd if relu) and each window's code (see pool.py), from two rows at a time of four
+        channels in rows (4, 2, OW*N)."""
         # Unsigned offsets: numba checks signed indices for wrap-around, which kept LLVM from
         # proving `j * n + m` contiguous and made every load a gather.
-        nu, width = np.uint64(n), np.uint64(rows.shape[1])
-        for o in range(y.shape[0]):
-            for out_row in range(y.shape[1]):
+        nu, width = np.uint64(n), np.uint64(rows.shape[2])
+        # Output rows outermost: the input rows that one output row reads (C x kh rows) can stay
+        # in the L2 cache for every block of channels, where blocks outermost would stream all
+        # of x once per block (no difference measurable under the load it was tried in).
+        for out_row in range(y.shape[1]):
+            for o in range(0, y.shape[0], 4):
                 for a in range(2 if pool else 1):
                     r = 2 * out_row + a if pool else out_row
-                    out = rows[a] if pool else y[o, r]
-                    out[:] = bias[o]
-                    for c in range(x.shape[0]):     # a channel's taps accumulate in registers
-                        for m in range(width):
-                            total = out[m]
-                            for i in range(kh):
-                                xs = x[c, r + i]
-                                for j in range(kw):
-                                    total += w[o, c, i, j] * xs[np.uint64(j) * nu + m]
-                            out[m] = total
+                    y0 = rows[0, a] if pool else y[o, r]
+                    y1 = rows[1, a] if pool else y[o + 1, r]
+                    y2 = rows[2, a] if pool else y[o + 2, r]
+                    y3 = rows[3, a] if pool else y[o + 3, r]
+                    y0[:], y1[:], y2[:], y3[:] = bias[o], bias[o + 1], bias[o + 2], bias[o + 3]
+                    # A chunk of the rows at a time: four output rows and three input rows of
+                    # 28 pixels x 64 images (51 KB) overflowed the core's 48 KB L1 cache.
+                    for m0 in range(0, width, CHUNK):
+                        for c in range(x.shape[0]):
+                            for m in range(m0, min(m0 + CHUNK, width)):
+                                t0, t1, t2, t3 = y0[m], y1[m], y2[m], y3[m]
+                                for i in range(kh):
+                                    xs = x[c, r + i]
+                                    for j in range(kw):
+                                        v = xs[np.uint64(j) * nu + m]
+                                        t0 += w[o, c, i, j] * v
+                                        t1 += w[o + 1, c, i, j] * v
+                                        t2 += w[o + 2, c, i, j] * v
+                                        t3 += w[o + 3, c, i, j] * v
+                                y0[m], y1[m], y2[m], y3[m] = t0, t1, t2, t3
                 if pool:
-                    for pc in range(y.shape[2] // n):
-                        top, bottom = rows[0, 2 * pc * n:], rows[1, 2 * pc * n:]
-                        ys, codes = y[o, out_row, pc * n:], code[o, out_row, pc * n:]
-                        for k in range(n):
-                            ys[k], codes[k] = first_max4(top[k], top[n + k], bottom[k],
-                                                         bottom[n + k], relu)
+                    for b in range(4):
+                        for pc in range(y.shape[2] // n):
+                            top, bottom = rows[b, 0, 2 * pc * n:], rows[b, 1, 2 * pc * n:]
+                            ys, codes = y[o + b, out_row, pc * n:], code[o + b, out_row, pc * n:]
+                            for k in range(n):
+                                ys[k], codes[k] = first_max4(top[k], top[n + k], bottom[k],
+                                                             bottom[n + k], relu)
 
     return conv
 
 
 @functools.lru_cache(maxsize=None)
-def backward_kernel(kh, kw):
-    """The backward kernel compiled for kh x kw kernels (closing over two ints only, as above).
-    """
+def weight_grad_kernel(kh, kw):
+    """The weight-gradient kernel compiled for kh x kw kernels (closing over two ints only)."""
 
-    @kernel(f"({X3}, {X4}, {X3}, uint8[:, :, ::1], int64, boolean, T[:, ::1], {X4}, T[::1], "
-            f"{X3}, boolean)")
-    def conv_grad(x, w, gy, code, n, pool, rows, grad_w, grad_b, gx, input_grad):
-        """From gy (O, OH, OW*N), or with `pool` from the pooled gradient gy and code
-        (O, OH//2, (OW//2)*N) (each window's gradient reaching its first maximum): grad_w and
-        grad_b += the parameter gradients; gx (like x, zero on entry) += the input gradient if
-        input_grad. rows (2, (OW + 2*(kw-1))*N) is scratch: gradient rows between kw-1 columns
-        of zeros on either side, so that the input gradient reads them without bounds checks."""
-        nu, side = np.uint64(n), (kw - 1) * n
-        width = rows.shape[1] - 2 * side                  # OW*N
-        rows[:, :] = 0
-        for o in range(gy.shape[0]):
-            for out_row in range(gy.shape[1]):
-                if pool:
+    @kernel(f"({X3}, {X3}, int64, int64, int64, {X3}, uint8[:, :, ::1], boolean, "
+            f"T[:, :, ::1], {X4}, T[::1])")
+    def conv_weight_grad(x, g, ra, cb, n, gy, code, pool, rows, grad_w, grad_b):
+        """grad_w (O', C, kh, kw) += the weight gradient and grad_b (O',) += the bias gradient,
+        from x (C, H, W*N) and the output gradient g (O', R, Q*N), O' a multiple of 4, whose
+        output (r, q) lies at g[o, ra + r, (cb + q)*N]. With `pool`, g is unused: the gradient
+        rows come from the pooled gradient gy and code (O, OH//2, (OW//2)*N), two rows of every
+        channel at a time, spread into rows (O', 2, OW*N) (a full-resolution copy of the
+        gradient, written and read back, cost a first layer a third of its backward pass)."""
+        nu = np.uint64(n)
+        oh, width = x.shape[1] - kh + 1, np.uint64(x.shape[2] - (kw - 1) * n)
+        start, zero = cb * n, x.dtype.type(0)
+        if pool:
+            rows[:, :, :] = 0           # the rows and columns that no pooling window reads
+        for r in range(oh):
+            if pool and r % 2 == 0 and r // 2 < gy.shape[1]:
+                for o in range(gy.shape[0]):
                     for pc in range(gy.shape[2] // n):
-                        top = rows[0, side + 2 * pc * n:]
-                        bottom = rows[1, side + 2 * pc * n:]
-                        gys, codes = gy[o, out_row, pc * n:], code[o, out_row, pc * n:]
+                        top, bottom = rows[o, 0, 2 * pc * n:], rows[o, 1, 2 * pc * n:]
+                        gys, codes = gy[o, r // 2, pc * n:], code[o, r // 2, pc * n:]
                         for k in range(n):
                             top[k], top[n + k], bottom[k], bottom[n + k] = spread4(gys[k],
                                                                                    codes[k])
+            elif pool and r % 2 == 0:   # an odd last row, which the pool drops
+                rows[:, :, :] = 0
+            for o in range(0, grad_w.shape[0], 4):
+                if pool:
+                    g0, g1, g2, g3 = (rows[o, r % 2], rows[o + 1, r % 2], rows[o + 2, r % 2],
+                                      rows[o + 3, r % 2])
                 else:
-                    rows[0, side:side + width] = gy[o, out_row]
-                for a in range(2 if pool else 1):
-                    r = 2 * out_row + a if pool else out_row
-                    padded = rows[a]
-                    g = padded[side:side + width]
-                    grad_b[o] += g.sum()
-                    for c in range(x.shape[0]):
-                        for i in range(kh):
-                            xs = x[c, r + i]
-                            # Up to five taps of a kernel row accumulate in registers at once
-                            # (numba cannot hold a variable number of scalars): 1.4-1.8x the
-                            # speed of one dot product per tap, which loads g every time.
-                            for j0 in range(0, kw, 5):
-                                a0 = a1 = a2 = a3 = a4 = x.dtype.type(0)
-                                for m in range(np.uint64(width)):
-                                    gv, at = g[m], np.uint64(j0) * nu + m
-                                    a0 += gv * xs[at]
-                                    if j0 + 1 < kw:
-                                        a1 += gv * xs[at + nu]
-                                    if j0 + 2 < kw:
-                                        a2 += gv * xs[at + np.uint64(2) * nu]
-                                    if j0 + 3 < kw:
-                                        a3 += gv * xs[at + np.uint64(3) * nu]
-                                    if j0 + 4 < kw:
-                                        a4 += gv * xs[at + np.uint64(4) * nu]
-                                for t, total in enumerate((a0, a1, a2, a3, a4)):
-                                    if j0 + t < kw:
-                                        grad_w[o, c, i, j0 + t] += total
-                            if input_grad:
-                                # gx[c, r + i, m] gathers g[m - j*N] over the taps, zero past
-                                # the row's ends: one store per kw multiply-adds.
-                                gxs = gx[c, r + i]
-                                for m in range(np.uint64(gxs.shape[0])):
-                                    total = gxs[m]
-                                    for j in range(kw):
-                                        total += w[o, c, i, j] * padded[
-                                            np.uint64(kw - 1 - j) * nu + m]
-                                    gxs[m] = total
+                    g0, g1 = g[o, ra + r, start:], g[o + 1, ra + r, start:]
+                    g2, g3 = g[o + 2, ra + r, start:], g[o + 3, ra + r, start:]
+                for b, gb in enumerate((g0, g1, g2, g3)):
+                    grad_b[o + b] += gb[:width].sum()
+                for c in range(x.shape[0]):
+                    for i in range(kh):
+                        xs = x[c, r + i]
+                        # Four channels by three taps accumulate in registers: each gradient
+                        # and input value loaded feeds three or four multiply-adds.
+                        for j0 in range(0, kw, 3):
+                            a00 = a01 = a02 = a10 = a11 = a12 = zero
+                            a20 = a21 = a22 = a30 = a31 = a32 = zero
+                            for m in range(width):
+                                at = np.uint64(j0) * nu + m
+                                h0, h1, h2, h3 = g0[m], g1[m], g2[m], g3[m]
+                                v = xs[at]
+                                a00 += h0 * v
+                                a10 += h1 * v
+                                a20 += h2 * v
+                                a30 += h3 * v
+                                # Taps past the kernel's width (constant conditions, gone once
+                                # the j0 loop unrolls): adding h * 0 would still cost the FMAs.
+                                if j0 + 1 < kw:
+                                    v = xs[at + nu]
+                                    a01 += h0 * v
+                                    a11 += h1 * v
+                                    a21 += h2 * v
+                                    a31 += h3 * v
+                                if j0 + 2 < kw:
+                                    v = xs[at + np.uint64(2) * nu]
+                                    a02 += h0 * v
+                                    a12 += h1 * v
+                                    a22 += h2 * v
+                                    a32 += h3 * v
+                            for t, (s0, s1, s2, s3) in enumerate(((a00, a10, a20, a30),
+                                                                  (a01, a11, a21, a31),
+                                                                  (a02, a12, a22, a32))):
+                                if j0 + t < kw:
+                                    grad_w[o, c, i, j0 + t] += s0
+                                    grad_w[o + 1, c, i, j0 + t] += s1
+                                    grad_w[o + 2, c, i, j0 + t] += s2
+                                    grad_w[o + 3, c, i, j0 + t] += s3
 
-    return conv_grad
+    return conv_weight_grad
+
+
+@kernel(f"({X4}, uint8[:, :, :, ::1], int64, int64, {X4})")
+def unpool(gy, code, ra, cb, g):
+    """g[o, ra + 2r + a, cb + 2q + b] = the gradient that the pooled gy[o, r, q] sends to
+    position (a, b) of its 2x2 window (all of it to the first maximum, see pool.spread4)."""
+    for o in range(gy.shape[0]):
+        for r in range(gy.shape[1]):
+            for q in range(gy.shape[2]):
+                top, bottom = g[o, ra + 2 * r, cb + 2 * q:], g[o, ra + 2 * r + 1, cb + 2 * q:]
+                for k in range(gy.shape[3]):
+                    top[0, k], top[1, k], bottom[0, k], bottom[1, k] = spread4(gy[o, r, q, k],
+                                                                               code[o, r, q, k])
 
 
 for _shape in COMMON:                  # registers them with `warm`
     forward_kernel(*_shape)
-    backward_kernel(*_shape)
+    weight_grad_kernel(*_shape)
+
+
+def _blocks(count):
+    """count rounded up to a multiple of OB."""
+    return -(-count // OB) * OB
+
+
+def _padded(a, count):
+    """a with its first axis zero-padded to `count` entries (a itself if it has them)."""
+    if len(a) == count:
+        return a
+    out = np.zeros((count, *a.shape[1:]), a.dtype)
+    out[:len(a)] = a
+    return out
+
+
+def _convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
+    """The forward kernel on x (C, H, W, N), unpadded: y (O', ...) and code for O' = O rounded
+    up to a multiple of OB channels, the last zero."""
+    o, kh, kw, n = len(weight), *weight.shape[2:], x.shape[3]
+    op = _blocks(o)
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    rows = ws.empty(scratch, (OB, 2, ow * n), x.dtype)
+    y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
+    y = np.empty((op, *y_hw, n), x.dtype)
+    code = np.empty(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
+    forward_kernel(kh, kw)(x.reshape(*x.shape[:2], -1), _padded(weight, op), _padded(bias, op),
+                           n, pool, relu, rows, y.reshape(op, y_hw[0], -1),
+                           code.reshape(*code.shape[:2], -1))
+    return y, code
 
 
 def forward(x, weight, bias, padding, pool, relu, ws):
-    """x (C, H, W, N) -> (y, ctx) as winograd.forward, for any kernel size."""
-    o, c, kh, kw = weight.shape
+    """x (C, H, W, N) -> (y, ctx) as winograd.forward, for any kernel size and a padding below
+    it (`fits`)."""
+    o = len(weight)
     xp = pad(x, padding, ws)
-    oh, ow, n = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1, x.shape[3]
-    rows = ws.empty("rows", (2, ow * n), x.dtype)
-    y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
-    y = np.empty((o, *y_hw, n), x.dtype)
-    code = np.empty(y.shape, np.uint8) if pool else None
-    forward_kernel(kh, kw)(xp.reshape(c, xp.shape[1], -1), weight, bias, n, pool, relu, rows,
-                           y.reshape(o, y_hw[0], -1),
-                           code.reshape(o, y_hw[0], -1) if pool else np.empty((1, 1, 1), np.uint8))
-    return y, (xp, code)
+    y, code = _convolve(xp, weight, bias, pool, relu, ws)
+    return y[:o], (xp, code[:o] if pool else None, padding, x.shape)
+
+
+def fits(weight_shape, padding):
+    """Whether the direct kernels take this layer: a padding of at most the kernel's size less
+    one (more would leave outputs that see no input, and a negative padding in backward)."""
+    return all(p < k for p, k in zip(padding, weight_shape[2:]))
 
 
 def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
-    """As winograd.backward."""
-    xp, code = ctx
-    kh, kw = weight.shape[2:]
-    n = xp.shape[3]
-    gxp = np.zeros_like(xp) if input_grad else np.zeros((1, 1, 1, 1), xp.dtype)
-    x3, gx3, gy3 = (a.reshape(a.shape[0], a.shape[1], -1) for a in (xp, gxp, gy))
-    rows = ws.empty("grad_rows", (2, (xp.shape[2] + kw - 1) * n), gy.dtype)
-    code3 = np.empty((1, 1, 1), np.uint8) if code is None else code.reshape(gy3.shape)
-    backward_kernel(kh, kw)(x3, weight, gy3, code3, n, code is not None, rows, grad_w, grad_b,
-                            gx3, input_grad)
-    return gxp if input_grad else None
+    """As winograd.backward, but the input gradient comes back unpadded (C, H, W, N)."""
+    xp, code, (ph, pw), x_shape = ctx
+    (o, c, kh, kw), n = weight.shape, xp.shape[3]
+    op = _blocks(o)
+    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    # The full correlation below runs the kernel over every input pixel, zeros around the output
+    # gradient included: when the output is much smaller than the input (seed-cnn's 5x5 layer on
+    # 12x12 images: 8x8), most of that is multiplying zeros, and one GEMM on the gradient's panel
+    # (gemm.py's adjoint of im2col) does less.
+    full = input_grad and 2 * oh * ow >= x_shape[1] * x_shape[2]
+    # The full-resolution output gradient, with O' channels and, for the full correlation, the
+    # zero border that makes it "full": g[o, ra + r, cb + q] = the gradient of y[o, r, q].
+    ra, cb = (kh - 1 - ph, kw - 1 - pw) if full else (0, 0)
+    # Without the input gradient, the kernel spreads the pooled gradient itself.
+    pooled = code is not None and not input_grad
+    if pooled or (code is None and not full and op == o):
+        g = gy
+    else:
+        g = ws.zeros(f"grad_padded {full}", (op, oh + 2 * ra, ow + 2 * cb, n), gy.dtype)
+        if code is None:
+            g[:o, ra:ra + oh, cb:cb + ow] = gy
+        else:
+            unpool(gy, code, ra, cb, g)
+    gw = grad_w if op == o else np.zeros((op, *grad_w.shape[1:]), grad_w.dtype)
+    gb = grad_b if op == o else np.zeros(op, grad_b.dtype)
+    rows = ws.empty("pool_rows", (op, 2, ow * n) if pooled else (1, 1, 1), gy.dtype)
+    gy3 = gy.reshape(*gy.shape[:2], -1)
+    code3 = code.reshape(gy3.shape) if pooled else np.empty((1, 1, 1), np.uint8)
+    weight_grad_kernel(kh, kw)(xp.reshape(c, xp.shape[1], -1), g.reshape(*g.shape[:2], -1),
+                               ra, cb, n, gy3, code3, pooled, rows, gw, gb)
+    if op != o:
+        grad_w += gw[:o]
+        grad_b += gb[:o]
+    if not input_grad:
+        return None
+    if not full:
+        panel = ws.empty("panel_grad", (c * kh * kw, oh * ow * n), gy.dtype)
+        np.matmul(weight.reshape(o, -1).T, g[:o].reshape(o, -1), out=panel)
+        gx = np.zeros(x_shape, gy.dtype)
+        gemm.unpack_add(panel.reshape(-1, oh, ow, n), kh, kw, 1, 1, ph, pw, gx)
+        return gx
+    # gx[c, v] = sum over o, i, j of w[o, c, i, j] g[o, v + kh-1 - i]: the forward kernel with
+    # the taps reversed, the channel axes swapped and the O' - O zero channels of g given zeros.
+    flipped = np.zeros((c, op, kh, kw), weight.dtype)
+    flipped[:, :o] = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+    gx, _ = _convolve(g, flipped, np.zeros(c, gy.dtype), False, False, ws, "grad_rows")
+    return gx[:c]
 
 
 def pad(x, padding, ws, min_hw=(0, 0)):

@@ -3,9 +3,9 @@ run by compiled kernels, plus the fused passes that only this backend has (a con
 the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
 
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
-stride-1 layers with 32 or more input channels, a direct convolution for other stride-1 layers, and
-one GEMM on a compiled im2col panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer
-of stride 1 needs no panel).
+stride-1 layers with 32 or more input and 64 or more output channels, a direct convolution for
+other stride-1 layers (padded by less than the kernel's size), and one GEMM on a compiled im2col
+panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer of stride 1 needs no panel).
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
@@ -19,24 +19,27 @@ from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
 name = "numba"
 
-# Fewer input channels than this make Winograd's GEMMs too thin: direct wins ref-cnn's first
-# layer (C = 1), Winograd its second (C = 32). With 16 (resnet-mini's first stage, 28x28, batch
-# 64, forward and backward) direct took 217-229 ms to Winograd's 354-406, interleaved medians on a
-# 2-core Xeon under heavy load (2026-12-06): slow figures, but the same order twice.
-WINOGRAD_MIN_CHANNELS = 32
+# Winograd's GEMMs are (O x C) @ (C x tiles*N): thin, and slower than the direct kernel, with
+# fewer channels than these. Per-layer medians of forward + backward, one thread, batch 64, on a
+# 2-core Xeon under heavy load (2026-12-06), direct vs Winograd: 16 -> 16 at 28x28 9.3 vs 16.4 ms;
+# 32 -> 32 at 14x14 6.9 vs 9.1, at 32x32 40-50 vs 58; but 32 -> 64 at 14x14 16.4-16.8 vs 12.2-15.4,
+# 64 -> 64 at 8x8 8.9-9.8 vs 7.1-7.5 (at 7x7 6.5-6.9 vs 6.8-7.6, even), and ref-cnn (32 -> 64 at
+# 13x13, pooled) trained at 1.56x PyTorch's speed with Winograd, 1.01x with direct.
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUTPUTS = 32, 64
 
 
-def algorithm(weight_shape, stride):
+def algorithm(weight_shape, stride, padding=(0, 0)):
     """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
-    _, c, kh, kw = weight_shape
-    if stride != (1, 1) or (kh, kw) == (1, 1):
+    o, c, kh, kw = weight_shape
+    if stride != (1, 1) or (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
         return "gemm"
-    return "winograd" if (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS else "direct"
+    winograd = (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
+    return "winograd" if winograd else "direct"
 
 
 def fusable(conv, pool_layer):
     """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
-    return (algorithm(conv.weight.shape, conv.stride) != "gemm"
+    return (algorithm(conv.weight.shape, conv.stride, conv.padding) != "gemm"
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
@@ -47,7 +50,7 @@ _ALGORITHMS = {"direct": (direct.forward, direct.backward),
 def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=False):
     """As reference.conv2d_forward; with `pool` (a fusable layer), max-pooled 2x2 and, with
     `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
-    algo = algorithm(weight.shape, stride)
+    algo = algorithm(weight.shape, stride, padding)
     ws = ws or Workspace()
     if algo == "gemm":
         (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
@@ -72,11 +75,13 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
         return (None if gx is None else nchw(gx)), grad_w, grad_b
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
-    gxp = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
-    if gxp is None:
+    gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
+    if gx is None:
         return None, grad_w, grad_b
-    (ph, pw), (h, w) = padding, x_shape[2:]
-    return nchw(gxp[:, ph:ph + h, pw:pw + w]), grad_w, grad_b
+    if algo == "winograd":                  # the gradient of the padded input
+        (ph, pw), (h, w) = padding, x_shape[2:]
+        gx = gx[:, ph:ph + h, pw:pw + w]
+    return nchw(gx), grad_w, grad_b
 
 
 def maxpool2d_forward(x, kernel, stride, relu=False):
