@@ -358,3 +358,17 @@ def test_state_dict_buffers_are_copies():
     bn.forward(np.full((2, 1, 2, 2), 5.0))
     np.testing.assert_array_equal(sd["running_mean"], [0.0])
     assert sd["num_batches_tracked"] == 0
+
+
+@pytest.mark.parametrize("column", [1, 2, 4])
+def test_cross_entropy_of_a_huge_logit_in_any_column(backend, column):
+    """The logits shift by their row's maximum wherever it lies (not by the first logit, nor the
+    maximum of some columns): exp(1e4) overflows float32 and float64 alike."""
+    from ddl.nn import CrossEntropyLoss
+    z = np.zeros((1, 5), np.float32)
+    z[0, column] = 1e4
+    loss = CrossEntropyLoss()
+    assert loss(z, np.array([0])) == pytest.approx(1e4, rel=1e-6)
+    want = np.zeros((1, 5), np.float32)
+    want[0, 0], want[0, column] = -1, 1
+    np.testing.assert_allclose(loss.backward(), want, atol=1e-7)
