@@ -19,7 +19,7 @@ from conftest import rank_env, refused, run_ddl
 from ddl import checkpoint, config, elastic, launch, watchdog
 from test_multinode import AGENT, SCRIPT, _cannot_make_nodes
 
-PREFIX = "el"
+PREFIX = os.environ.get("DDL_CLUSTER_PREFIX", "") + "el"   # beside test_multinode's cluster
 NODES = [f"{PREFIX}{k}" for k in (1, 2, 3)]
 HUNG = watchdog._message("the gradient all-reduce of step 34", [2], 5, ["n1", "n2", "n3"])
 
@@ -196,7 +196,7 @@ def test_a_discovery_script_gives_the_hosts(tmp_path):
 
 # On the emulated cluster -------------------------------------------------------------------
 
-CANNOT = _cannot_make_nodes(f"/run/ddl-emulated-cluster-{PREFIX}")
+CANNOT = _cannot_make_nodes(PREFIX)
 TIMEOUT = 5                 # --timeout: how soon the watchdog gives a lost node up
 EVERY = 10                  # --checkpoint-every
 

@@ -372,3 +372,34 @@ def test_cross_entropy_of_a_huge_logit_in_any_column(backend, column):
     want = np.zeros((1, 5), np.float32)
     want[0, 0], want[0, column] = -1, 1
     np.testing.assert_allclose(loss.backward(), want, atol=1e-7)
+
+
+def test_bad_labels_are_named_ten_at_most():
+    """The error names the first ten distinct labels out of range, in order, and no more."""
+    from ddl.nn import CrossEntropyLoss
+    with pytest.raises(ValueError) as refused:
+        CrossEntropyLoss()(np.zeros((12, 4), np.float32), np.arange(15, 3, -1))
+    assert str(refused.value).endswith(f"got {np.arange(4, 14)}")
+
+
+def test_a_kernel_larger_than_the_padded_input_is_refused(backend):
+    conv = nn.Conv2d(1, 1, 7, padding=1, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"^kernel 7 larger than padded input 5$"):
+        conv(np.zeros((2, 1, 3, 3), np.float32))
+
+
+def test_a_window_of_255_values_cut_by_relu_passes_no_gradient(backend):
+    """255 values, codes 0..254: the code that marks a window cut by the ReLU is none of them."""
+    net = nn.Sequential(nn.MaxPool2d((15, 17)), nn.ReLU())
+    x = -np.ones((2, 1, 15, 17), np.float32)
+    x[1, 0, -1, -1] = 3               # the other image's maximum is the window's last value
+    assert net(x).ravel().tolist() == [0, 3]
+    want = np.zeros_like(x)
+    want[1, 0, -1, -1] = 1
+    np.testing.assert_array_equal(net.backward(np.ones((2, 1, 1, 1), np.float32)), want)
+
+
+def test_max_pooling_windows_past_the_numba_codes_are_refused_on_numba():
+    from ddl import kernels
+    with kernels.using("numba"), pytest.raises(ValueError, match="16x16.*--kernels numpy"):
+        nn.MaxPool2d(16)(np.zeros((1, 1, 16, 16), np.float32))
