@@ -403,3 +403,33 @@ def test_max_pooling_windows_past_the_numba_codes_are_refused_on_numba():
     from ddl import kernels
     with kernels.using("numba"), pytest.raises(ValueError, match="16x16.*--kernels numpy"):
         nn.MaxPool2d(16)(np.zeros((1, 1, 16, 16), np.float32))
+
+
+@pytest.mark.parametrize("c, o, k", [(2, 6, 5), (32, 40, 3)])    # direct, Winograd
+def test_numba_convolution_with_the_default_arguments_and_no_bias_is_numpys(c, o, k):
+    """Each backend's conv2d_forward/backward with their default arguments (no Workspace, the
+    input's gradient asked for), no bias and more output than input channels: the compiled
+    backend's results are the NumPy reference's (no bias read past the zeros that stand in for
+    it; the peers take the same arguments)."""
+    from ddl import kernels
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, c, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    gy = rng.standard_normal((3, o, 6, 6)).astype(np.float32)
+    got = []
+    for name in ("numba", "numpy"):
+        backend = kernels.get(name)
+        y, ctx = backend.conv2d_forward(x, w, None, (1, 1), (k // 2, k // 2))
+        got.append((y, *backend.conv2d_backward(gy, ctx, w, x.shape, (1, 1), (k // 2, k // 2))))
+    for a, b in zip(*got):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_relu_gradient_laid_out_unlike_its_output(backend):
+    """A ReLU's output gradient in another memory order than its output (a transposed view):
+    each element still meets its own mask."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    relu = nn.ReLU()
+    relu(x)
+    gy = np.asfortranarray(np.arange(x.size, dtype=np.float32).reshape(x.shape))
+    np.testing.assert_array_equal(relu.backward(gy), np.where(x > 0, gy, 0))
