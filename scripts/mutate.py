@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+import llvmlite.binding as llvm
+
 # Module -> the tests that guard it (-x: the first failure kills the mutant). The kernel files'
 # selections leave out what runs minutes as Python (PYTHON below): the largest finite-difference
 # cases, the named models, and the tests of numba's cache and `warm`, which need compiled kernels.
@@ -175,7 +177,7 @@ def main():
         # A mutant in ddl/kernels/ changes the version that the CPU tuning is stored for, and
         # measuring it again takes minutes per mutant: the CPU name changes the machine code's
         # speed, never what it computes.
-        os.environ.setdefault("NUMBA_CPU_NAME", "host")
+        os.environ.setdefault("NUMBA_CPU_NAME", llvm.get_host_cpu_name())
         for module in args.modules:
             started = time.monotonic()
             total, killed, survivors = summary(run(module, copy, python, excluded, out,
