@@ -433,3 +433,21 @@ def test_relu_gradient_laid_out_unlike_its_output(backend):
     relu(x)
     gy = np.asfortranarray(np.arange(x.size, dtype=np.float32).reshape(x.shape))
     np.testing.assert_array_equal(relu.backward(gy), np.where(x > 0, gy, 0))
+
+
+def test_a_nan_in_any_corner_of_a_fused_pooling_window_comes_out(backend):
+    """Convolution (3x3, unpadded: each corner pixel reaches one output) then 2x2 max pooling,
+    fused on numba: image k has a NaN in corner k, so its corner window holds exactly one NaN,
+    at position k of the window, and that window's output is NaN."""
+    rng = np.random.default_rng(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, rng=rng), nn.MaxPool2d(2))
+    x = rng.standard_normal((4, 1, 6, 6)).astype(np.float32)
+    corners = [(0, 0), (0, 5), (5, 0), (5, 5)]          # window positions 0, 1, 2, 3
+    for k, (i, j) in enumerate(corners):
+        x[k, 0, i, j] = np.nan
+    y = net(x)
+    for k, (i, j) in enumerate(corners):
+        nan = np.zeros((2, 2), bool)
+        nan[i // 5, j // 5] = True                   # the pooled corner that the NaN reaches
+        for o in range(2):
+            np.testing.assert_array_equal(np.isnan(y[k, o]), nan, err_msg=f"image {k}")
