@@ -3,9 +3,10 @@
 Each module is mutated on its own, in a copy of the tracked files (a stopped run never leaves a
 mutated file in the working tree), with the tests that guard it: a mutant is killed when they
 fail, survives when they pass, and counts as killed when it outruns the timeout (a loop that
-never ends). numba compiles each mutated kernel file afresh: ddl's kernel cache is named after a
-hash of ddl/kernels/*.py, and NUMBA_CACHE_DIR points into the copy, so no cache outside it is
-touched. Usage: scripts/mutate.py [MODULE ...] (default: every module below); the survivors
+never ends). The kernel files' mutants run their kernels as Python (PYTHON below); a compiled
+kernel is compiled afresh for each mutant: ddl's kernel cache is named after a hash of
+ddl/kernels/*.py, and NUMBA_CACHE_DIR points into the copy, so no cache outside it is touched.
+Usage: scripts/mutate.py [MODULE ...] (default: every module below); the survivors
 are printed as diffs, the score per module as a table.
 """
 import argparse
