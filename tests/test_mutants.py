@@ -1,6 +1,9 @@
 """Tests written to kill the mutants that `make mutate` found alive (docs/mutation.md): each
 checks a value against one computed here by other means, never a function against itself."""
 import math
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -451,3 +454,17 @@ def test_a_nan_in_any_corner_of_a_fused_pooling_window_comes_out(backend):
         nan[i // 5, j // 5] = True                   # the pooled corner that the NaN reaches
         for o in range(2):
             np.testing.assert_array_equal(np.isnan(y[k, o]), nan, err_msg=f"image {k}")
+
+
+def test_the_kernels_run_as_python_under_numba_disable_jit():
+    """What `make mutate` relies on for the kernel files: with NUMBA_DISABLE_JIT=1 a kernel is
+    the plain Python function, and computes what it computes compiled."""
+    code = ("import types, numpy as np\n"
+            "from ddl.kernels import pool\n"
+            "x = np.array([-1, 0, 2.5], np.float32)\n"
+            "y = np.empty_like(x)\n"
+            "pool.relu(x, y)\n"
+            "print(isinstance(pool.relu, types.FunctionType), y.tolist())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=120)
+    assert (done.returncode, done.stdout) == (0, "True [0.0, 0.0, 2.5]\n"), done.stderr
