@@ -468,3 +468,20 @@ def test_the_kernels_run_as_python_under_numba_disable_jit():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=120)
     assert (done.returncode, done.stdout) == (0, "True [0.0, 0.0, 2.5]\n"), done.stderr
+
+
+def test_numba_1x1_convolution_strided_along_one_axis_only_is_numpys():
+    """A 1x1 convolution of stride (2, 1): not the unstrided 1x1 case that needs no panel, in
+    either pass."""
+    from ddl import kernels
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 6, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 1, 1)).astype(np.float32)
+    gy = rng.standard_normal((3, 4, 3, 5)).astype(np.float32)
+    got = []
+    for name in ("numba", "numpy"):
+        backend = kernels.get(name)
+        y, ctx = backend.conv2d_forward(x, w, None, (2, 1), (0, 0))
+        got.append((y, *backend.conv2d_backward(gy, ctx, w, x.shape, (2, 1), (0, 0))))
+    for a, b in zip(*got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
