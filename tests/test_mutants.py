@@ -485,3 +485,16 @@ def test_numba_1x1_convolution_strided_along_one_axis_only_is_numpys():
         got.append((y, *backend.conv2d_backward(gy, ctx, w, x.shape, (2, 1), (0, 0))))
     for a, b in zip(*got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["empty", "zeros"])
+def test_numba_workspace_arrays_follow_their_shape_and_dtype(kind):
+    """A scratch array asked for again with another shape, or another dtype, is made anew."""
+    from ddl.kernels.arrays import Workspace
+    ws = Workspace()
+    get = getattr(ws, kind)
+    assert get("a", (2, 3), np.float32).shape == (2, 3)
+    assert get("a", (3, 2), np.float32).shape == (3, 2)
+    assert get("a", (3, 2), np.float64).dtype == np.float64
+    first = get("a", (3, 2), np.float64)
+    assert get("a", (3, 2), np.float64) is first
