@@ -19,7 +19,7 @@ from conftest import rank_env, refused, run_ddl
 from ddl import checkpoint, config, elastic, launch, watchdog
 from test_multinode import AGENT, SCRIPT, _cannot_make_nodes
 
-PREFIX = "el"
+PREFIX = os.environ.get("DDL_CLUSTER_PREFIX", "") + "el"   # beside test_multinode's cluster
 NODES = [f"{PREFIX}{k}" for k in (1, 2, 3)]
 HUNG = watchdog._message("the gradient all-reduce of step 34", [2], 5, ["n1", "n2", "n3"])
 
@@ -196,7 +196,7 @@ def test_a_discovery_script_gives_the_hosts(tmp_path):
 
 # On the emulated cluster -------------------------------------------------------------------
 
-CANNOT = _cannot_make_nodes(f"/run/ddl-emulated-cluster-{PREFIX}")
+CANNOT = _cannot_make_nodes(PREFIX)
 TIMEOUT = 5                 # --timeout: how soon the watchdog gives a lost node up
 EVERY = 10                  # --checkpoint-every
 
@@ -251,9 +251,10 @@ class Job:
 
 
 def run_args(mnist_h5, folder):
-    """800 steps of the mlp (4 epochs of 200 steps of 120 images: 40 per rank on 3, 60 on 2)."""
+    """400 steps of the mlp (2 epochs of 200 steps of 120 images: 40 per rank on 3, 60 on 2):
+    the node is lost in the first epoch, and the second runs whole on 2 nodes."""
     return ["train", "--data", mnist_h5, "--model", "mlp", "--subset", "24000", "--batch-size",
-            "120", "--epochs", "4", "--checkpoint", folder / "c.h5", "--checkpoint-every", EVERY,
+            "120", "--epochs", "2", "--checkpoint", folder / "c.h5", "--checkpoint-every", EVERY,
             "--timeout", TIMEOUT, "--metrics", folder / "m.jsonl", "--timeline", folder / "t.json"]
 
 

@@ -20,6 +20,9 @@ from test_cluster import OPENMPI, assert_follows, one_process, train_args  # noq
 SCRIPT = ROOT / "scripts" / "emulated-cluster.sh"
 AGENT = ROOT / "scripts" / "netns-agent"
 NODES = 4
+# The nodes' names: P1..P4 for DDL_CLUSTER_PREFIX=P (default n), so that two sessions' suites can
+# run at once on one machine, each with its own cluster (scripts/emulated-cluster.sh).
+PREFIX = os.environ.get("DDL_CLUSTER_PREFIX", "n")
 GRADIENT_BYTES = sum(p.data.nbytes for p in build("mlp", *MNIST, seed=0).parameters())
 
 
@@ -59,8 +62,9 @@ def test_emulated_nodes_share_the_machines_cores(env, over, monkeypatch):
     assert comm.oversubscribed() is over
 
 
-def _cannot_make_nodes(state="/run/ddl-emulated-cluster"):
-    """Why this machine cannot host the emulated cluster whose `state` file is named, or ''."""
+def _cannot_make_nodes(prefix=PREFIX):
+    """Why this machine cannot host the emulated cluster of nodes named `prefix`1.., or ''."""
+    state = "/run/ddl-emulated-cluster" + ("" if prefix == "n" else f"-{prefix}")
     if os.geteuid() != 0:
         return "the emulated cluster needs root (network namespaces)"
     missing = [tool for tool in ("ip", "tc", "unshare") if not shutil.which(tool)]
@@ -106,10 +110,10 @@ def on_node(node, cmd, **popen):
 def ddl_launch(n, tmp_path, args, mpiexec=None):
     """`ddl launch -n N` on n1 over nodes n1..nN, one rank each, through the cluster's ssh."""
     hosts = tmp_path / "hosts"
-    hosts.write_text("".join(f"n{k}\n" for k in range(1, n + 1)))
+    hosts.write_text("".join(f"{PREFIX}{k}\n" for k in range(1, n + 1)))
     given = ["--mpiexec", mpiexec] if mpiexec else []
-    return on_node("n1", [sys.executable, "-m", "ddl", "launch", "-n", n, "--hostfile", hosts,
-                          *given, "--agent", AGENT, "--iface", "eth0", "--", *args])
+    return on_node(f"{PREFIX}1", [sys.executable, "-m", "ddl", "launch", "-n", n, "--hostfile",
+                                  hosts, *given, "--agent", AGENT, "--iface", "eth0", "--", *args])
 
 
 def sent(node):
@@ -129,7 +133,7 @@ def test_n_nodes_follow_one_process(n, mpiexec, cluster, mnist_h5, tmp_path,
     """One rank per node, through Hydra (the project's mpiexec) or Open MPI: the weights of one
     process, and every node but the launcher's sent at least one gradient per step over its link:
     the ranks did not take a shortcut through this machine's shared memory."""
-    before = {k: sent(f"n{k}") for k in range(2, n + 1)}
+    before = {k: sent(f"{PREFIX}{k}") for k in range(2, n + 1)}
     job = ddl_launch(n, tmp_path, train_args(mnist_h5, tmp_path / "c.h5") + ["--compress", "none"],
                      mpiexec)
     stdout, stderr = job.communicate(timeout=120)
@@ -137,7 +141,7 @@ def test_n_nodes_follow_one_process(n, mpiexec, cluster, mnist_h5, tmp_path,
                    tmp_path / "c.h5", n)
     steps = 256 // 64           # test_cluster's TINY run
     for k, was in before.items():
-        assert sent(f"n{k}") - was >= steps * GRADIENT_BYTES, f"n{k}"
+        assert sent(f"{PREFIX}{k}") - was >= steps * GRADIENT_BYTES, f"{PREFIX}{k}"
 
 
 REF_CNN_BYTES = sum(p.data.nbytes for p in build("ref-cnn", *MNIST, seed=0).parameters())
@@ -151,13 +155,13 @@ def test_the_link_carries_what_the_compression_promises(compress, low, high, clu
     """ref-cnn's gradients as n2's link counters see them, per step, against float32's 0.90 MB:
     bf16 half of it, PowerSGD at rank 4 (ddl/exchange.py) 4.6% of it (and headers)."""
     steps = 16
-    before = sent("n2")
+    before = sent(f"{PREFIX}2")
     job = ddl_launch(2, tmp_path, ["train", "--data", mnist_h5, "--model", "ref-cnn", "--subset",
                                    str(64 * steps), "--batch-size", "64", "--epochs", "1",
                                    "--quiet", "--compress", compress])
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stderr
-    per_step = (sent("n2") - before) / steps
+    per_step = (sent(f"{PREFIX}2") - before) / steps
     assert low * REF_CNN_BYTES <= per_step <= high * REF_CNN_BYTES + 20_000, per_step
 
 
@@ -167,35 +171,35 @@ def test_the_watchdog_names_a_node_whose_link_went_down(cluster, mnist_h5, tmp_p
     ends with the watchdog's status, naming rank 1 and its node."""
     args = ["train", "--data", mnist_h5, "--model", "mlp", "--epochs", "50", "--batch-size", "64",
             "--timeout", "5", "--quiet"]
-    before = sent("n2")
+    before = sent(f"{PREFIX}2")
     job = ddl_launch(2, tmp_path, args)
     try:
-        while sent("n2") - before < 4 * GRADIENT_BYTES:      # training is under way
+        while sent(f"{PREFIX}2") - before < 4 * GRADIENT_BYTES:      # training is under way
             assert job.poll() is None, job.communicate()
             time.sleep(0.05)
-        subprocess.run(["ip", "-n", "n2", "link", "set", "eth0", "down"], check=True)
+        subprocess.run(["ip", "-n", f"{PREFIX}2", "link", "set", "eth0", "down"], check=True)
         cut = time.monotonic()
         _, stderr = job.communicate(timeout=30)
         took = time.monotonic() - cut
     finally:
-        subprocess.run(["ip", "-n", "n2", "link", "set", "eth0", "up"], check=True)
+        subprocess.run(["ip", "-n", f"{PREFIX}2", "link", "set", "eth0", "up"], check=True)
         if job.poll() is None:
             job.kill()
     assert job.returncode == 5, stderr
-    assert "rank 1 (on n2) did not reach the gradient all-reduce" in stderr
+    assert f"rank 1 (on {PREFIX}2) did not reach the gradient all-reduce" in stderr
     assert took < 5 + 5, took
 
 
 @needs_nodes
 def test_the_agent_cannot_reach_a_node_whose_link_is_down(cluster):
     """As ssh: status 255 and its line, not a way in through the kernel."""
-    reach = on_node("n1", [AGENT, "-x", "n3", "cat /proc/sys/kernel/hostname"])
-    assert reach.communicate(timeout=30) == ("n3\n", "") and reach.returncode == 0
-    subprocess.run(["ip", "-n", "n3", "link", "set", "eth0", "down"], check=True)
+    reach = on_node(f"{PREFIX}1", [AGENT, "-x", f"{PREFIX}3", "cat /proc/sys/kernel/hostname"])
+    assert reach.communicate(timeout=30) == (f"{PREFIX}3\n", "") and reach.returncode == 0
+    subprocess.run(["ip", "-n", f"{PREFIX}3", "link", "set", "eth0", "down"], check=True)
     try:
-        reach = on_node("n1", [AGENT, "n3", "echo in"])
+        reach = on_node(f"{PREFIX}1", [AGENT, f"{PREFIX}3", "echo in"])
         out, err = reach.communicate(timeout=30)
     finally:
-        subprocess.run(["ip", "-n", "n3", "link", "set", "eth0", "up"], check=True)
+        subprocess.run(["ip", "-n", f"{PREFIX}3", "link", "set", "eth0", "up"], check=True)
     assert (reach.returncode, out) == (255, "")
-    assert err.startswith("ssh: connect to host n3 port 22: "), err
+    assert err.startswith(f"ssh: connect to host {PREFIX}3 port 22: "), err

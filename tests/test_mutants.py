@@ -1,6 +1,9 @@
 """Tests written to kill the mutants that `make mutate` found alive (docs/mutation.md): each
 checks a value against one computed here by other means, never a function against itself."""
 import math
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -359,3 +362,141 @@ def test_state_dict_buffers_are_copies():
     bn.forward(np.full((2, 1, 2, 2), 5.0))
     np.testing.assert_array_equal(sd["running_mean"], [0.0])
     assert sd["num_batches_tracked"] == 0
+
+
+@pytest.mark.parametrize("column", [1, 2, 4])
+def test_cross_entropy_of_a_huge_logit_in_any_column(backend, column):
+    """The logits shift by their row's maximum wherever it lies (not by the first logit, nor the
+    maximum of some columns): exp(1e4) overflows float32 and float64 alike."""
+    from ddl.nn import CrossEntropyLoss
+    z = np.zeros((1, 5), np.float32)
+    z[0, column] = 1e4
+    loss = CrossEntropyLoss()
+    assert loss(z, np.array([0])) == pytest.approx(1e4, rel=1e-6)
+    want = np.zeros((1, 5), np.float32)
+    want[0, 0], want[0, column] = -1, 1
+    np.testing.assert_allclose(loss.backward(), want, atol=1e-7)
+
+
+def test_bad_labels_are_named_ten_at_most():
+    """The error names the first ten distinct labels out of range, in order, and no more."""
+    from ddl.nn import CrossEntropyLoss
+    with pytest.raises(ValueError) as refused:
+        CrossEntropyLoss()(np.zeros((12, 4), np.float32), np.arange(15, 3, -1))
+    assert str(refused.value).endswith(f"got {np.arange(4, 14)}")
+
+
+@pytest.mark.parametrize("k", [6, 7])      # no output, or "minus one"
+def test_a_kernel_larger_than_the_padded_input_is_refused(backend, k):
+    conv = nn.Conv2d(1, 1, k, padding=1, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=f"^kernel {k} larger than padded input 5$"):
+        conv(np.zeros((2, 1, 3, 3), np.float32))
+
+
+def test_a_window_of_255_values_cut_by_relu_passes_no_gradient(backend):
+    """255 values, codes 0..254: the code that marks a window cut by the ReLU is none of them."""
+    net = nn.Sequential(nn.MaxPool2d((15, 17)), nn.ReLU())
+    x = -np.ones((2, 1, 15, 17), np.float32)
+    x[1, 0, -1, -1] = 3               # the other image's maximum is the window's last value
+    assert net(x).ravel().tolist() == [0, 3]
+    want = np.zeros_like(x)
+    want[1, 0, -1, -1] = 1
+    np.testing.assert_array_equal(net.backward(np.ones((2, 1, 1, 1), np.float32)), want)
+
+
+def test_max_pooling_windows_past_the_numba_codes_are_refused_on_numba():
+    from ddl import kernels
+    with kernels.using("numba"), pytest.raises(ValueError, match="16x16.*--kernels numpy"):
+        nn.MaxPool2d(16)(np.zeros((1, 1, 16, 16), np.float32))
+
+
+@pytest.mark.parametrize("c, o, k", [(2, 6, 5), (32, 40, 3)])    # direct, Winograd
+def test_numba_convolution_with_the_default_arguments_and_no_bias_is_numpys(c, o, k):
+    """Each backend's conv2d_forward/backward with their default arguments (no Workspace, the
+    input's gradient asked for), no bias and more output than input channels: the compiled
+    backend's results are the NumPy reference's (no bias read past the zeros that stand in for
+    it; the peers take the same arguments)."""
+    from ddl import kernels
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, c, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    gy = rng.standard_normal((3, o, 6, 6)).astype(np.float32)
+    got = []
+    for name in ("numba", "numpy"):
+        backend = kernels.get(name)
+        y, ctx = backend.conv2d_forward(x, w, None, (1, 1), (k // 2, k // 2))
+        got.append((y, *backend.conv2d_backward(gy, ctx, w, x.shape, (1, 1), (k // 2, k // 2))))
+    for a, b in zip(*got):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_relu_gradient_laid_out_unlike_its_output(backend):
+    """A ReLU's output gradient in another memory order than its output (a transposed view):
+    each element still meets its own mask."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    relu = nn.ReLU()
+    relu(x)
+    gy = np.asfortranarray(np.arange(x.size, dtype=np.float32).reshape(x.shape))
+    np.testing.assert_array_equal(relu.backward(gy), np.where(x > 0, gy, 0))
+
+
+def test_a_nan_in_any_corner_of_a_fused_pooling_window_comes_out(backend):
+    """Convolution (3x3, unpadded: each corner pixel reaches one output) then 2x2 max pooling,
+    fused on numba: image k has a NaN in corner k, so its corner window holds exactly one NaN,
+    at position k of the window, and that window's output is NaN."""
+    rng = np.random.default_rng(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, rng=rng), nn.MaxPool2d(2))
+    x = rng.standard_normal((4, 1, 6, 6)).astype(np.float32)
+    corners = [(0, 0), (0, 5), (5, 0), (5, 5)]          # window positions 0, 1, 2, 3
+    for k, (i, j) in enumerate(corners):
+        x[k, 0, i, j] = np.nan
+    y = net(x)
+    for k, (i, j) in enumerate(corners):
+        nan = np.zeros((2, 2), bool)
+        nan[i // 5, j // 5] = True                   # the pooled corner that the NaN reaches
+        for o in range(2):
+            np.testing.assert_array_equal(np.isnan(y[k, o]), nan, err_msg=f"image {k}")
+
+
+def test_the_kernels_run_as_python_under_numba_disable_jit():
+    """What `make mutate` relies on for the kernel files: with NUMBA_DISABLE_JIT=1 a kernel is
+    the plain Python function, and computes what it computes compiled."""
+    code = ("import types, numpy as np\n"
+            "from ddl.kernels import pool\n"
+            "x = np.array([-1, 0, 2.5], np.float32)\n"
+            "y = np.empty_like(x)\n"
+            "pool.relu(x, y)\n"
+            "print(isinstance(pool.relu, types.FunctionType), y.tolist())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=120)
+    assert (done.returncode, done.stdout) == (0, "True [0.0, 0.0, 2.5]\n"), done.stderr
+
+
+def test_numba_1x1_convolution_strided_along_one_axis_only_is_numpys():
+    """A 1x1 convolution of stride (2, 1): not the unstrided 1x1 case that needs no panel, in
+    either pass."""
+    from ddl import kernels
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 6, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 1, 1)).astype(np.float32)
+    gy = rng.standard_normal((3, 4, 3, 5)).astype(np.float32)
+    got = []
+    for name in ("numba", "numpy"):
+        backend = kernels.get(name)
+        y, ctx = backend.conv2d_forward(x, w, None, (2, 1), (0, 0))
+        got.append((y, *backend.conv2d_backward(gy, ctx, w, x.shape, (2, 1), (0, 0))))
+    for a, b in zip(*got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["empty", "zeros"])
+def test_numba_workspace_arrays_follow_their_shape_and_dtype(kind):
+    """A scratch array asked for again with another shape, or another dtype, is made anew."""
+    from ddl.kernels.arrays import Workspace
+    ws = Workspace()
+    get = getattr(ws, kind)
+    assert get("a", (2, 3), np.float32).shape == (2, 3)
+    assert get("a", (3, 2), np.float32).shape == (3, 2)
+    assert get("a", (3, 2), np.float64).dtype == np.float64
+    first = get("a", (3, 2), np.float64)
+    assert get("a", (3, 2), np.float64) is first

@@ -112,6 +112,8 @@ def kernel(*signatures):
     Other argument types (float64 in the gradient checks) compile on first call. The kernel
     caches on disk once `configure()` has run."""
     def decorate(fn):
+        if numba.config.DISABLE_JIT:
+            return fn   # NUMBA_DISABLE_JIT=1: the kernel runs as Python (docs/mutation.md)
         dispatcher = numba.njit(fastmath=FASTMATH, error_model="numpy", boundscheck=False,
                                 nogil=True)(fn)
         _KERNELS.append((dispatcher, signatures))

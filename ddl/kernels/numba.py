@@ -52,9 +52,11 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
     `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
     algo = algorithm(weight.shape, stride, padding)
     ws = ws or Workspace()
+    # For every algorithm: out_size refuses a kernel larger than the padded input in words (the
+    # direct and Winograd kernels would fail on a negative array shape).
+    (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
+    out_hw = (out_size(h, kh, stride[0], padding[0]), out_size(w, kw, stride[1], padding[1]))
     if algo == "gemm":
-        (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
-        out_hw = (out_size(h, kh, stride[0], padding[0]), out_size(w, kw, stride[1], padding[1]))
         y, ctx = gemm.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
         y = nchw(y)
     else:
@@ -86,6 +88,9 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
 
 def maxpool2d_forward(x, kernel, stride, relu=False):
     """As reference.maxpool2d_forward (ReLU'd too if `relu`); the result's ctx is the code."""
+    if kernel[0] * kernel[1] > pool.CUT:      # the uint8 code of a window's maximum would wrap
+        raise ValueError(f"max pooling windows of more than {pool.CUT} values ({kernel[0]}x"
+                         f"{kernel[1]}) are beyond the numba kernels: use --kernels numpy")
     xc = chwn(x)
     out_hw = [out_size(size, k, s) for size, k, s in zip(xc.shape[1:3], kernel, stride)]
     y = np.empty((xc.shape[0], *out_hw, xc.shape[3]), x.dtype)
