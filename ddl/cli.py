@@ -86,8 +86,12 @@ def train(threads, **options):
     """Train a model; under mpirun, one replica per rank."""
     from ddl.train import run
     _threads(threads)
+    ctx = click.get_current_context()
+    given = {name for name in options
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+    cfg = config.Config(**config.with_recipe(options, given))
     comm = world()
-    _job(comm, lambda: run(config.Config(**options), comm))
+    _job(comm, lambda: run(cfg, comm))
 
 
 @cli.command(context_settings=dict(ignore_unknown_options=True, allow_interspersed_args=False))

@@ -34,6 +34,25 @@ def test_the_options_are_config_s_fields():
     assert config.given(["--checkpoint"]) == {}
 
 
+def test_a_named_model_s_recipe_fills_what_the_command_line_leaves(monkeypatch):
+    """resnet-mini trains with its own recipe where the flags say nothing, a flag wins over it
+    (even one that repeats seed-cnn's default), and other models keep the declared defaults."""
+    from click.testing import CliRunner
+    from ddl import cli, config, train
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg, comm: seen.append(cfg))
+    recipe = config.RECIPES["resnet-mini"]
+    for args in (["--model", "resnet-mini"], ["--model", "resnet-mini", "--lr", "0.05"],
+                 ["--model", "ref-cnn"]):
+        result = CliRunner().invoke(cli.cli, ["train", *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    mini, mini_lr, ref = seen
+    assert {name: getattr(mini, name) for name in recipe} == recipe
+    assert mini_lr.lr == 0.05 and mini_lr.epochs == recipe["epochs"]
+    assert ref == Config(model="ref-cnn")
+    assert recipe["epochs"] != Config.epochs and recipe["lr"] != Config.lr
+
+
 def test_debug_names_the_first_non_finite_layer(mnist_h5):
     cfg = Config(data=str(mnist_h5), subset=256, batch_size=64, epochs=1, lr=1e12, momentum=0,
                  schedule="constant", quiet=True, debug=True)
