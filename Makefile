@@ -27,7 +27,7 @@ $(VENV)/.torch: $(VENV)/.installed
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check .
