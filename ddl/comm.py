@@ -12,6 +12,7 @@ import pickle
 import platform
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from ddl.watchdog import DEFAULT_TIMEOUT, Scope, Watchdog
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 _LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE")
+# Seconds between printing why and MPI_Abort (see MPICommunicator.abort).
+ABORT_PAUSE = 0.3
 # When ranks outnumber cores, a rank waiting in a collective must not spin on a core that a
 # computing rank needs (docs/measured.md has the figures). Read at MPI_Init.
 _YIELD_WHEN_IDLE = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1",
@@ -244,17 +247,17 @@ class MPICommunicator(_Scoped):
         self.iallreduce(buf, op, what).wait()
         return buf
 
+    @_locked
     def iallreduce(self, buf, op="sum", what="all-reduce"):
         """Start an in-place all-reduce; call `.wait()` on the result before reading `buf`."""
-        with self.lock:
-            request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
         return _Pending(request, self._wait, what, self.lock)
 
+    @_locked
     def iallgather(self, send, recv, what="all-gather"):
         """Start gathering every rank's array `send` into the rows of `recv` (size, *send.shape),
         in rank order; call `.wait()` on the result before reading `recv`."""
-        with self.lock:
-            request = self.comm.Iallgather(send, recv)
+        request = self.comm.Iallgather(send, recv)
         return _Pending(request, self._wait, what, self.lock)
 
     @_locked
@@ -312,6 +315,10 @@ class MPICommunicator(_Scoped):
     def abort(self, code=1):
         sys.stdout.flush()
         sys.stderr.flush()
+        # What this rank printed reaches the launcher through a pipe to its local proxy (Hydra's
+        # or Open MPI's), which stops forwarding once the abort's kill arrives: without a pause,
+        # the job could end on its status alone, its one-line reason lost (1 run in 10, measured).
+        time.sleep(ABORT_PAUSE)
         self.comm.Abort(code)
 
 
