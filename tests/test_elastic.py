@@ -197,7 +197,7 @@ def test_a_discovery_script_gives_the_hosts(tmp_path):
 # On the emulated cluster -------------------------------------------------------------------
 
 CANNOT = _cannot_make_nodes(PREFIX)
-TIMEOUT = 5                 # --timeout: how soon the watchdog gives a lost node up
+TIMEOUT = 3                 # --timeout: how soon the watchdog gives a lost node up
 EVERY = 10                  # --checkpoint-every
 
 

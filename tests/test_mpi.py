@@ -162,8 +162,8 @@ def test_distributed_evaluation_is_exact(n, trained, data, request, tmp_path):
 
 
 @pytest.mark.parametrize("model, data, subset, compress", [
-    ("seed-cnn", "mnist_h5", 256, "none"), ("resnet-mini", "colour_h5", 128, "none"),
-    ("ref-cnn", "mnist_h5", 256, "powersgd")])
+    ("seed-cnn", "small_h5", 256, "none"), ("resnet-mini", "colour_h5", 128, "none"),
+    ("ref-cnn", "small_h5", 256, "powersgd")])
 def test_resume_is_bit_identical(model, data, subset, compress, request, tmp_path):
     """Also with PowerSGD, whose error feedback and warm start the checkpoint keeps."""
     pairs = [f"model={model}", f"data={request.getfixturevalue(data)}", f"subset={subset}",
@@ -184,8 +184,8 @@ def test_resume_is_bit_identical(model, data, subset, compress, request, tmp_pat
         assert np.array_equal(value, resumed["exchange"][key]), key
 
 
-def test_resume_on_another_world_size(mnist_h5, tmp_path):
-    pairs = [f"data={mnist_h5}", "subset=256", "batch_size=64", "epochs=2", "quiet=1",
+def test_resume_on_another_world_size(small_h5, tmp_path):
+    pairs = [f"data={small_h5}", "subset=256", "batch_size=64", "epochs=2", "quiet=1",
              f"checkpoint={tmp_path / 'c.h5'}"]
     job(4, "interrupt", tmp_path / "a", *pairs)
     done = job(2, "train", tmp_path / "b", *pairs, "resume=1", "quiet=0")
