@@ -2,6 +2,7 @@
 masks that make it repeatable at any step (`train.py` runs the step; `Replicas` averages it).
 """
 import contextlib
+import copy
 
 import numpy as np
 
@@ -48,6 +49,17 @@ def train_step(model, criterion, x, y, micro_batch, timeline=OFF, last=contextli
     for b, t in zip(buffers, total):
         b[...] = t / len(slices) if b.dtype.kind == "f" else np.rint(t / len(slices))
     return loss
+
+
+def rehearse(model, image_shape, batch, micro_batch):
+    """One forward and backward of a copy of `model`, in training mode on blank images of
+    `image_shape` (C, H, W), for each micro-batch size that a step of `batch` images runs: the
+    convolutions of training, which kernels.choose plans for. `model` is left as it was."""
+    twin = copy.deepcopy(model).train()
+    sizes = {len(ys) for _, ys in micro_batches(range(batch), range(batch), micro_batch)}
+    for n in sorted(sizes, reverse=True):
+        y = twin.forward(np.zeros((n, *image_shape), np.float32))
+        twin.backward(np.ones(y.shape, y.dtype))
 
 
 def dropout_layers(model):
