@@ -162,10 +162,11 @@ def _store(path, key, entries, log):
             f"time")
 
 
-def stored(log=None):
-    """(path, key, {shape name: entry}) of the choices stored for this CPU model, CPU name and
-    kernel version (path None where none are); a damaged file is said in one line to `log`."""
-    paths, key = _where()
+def stored(log=None, target=None):
+    """(path, key, {shape name: entry}) of the choices stored for this CPU model, CPU name
+    (default: the one compiled for) and kernel version (path None where there are none); a
+    damaged file is said in one line to `log`."""
+    paths, key = _where(target)
     for path in paths:
         entries = (tune.read(path, jit.version(), log or (lambda _: None)) or {}).get(key)
         if isinstance(entries, dict) and entries:
@@ -175,12 +176,21 @@ def stored(log=None):
 
 
 def forget():
-    """Remove this machine's stored choices from every file; returns how many held some."""
-    paths, key = _where()
-    return tune.forget(paths, jit.version(), key)
+    """Remove the choices stored for this CPU model (whatever the CPU name and threads) from
+    every file; returns how many keys held some."""
+    prefix, removed = tune.cpu_key() + " for ", 0
+    for path in jit.choice_files("convs"):
+        table = tune.read(path, jit.version(), lambda _: None) or {}
+        mine = [key for key in table if key.startswith(prefix)]
+        for key in mine:
+            del table[key]
+        if mine:
+            tune.write(path, jit.version(), table)
+            removed += len(mine)
+    return removed
 
 
-def _where():
+def _where(target=None):
     """The files the choices are looked for in (the first the one written) and their key: the
     CPU model, the CPU name the kernels are compiled for (code tuned for another name has other
     speeds) and the number of BLAS threads (GEMMs on two threads of a busy machine can be many
@@ -188,7 +198,7 @@ def _where():
     threads = max((pool["num_threads"] for pool in threadpool_info()
                    if pool.get("user_api") == "blas"), default=1)
     return (jit.choice_files("convs"),
-            f"{tune.cpu_key()} for {jit.target()}, {threads} BLAS thread(s)")
+            f"{tune.cpu_key()} for {target or jit.target()}, {threads} BLAS thread(s)")
 
 
 def _stderr(line):
