@@ -128,10 +128,11 @@ def decide(convs, candidates, trial, clock=time.perf_counter, rounds=ROUNDS):
     return out
 
 
-def measure(rehearse, candidates, trial, log=None):
+def measure(rehearse, candidates, trial, log=None, clock=time.perf_counter):
     """The plan ({Conv: name}) for the convolutions that `rehearse()` runs: each one's stored
-    choice, else `decide`'s, stored for next time (a lock keeps two processes of one machine from
-    timing at once). Returns (plan, how many shapes were timed now)."""
+    choice, else `decide`'s (timed with `clock`), stored for next time (a lock keeps two
+    processes of one machine from timing at once). Returns (plan, how many shapes were timed
+    now)."""
     log = log or _stderr
     convs = record(rehearse)
     paths, key = _where()
@@ -141,7 +142,7 @@ def measure(rehearse, candidates, trial, log=None):
         if todo:
             log(f"ddl: timing the convolution algorithms for {len(todo)} layer shape(s) (once "
                 f"per CPU model and ddl version; docs/tuning.md)")
-            for conv, (name, medians) in decide(todo, candidates, trial).items():
+            for conv, (name, medians) in decide(todo, candidates, trial, clock).items():
                 entries[_name(conv, todo[conv])] = dict(
                     algorithm=name, ms={k: round(s * 1e3, 4) for k, s in medians.items()})
             _store(paths[0], key, entries, log)
