@@ -1,10 +1,11 @@
 """Training speed with the convolution algorithms measured per layer shape (ddl/kernels/convplan.py)
 against the fixed rule (numba.algorithm), interleaved in one process: each model twice, one
 instance running the plan and one the rule, their repeats alternating (scripts/benchmark.py's
-timing: medians, one BLAS thread). Also what planning cost, timed afresh (this CPU's stored plans
-are forgotten first) and read back. Prints a markdown table.
+timing: medians, one BLAS thread unless --threads). Also what planning cost, timed afresh (this
+CPU's stored plans are forgotten first) and read back. Prints a markdown table.
 
     python scripts/convplan_bench.py [--repeats 7] [--seconds 0.3] [--models resnet-mini,...]
+                                     [--threads 1]
 """
 import os
 import sys
@@ -53,13 +54,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS threads (as `ddl train` alone uses every core)")
     args = parser.parse_args()
+    benchmark.threadpool_limits(args.threads)
     kernels.use("numba")
     kernels.warm()
     forgot = convplan.forget()
+    threads = convplan._where()[1].rsplit(", ", 1)[1]
     print(f"CPU: {benchmark.cpu_model()}; kernels compiled for {kernels.target()}; batch "
-          f"{BATCH}; one BLAS thread; {args.repeats} repeats of {args.seconds} s; forgot "
-          f"{forgot} stored plan(s); load average {os.getloadavg()[0]:.1f}\n")
+          f"{BATCH}; {threads}; {args.repeats} repeats of {args.seconds} s; forgot {forgot} "
+          f"stored plan(s); load average {os.getloadavg()[0]:.1f}\n")
     print("| model | fixed rule (images/s) | measured plan (images/s) | plan / rule | shapes "
           "| planning s (timed / read back) | where the plan differs from the rule |")
     print("|---|---:|---:|---:|---:|---:|---|")
