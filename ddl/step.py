@@ -2,7 +2,6 @@
 masks that make it repeatable at any step (`train.py` runs the step; `Replicas` averages it).
 """
 import contextlib
-import copy
 
 import numpy as np
 
@@ -52,14 +51,15 @@ def train_step(model, criterion, x, y, micro_batch, timeline=OFF, last=contextli
 
 
 def rehearse(model, image_shape, batch, micro_batch):
-    """One forward and backward of a copy of `model`, in training mode on blank images of
-    `image_shape` (C, H, W), for each micro-batch size that a step of `batch` images runs: the
-    convolutions of training, which kernels.choose plans for. `model` is left as it was."""
-    twin = copy.deepcopy(model).train()
+    """One forward and backward of `model` in training mode, on blank images of `image_shape`
+    (C, H, W), for each micro-batch size that a step of `batch` images runs: the convolutions of
+    training, which kernels.choose plans for. `model` is a throwaway (a second build): its
+    gradients and BatchNorm statistics change."""
+    model.train()
     sizes = {len(ys) for _, ys in micro_batches(range(batch), range(batch), micro_batch)}
     for n in sorted(sizes, reverse=True):
-        y = twin.forward(np.zeros((n, *image_shape), np.float32))
-        twin.backward(np.ones(y.shape, y.dtype))
+        y = model.forward(np.zeros((n, *image_shape), np.float32))
+        model.backward(np.ones(y.shape, y.dtype))
 
 
 def dropout_layers(model):
