@@ -31,8 +31,9 @@ from ddl.errors import UsageError
 from ddl.kernels import jit, tune
 
 FORCE = "DDL_CONV_ALGORITHM"
-# Interleaved timings per candidate: the median of 5 stands up to a loaded machine's outliers, and
-# resnet-mini's 9 shapes are planned in about a second.
+# Interleaved timings per candidate: the median of 5 stands up to two of a loaded machine's
+# outliers, and resnet-mini's 8 shapes took 2-3 s to time on a 2-core machine under load 6 (one
+# BLAS thread; docs/tuning.md). A candidate 1.5x behind after 2 rounds is not timed further.
 ROUNDS = 5
 PRUNE_AFTER, PRUNE = 2, 1.5
 
