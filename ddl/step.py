@@ -50,6 +50,18 @@ def train_step(model, criterion, x, y, micro_batch, timeline=OFF, last=contextli
     return loss
 
 
+def rehearse(model, image_shape, batch, micro_batch):
+    """One forward and backward of `model` in training mode, on blank images of `image_shape`
+    (C, H, W), for each micro-batch size that a step of `batch` images runs: the convolutions of
+    training, which kernels.choose plans for. `model` is a throwaway (a second build): its
+    gradients and BatchNorm statistics change."""
+    model.train()
+    sizes = {len(ys) for _, ys in micro_batches(range(batch), range(batch), micro_batch)}
+    for n in sorted(sizes, reverse=True):
+        y = model.forward(np.zeros((n, *image_shape), np.float32))
+        model.backward(np.ones(y.shape, y.dtype))
+
+
 def dropout_layers(model):
     """[(index, layer)] of the model's Dropout layers, for `seed_dropout`."""
     return [(i, m) for i, m in enumerate(model.modules()) if isinstance(m, Dropout)]

@@ -33,7 +33,7 @@ from ddl.preemption import StopRequest
 from ddl.resume import check_inputs, data_file, resume
 from ddl.schedules import make_schedule
 from ddl.state import Run, copy, diverged, finite, position, slow_layers, stopped
-from ddl.step import OFF, dropout_layers, seed_dropout, train_step
+from ddl.step import OFF, dropout_layers, rehearse, seed_dropout, train_step
 from ddl.timeline import Timeline
 
 
@@ -83,8 +83,14 @@ def set_up(cfg, comm, log):
         log.info("no --checkpoint: nothing of this run will be saved")
     kernels.use(cfg.kernels)
     compile_seconds = kernels.warm(comm)   # before any model runs, so rank 0 compiles first
-    model = agree(comm, lambda: build(cfg.model, train_set.image_shape, train_set.num_classes,
-                                      seed=cfg.seed, input_grad=False))
+    def make_model():
+        return build(cfg.model, train_set.image_shape, train_set.num_classes, seed=cfg.seed,
+                     input_grad=False)
+    model = agree(comm, make_model)
+    # A second build, not a copy: a model may hold what copies cannot (the kernels module).
+    convs, plan_seconds = kernels.choose(lambda: rehearse(make_model(), train_set.image_shape,
+                                                          cfg.batch_size // comm.size,
+                                                          cfg.micro_batch), comm)
     sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed,
                                  rows=rows)
     loader = Loader(train_set, sampler, shift=cfg.shift, flip=cfg.flip)
@@ -116,7 +122,8 @@ def set_up(cfg, comm, log):
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
              f"per rank; {steps} steps per epoch over {n_train:,} images; {cfg.optimizer} lr "
              f"{cfg.lr}, {cfg.schedule} schedule; {cfg.kernels} kernels"
-             + (f" (compiled for CPU {kernels.target()}, ready in {compile_seconds:.1f} s)"
+             + (f" (compiled for CPU {kernels.target()}, ready in {compile_seconds:.1f} s; "
+                f"{convs} convolution shape(s) planned in {plan_seconds:.1f} s)"
                 if cfg.kernels == "numba" else "")
              + (f"; gradients exchanged: {replicas.compress}" if comm.size > 1 else ""))
     return r

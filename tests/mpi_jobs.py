@@ -67,6 +67,23 @@ def job_warm(comm, out, _):
                                                                seconds=seconds)))
 
 
+def job_plan(comm, out, _):
+    """Each rank's convolution plan (kernels.choose), and how often it rehearsed the model."""
+    from ddl import kernels
+    from ddl.kernels import convplan
+    from ddl.models import build
+    from ddl.step import rehearse
+    rehearsals = []
+
+    def rehearse_once():
+        rehearsals.append(1)
+        rehearse(build("ref-cnn", (1, 28, 28), 10, seed=0, input_grad=False), (1, 28, 28), 8, 0)
+    kernels.warm(comm)
+    kernels.choose(rehearse_once, comm)
+    (out / f"plan{comm.rank}.json").write_text(json.dumps(dict(
+        rehearsals=len(rehearsals), plan={str(c): a for c, a in convplan._chosen.items()})))
+
+
 def job_evaluate(comm, out, pairs):
     from ddl.data import H5Dataset
     opts = dict(p.split("=", 1) for p in pairs)

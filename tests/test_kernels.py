@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from ddl import kernels, nn
-from ddl.kernels import jit
+from ddl.kernels import convplan, jit
 from ddl.kernels import numba as compiled
+from ddl.kernels.arrays import pair
 from conftest import MNIST, needs
 from ddl.models import MODELS, build
 from ddl.kernels.numba import ConvPool, WithReLU
@@ -80,6 +81,34 @@ def test_conv_algorithm_matches_numpy(algo, cfg):
     assert_same(run_both(lambda: make_conv(cfg), randn(*cfg[-1])))
 
 
+def planned(cfg, pool=False):
+    """The convplan.Conv of the layer in `cfg` on its input, in float64."""
+    cin, cout, k, s, p, x_shape = cfg
+    return convplan.Conv((cout, cin, *pair(k)), pair(s), pair(p), x_shape, "float64", pool)
+
+
+# Every algorithm that fits each shape, as a plan or $DDL_CONV_ALGORITHM may choose it.
+FORCED = [(name, cfg) for _, cfg in CONV_CASES for name in compiled.candidates(planned(cfg))]
+
+
+@pytest.mark.parametrize("name, cfg", FORCED)
+def test_each_algorithm_that_fits_matches_numpy(name, cfg, monkeypatch):
+    monkeypatch.setenv(convplan.FORCE, name)
+    made = []
+    out = run_both(lambda: made.append(make_conv(cfg)) or made[-1], randn(*cfg[-1]))
+    assert made[0]._ctx[0] == name          # the numba run's layer (kernels.NAMES: first)
+    assert_same(out)
+
+
+@pytest.mark.parametrize("name", ["gemm", "direct", "winograd"])
+def test_float32_each_algorithm_close_to_numpy(name, monkeypatch):
+    monkeypatch.setenv(convplan.FORCE, name)
+    x = randn(16, 32, 9, 9).astype(np.float32)
+    out = run_both(lambda: nn.Conv2d(32, 64, 3, padding=1, rng=np.random.default_rng(3)), x,
+                   dtype=np.float32)
+    assert_same(out, tol=1e-5)
+
+
 @pytest.mark.parametrize("algo, cfg", CONV_CASES)
 def test_conv_algorithm_finite_differences(algo, cfg):
     with kernels.using("numba"):
@@ -128,6 +157,18 @@ def test_conv_pool_relu_fuse_and_match_numpy(algo, cfg, order):
     assert_same(run_both(make, x))
     with kernels.using("numba"):
         check_module(make(), randn(*cfg[-1], seed=4))
+
+
+@pytest.mark.parametrize("name, cfg", [(name, cfg) for _, cfg in FUSED
+                                       for name in compiled.candidates(planned(cfg, True))])
+def test_each_fusing_algorithm_matches_numpy(name, cfg, monkeypatch):
+    """A pooled layer's candidates are the algorithms that fuse the pool (never gemm)."""
+    monkeypatch.setenv(convplan.FORCE, name)
+    made = []
+    out = run_both(lambda: made.append(conv_pool(("pool", "relu"), cfg)()) or made[-1],
+                   randn(*cfg[-1]))
+    assert type(made[0].steps()[0]) is ConvPool and made[0][0]._ctx[0] == name
+    assert_same(out)
 
 
 @pytest.mark.parametrize("algo, cfg", [c for c in FUSED if c[0] == "direct"])

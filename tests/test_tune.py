@@ -60,7 +60,7 @@ def test_another_cpu_model_or_version_measures_again(fake):
 
 def test_a_choice_in_another_cache_base_is_used(fake):
     paths, _, measured, _ = fake
-    tune._write(paths[1], "v1", {"cpu A": dict(target="slowcpu")})
+    tune.write(paths[1], "v1", {"cpu A": dict(target="slowcpu")})
     assert choose(fake) == "slowcpu" and measured == []
 
 
@@ -146,7 +146,7 @@ def test_measure_times_each_candidate_in_its_own_process():
 def test_show_prints_the_choice_and_explicit_name(tmp_path):
     name = f"ddl-kernels-{jit.version()}.tune.json"
     measured = {"haswell": {"ref-cnn": 1 / 6000, "seed-cnn": 1 / 15000}}
-    tune._write(str(tmp_path / name), jit.version(),
+    tune.write(str(tmp_path / name), jit.version(),
                 {tune.cpu_key(): dict(target="haswell", measured=measured, when="then")})
     env = {k: v for k, v in os.environ.items() if k != tune.EXPLICIT}
     env["NUMBA_CACHE_DIR"] = str(tmp_path)

@@ -122,6 +122,33 @@ def _rank_0s_target(comm):
     os.environ.setdefault(tune.EXPLICIT, comm.bcast_obj(name, what="rank 0's kernel CPU name"))
 
 
+def choose(rehearse, comm=None, log=None):
+    """With the numba backend in use, make the plan of which algorithm runs each convolution
+    that `rehearse()` (one forward and backward of the model, on the shapes of training) runs:
+    rank 0 times the candidates for each shape, or reads what it timed before, and every rank
+    runs its choices, since replicas that ran different algorithms would differ in their last
+    bits (ddl/kernels/convplan.py). Returns (shapes planned, seconds it took). A bad
+    $DDL_CONV_ALGORITHM is a UsageError, on every rank."""
+    if _active != "numba":
+        return 0, 0.0
+    import time
+    from ddl.comm import SingleCommunicator, agree
+    from ddl.kernels import convplan
+    comm, started, backend = comm or SingleCommunicator(), time.perf_counter(), get()
+
+    def measure():
+        backend.forced_algorithm()
+        try:
+            if comm.rank == 0:
+                return convplan.measure(rehearse, backend.candidates, backend.trial, log)[0]
+        finally:    # the others wait for rank 0's timing as for its compile
+            comm.barrier(what="barrier after rank 0's convolution plan", at_least=COMPILING)
+    plan = agree(comm, measure, "check of rank 0's convolution plan")
+    plan = comm.bcast_obj(plan, what="broadcast of rank 0's convolution plan")
+    convplan.adopt(plan)
+    return len(plan), time.perf_counter() - started
+
+
 # Seconds the ranks may wait for one another's compile whatever --timeout says: a cold compile
 # takes seconds (docs/benchmarks.md), a slower or busier machine's minutes; --timeout is for ranks
 # that hang.

@@ -79,10 +79,11 @@ def target():
     return tune.target(choice_files(), version())
 
 
-def choice_files():
-    """Where the tuning choice is looked for, the first where it is written: beside the cache
-    (`cache_base()`), then in the other cache bases (a choice holds for every cache folder)."""
-    name = f"ddl-kernels-{version()}.tune.json"
+def choice_files(kind="tune"):
+    """Where a measured choice is looked for, the first where it is written: beside the cache
+    (`cache_base()`), then in the other cache bases (a choice holds for every cache folder).
+    `kind`: "tune" for the CPU name (tune.py), "convs" for the convolutions' (convplan.py)."""
+    name = f"ddl-kernels-{version()}.{kind}.json"
     first = cache_base()
     return [os.path.join(base, name) for base in [first] + [b for b in _bases() if b != first]]
 

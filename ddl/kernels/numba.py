@@ -2,18 +2,21 @@
 run by compiled kernels, plus the fused passes that only this backend has (a convolution with
 the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
 
-A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
-stride-1 layers with 32 or more input and 64 or more output channels, a direct convolution for
-other stride-1 layers (padded by less than the kernel's size), and one GEMM on a compiled im2col
-panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer of stride 1 needs no panel).
+A convolution runs one of the algorithms of `_ALGORITHMS` that fit its shape: the one measured
+fastest for that shape when the model's plan was made (ddl/kernels/convplan.py), else the fixed
+rule of `algorithm`: Winograd F(2x2, 3x3) for 3x3 stride-1 layers with 32 or more input and 64 or
+more output channels, a direct convolution for other stride-1 layers (padded by less than the
+kernel's size), and one GEMM on a compiled im2col panel (gemm.py) for strided and 1x1 layers (an
+unpadded 1x1 layer of stride 1 needs no panel).
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
-from ddl.kernels import bf16, direct, gemm, loss, norm, optim, pool, winograd
+from ddl.kernels import bf16, convplan, direct, gemm, loss, norm, optim, pool, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -28,62 +31,135 @@ name = "numba"
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUTPUTS = 32, 64
 
 
-def algorithm(weight_shape, stride, padding=(0, 0)):
-    """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
+class Algorithm(NamedTuple):
+    """One way to compute a convolution, in the signatures of gemm.py:
+    forward(x (C, H, W, N), weight (O, C, kh, kw), bias (O,) or None, stride, padding, out_hw, ws)
+    -> (y (O, OH, OW, N), ctx), with pool=True (and relu=) too when it `fuses`: y then max-pooled
+    2x2 (and ReLU'd), (O, OH//2, OW//2, N);
+    backward(grad_y, ctx, weight, x_shape (C, H, W, N), stride, padding, input_grad, ws) ->
+    (grad x (C, H, W, N) or None unless input_grad, grad weight, grad bias);
+    fits(weight_shape, stride, padding): whether it computes that convolution."""
+    forward: object
+    backward: object
+    fits: object
+    fuses: bool = False
+
+
+def _stride_one(module):
+    """The forward and backward of `module` (direct or winograd: stride 1 only, a 2x2 max pool
+    and ReLU fused on request) in the signatures of Algorithm."""
+    def forward(x, weight, bias, stride, padding, out_hw, ws, pool=False, relu=False):
+        b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+        return module.forward(x, weight, b, padding, pool, relu, ws)
+
+    def backward(gy, ctx, weight, x_shape, stride, padding, input_grad, ws):
+        grad_w, grad_b = np.zeros_like(weight), np.zeros(weight.shape[0], weight.dtype)
+        gx = module.backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws)
+        if gx is not None and gx.shape != x_shape:     # Winograd's: of the padded input
+            (ph, pw), (h, w) = padding, x_shape[1:3]
+            gx = gx[:, ph:ph + h, pw:pw + w]
+        return gx, grad_w, grad_b
+    return forward, backward
+
+
+def _direct_fits(weight_shape, stride, padding):
+    return tuple(stride) == (1, 1) and direct.fits(weight_shape, padding)
+
+
+def _winograd_fits(weight_shape, stride, padding):
+    return tuple(weight_shape[2:]) == (3, 3) and _direct_fits(weight_shape, stride, padding)
+
+
+# The candidates for every convolution, in the order that a tie between their timings keeps.
+_ALGORITHMS = {"gemm": Algorithm(gemm.forward, gemm.backward, lambda *shape: True),
+               "direct": Algorithm(*_stride_one(direct), _direct_fits, fuses=True),
+               "winograd": Algorithm(*_stride_one(winograd), _winograd_fits, fuses=True)}
+
+
+def candidates(conv):
+    """The names of the algorithms that compute `conv` (a convplan.Conv), its fused pool too."""
+    return [name for name, a in _ALGORITHMS.items()
+            if a.fits(conv.weight, conv.stride, conv.padding) and (a.fuses or not conv.pool)]
+
+
+def algorithm(weight_shape, stride, padding=(0, 0), pool=False):
+    """The fixed rule, for a shape that no measurement chose for: "direct", "winograd" or
+    "gemm" for a convolution with this weight (O, C, kh, kw) (and a fused pool)."""
     o, c, kh, kw = weight_shape
-    if stride != (1, 1) or (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
+    if not _direct_fits(weight_shape, stride, padding) or ((kh, kw) == (1, 1) and not pool):
         return "gemm"
-    winograd = (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
-    return "winograd" if winograd else "direct"
+    big = c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
+    return "winograd" if big and _winograd_fits(weight_shape, stride, padding) else "direct"
+
+
+def choice(conv):
+    """The algorithm that runs `conv` (a convplan.Conv): $DDL_CONV_ALGORITHM where that fits,
+    else the adopted plan's, else the fixed rule's."""
+    fit, forced = candidates(conv), forced_algorithm()
+    if forced in fit:
+        return forced
+    chosen = convplan.chosen(conv)
+    return chosen if chosen in fit else algorithm(conv.weight, conv.stride, conv.padding,
+                                                  conv.pool)
+
+
+def forced_algorithm():
+    """$DDL_CONV_ALGORITHM, or None; a UsageError unless it names one of _ALGORITHMS."""
+    return convplan.forced(_ALGORITHMS)
 
 
 def fusable(conv, pool_layer):
-    """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
-    return (algorithm(conv.weight.shape, conv.stride, conv.padding) != "gemm"
-            and pool_layer.kernel_size == pool_layer.stride == (2, 2))
+    """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass:
+    whether an algorithm that fuses fits it, which the plan's choice then keeps to."""
+    return (pool_layer.kernel_size == pool_layer.stride == (2, 2)
+            and any(a.fuses and a.fits(conv.weight.shape, conv.stride, conv.padding)
+                    for a in _ALGORITHMS.values()))
 
 
-_ALGORITHMS = {"direct": (direct.forward, direct.backward),
-               "winograd": (winograd.forward, winograd.backward)}
-
-
-def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=False):
+def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=False, algo=None):
     """As reference.conv2d_forward; with `pool` (a fusable layer), max-pooled 2x2 and, with
-    `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2)."""
-    algo = algorithm(weight.shape, stride, padding)
-    ws = ws or Workspace()
+    `relu`, ReLU'd in the same pass: y (N, O, OH//2, OW//2). `algo` forces an algorithm that
+    fits (`candidates`)."""
+    conv = convplan.Conv(tuple(weight.shape), tuple(stride), tuple(padding), tuple(x.shape),
+                         x.dtype.name, pool, relu)
+    algo = algo or choice(conv)
+    convplan.note(conv)
     # For every algorithm: out_size refuses a kernel larger than the padded input in words (the
     # direct and Winograd kernels would fail on a negative array shape).
     (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
     out_hw = (out_size(h, kh, stride[0], padding[0]), out_size(w, kw, stride[1], padding[1]))
-    if algo == "gemm":
-        y, ctx = gemm.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
-        y = nchw(y)
-    else:
-        b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
-        y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, b, padding, pool, relu, ws)
-        y = nchw(y)
-    return y, (algo, ctx)
+    fused = {"pool": True, "relu": relu} if pool else {}
+    y, ctx = _ALGORITHMS[algo].forward(chwn(x), weight, bias, stride, padding, out_hw,
+                                       ws or Workspace(), **fused)
+    return nchw(y), (algo, conv, ctx)
 
 
 def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=True, ws=None):
-    """As reference.conv2d_backward, for either kind of conv2d_forward."""
-    algo, ctx = ctx
-    ws = ws or Workspace()
-    if algo == "gemm":
-        n, c, h, w = x_shape
-        gx, grad_w, grad_b = gemm.backward(chwn(grad_y), ctx, weight, (c, h, w, n), stride,
-                                           padding, input_grad, ws)
-        return (None if gx is None else nchw(gx)), grad_w, grad_b
-    grad_w = np.zeros_like(weight)
-    grad_b = np.zeros(weight.shape[0], weight.dtype)
-    gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
-    if gx is None:
-        return None, grad_w, grad_b
-    if algo == "winograd":                  # the gradient of the padded input
-        (ph, pw), (h, w) = padding, x_shape[2:]
-        gx = gx[:, ph:ph + h, pw:pw + w]
-    return nchw(gx), grad_w, grad_b
+    """As reference.conv2d_backward, for any algorithm of conv2d_forward."""
+    algo, conv, ctx = ctx
+    convplan.note(conv, input_grad)
+    n, c, h, w = x_shape
+    gx, grad_w, grad_b = _ALGORITHMS[algo].backward(chwn(grad_y), ctx, weight, (c, h, w, n),
+                                                    stride, padding, input_grad, ws or Workspace())
+    return (None if gx is None else nchw(gx)), grad_w, grad_b
+
+
+def trial(conv, input_grad):
+    """run(name): one forward and backward of `conv` by algorithm `name` on random data made
+    once, each algorithm with its own workspace as a layer has (convplan.decide times it)."""
+    rng = np.random.default_rng(0)
+    n, c, h, w = conv.x
+    x = nchw(rng.standard_normal((c, h, w, n), np.float32).astype(conv.dtype))
+    weight = rng.standard_normal(conv.weight, np.float32).astype(conv.dtype)
+    bias = np.zeros(conv.weight[0], conv.dtype)
+    spaces = {}
+
+    def run(name):
+        ws = spaces.setdefault(name, Workspace())
+        y, ctx = conv2d_forward(x, weight, bias, conv.stride, conv.padding, ws, conv.pool,
+                                conv.relu, algo=name)
+        conv2d_backward(y, ctx, weight, x.shape, conv.stride, conv.padding, input_grad, ws)
+    return run
 
 
 def maxpool2d_forward(x, kernel, stride, relu=False):

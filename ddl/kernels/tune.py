@@ -85,7 +85,7 @@ def choice(paths, version, key=None, measure_fn=None, log=None):
     found = _stored(paths, version, key, log)
     if found is not None:
         return found
-    with _locked(paths[0] + ".lock"):
+    with locked(paths[0] + ".lock"):
         found = _stored(paths[:1], version, key, lambda _: None)    # another process's, meanwhile
         if found is not None:
             return found
@@ -118,9 +118,9 @@ def forget(paths, version, key=None):
     `target` measures again); returns how many files held one."""
     key, removed = key or cpu_key(), 0
     for path in paths:
-        table = _read(path, version, lambda _: None)
+        table = read(path, version, lambda _: None)
         if table and table.pop(key, None) is not None:
-            _write(path, version, table)
+            write(path, version, table)
             removed += 1
     return removed
 
@@ -130,7 +130,7 @@ def stored(paths, version, key=None, log=None):
     file is said in one line to `log`."""
     key = key or cpu_key()
     for path in paths:
-        found = (_read(path, version, log or (lambda _: None)) or {}).get(key)
+        found = (read(path, version, log or (lambda _: None)) or {}).get(key)
         if _valid(found):
             return path, found
     return None, None
@@ -138,7 +138,7 @@ def stored(paths, version, key=None, log=None):
 
 def _stored(paths, version, key, log):
     for path in paths:
-        table = _read(path, version, log)
+        table = read(path, version, log)
         if table is not None and _valid(table.get(key)):
             return table[key]
     return None
@@ -148,7 +148,7 @@ def _valid(entry):
     return isinstance(entry, dict) and isinstance(entry.get("target"), str) and entry["target"]
 
 
-def _read(path, version, log):
+def read(path, version, log):
     """{cpu key: choice} from the file at `path` for `version`, or None: missing, of another
     version, or damaged (said in one line)."""
     try:
@@ -165,15 +165,15 @@ def _read(path, version, log):
 
 
 def _store(path, version, key, entry, log):
-    table = _read(path, version, lambda _: None) or {}
+    table = read(path, version, lambda _: None) or {}
     table[key] = entry
     try:
-        _write(path, version, table)
+        write(path, version, table)
     except OSError as e:
         log(f"ddl: cannot store the kernel tuning in {path} ({e}); it is measured again next time")
 
 
-def _write(path, version, table):
+def write(path, version, table):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(dict(version=version, cpus=table), f, indent=1, sort_keys=True)
@@ -181,7 +181,7 @@ def _write(path, version, table):
 
 
 @contextlib.contextmanager
-def _locked(path):
+def locked(path):
     """An exclusive lock on the file at `path` (created if need be); none where it cannot be."""
     try:
         f = open(path, "a")
