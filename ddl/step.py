@@ -53,13 +53,18 @@ def train_step(model, criterion, x, y, micro_batch, timeline=OFF, last=contextli
 def rehearse(model, image_shape, batch, micro_batch):
     """One forward and backward of `model` in training mode, on blank images of `image_shape`
     (C, H, W), for each micro-batch size that a step of `batch` images runs: the convolutions of
-    training, which kernels.choose plans for. `model` is a throwaway (a second build): its
-    gradients and BatchNorm statistics change."""
+    training, which kernels.choose plans for. The model is left as it was: its parameters and
+    BatchNorm statistics restored, its gradients zero."""
+    state = model.state_dict()
     model.train()
-    sizes = {len(ys) for _, ys in micro_batches(range(batch), range(batch), micro_batch)}
-    for n in sorted(sizes, reverse=True):
-        y = model.forward(np.zeros((n, *image_shape), np.float32))
-        model.backward(np.ones(y.shape, y.dtype))
+    try:
+        sizes = {len(ys) for _, ys in micro_batches(range(batch), range(batch), micro_batch)}
+        for n in sorted(sizes, reverse=True):
+            y = model.forward(np.zeros((n, *image_shape), np.float32))
+            model.backward(np.ones(y.shape, y.dtype))
+    finally:
+        model.load_state_dict(state)
+        model.zero_grad()
 
 
 def dropout_layers(model):

@@ -83,12 +83,9 @@ def set_up(cfg, comm, log):
         log.info("no --checkpoint: nothing of this run will be saved")
     kernels.use(cfg.kernels)
     compile_seconds = kernels.warm(comm)   # before any model runs, so rank 0 compiles first
-    def make_model():
-        return build(cfg.model, train_set.image_shape, train_set.num_classes, seed=cfg.seed,
-                     input_grad=False)
-    model = agree(comm, make_model)
-    # A second build, not a copy: a model may hold what copies cannot (the kernels module).
-    convs, plan_seconds = kernels.choose(lambda: rehearse(make_model(), train_set.image_shape,
+    model = agree(comm, lambda: build(cfg.model, train_set.image_shape, train_set.num_classes,
+                                      seed=cfg.seed, input_grad=False))
+    convs, plan_seconds = kernels.choose(lambda: rehearse(model, train_set.image_shape,
                                                           cfg.batch_size // comm.size,
                                                           cfg.micro_batch), comm)
     sampler = DistributedSampler(n_train, comm.size, comm.rank, cfg.batch_size, seed=cfg.seed,

@@ -130,8 +130,13 @@ def test_choose_plans_what_a_training_step_runs(store, monkeypatch):
                               nn.Linear(36, 3, rng=2))
         model[0].needs_input_grad = False
         model.eval()(np.zeros((1, 1, 8, 8), np.float32))   # run before: holds its backend
+        before = model.state_dict()
         planned, _ = kernels.choose(lambda: rehearse(model, (1, 8, 8), 5, 3))
     assert planned == 4                           # 2 layers x micro-batches of 3 and 2
+    # The model rehearsed is the one that trains: left as it was, gradients zero.
+    after = model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert not any(p.grad.any() for p in model.parameters())
     shapes = convplan.stored()[2]
     first = convplan.Conv((4, 1, 3, 3), (1, 1), (1, 1), (3, 1, 8, 8), "float32")
     assert str(first) + " -input grad" in shapes

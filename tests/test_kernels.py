@@ -454,8 +454,8 @@ def test_importing_the_kernels_changes_nothing_until_setup(tmp_path):
 
 def test_rank_0_compiles_first_and_the_others_load(tmp_path):
     """Two ranks starting together on an empty cache: rank 1 starts loading only once rank 0 has
-    compiled (some kernels: see job_warm), and loads them far faster than compiling. (On 2 cores, both compiling at
-    once would take about twice as long.)"""
+    compiled (some kernels: see job_warm), and loads them far faster than compiling. (On 2 cores,
+    both compiling at once would take about twice as long.)"""
     from conftest import run_mpi
     folder = tmp_path / "cache"
     done = run_mpi(2, [os.path.join(ROOT, "tests", "mpi_jobs.py"), "warm", tmp_path],
