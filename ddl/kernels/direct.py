@@ -188,12 +188,12 @@ for _shape in COMMON:                  # registers them with `warm`
     weight_grad_kernel(*_shape)
 
 
-def _blocks(count):
+def blocks(count):
     """count rounded up to a multiple of OB."""
     return -(-count // OB) * OB
 
 
-def _padded(a, count):
+def padded(a, count):
     """a with its first axis zero-padded to `count` entries (a itself if it has them)."""
     if len(a) == count:
         return a
@@ -202,17 +202,17 @@ def _padded(a, count):
     return out
 
 
-def _convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
+def convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
     """The forward kernel on x (C, H, W, N), unpadded: y (O', ...) and code for O' = O rounded
     up to a multiple of OB channels, the last zero."""
     o, kh, kw, n = len(weight), *weight.shape[2:], x.shape[3]
-    op = _blocks(o)
+    op = blocks(o)
     oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     rows = ws.empty(scratch, (OB, 2, ow * n), x.dtype)
     y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
     y = np.empty((op, *y_hw, n), x.dtype)
     code = np.empty(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
-    forward_kernel(kh, kw)(x.reshape(*x.shape[:2], -1), _padded(weight, op), _padded(bias, op),
+    forward_kernel(kh, kw)(x.reshape(*x.shape[:2], -1), padded(weight, op), padded(bias, op),
                            n, pool, relu, rows, y.reshape(op, y_hw[0], -1),
                            code.reshape(*code.shape[:2], -1))
     return y, code
@@ -223,7 +223,7 @@ def forward(x, weight, bias, padding, pool, relu, ws):
     it (`fits`)."""
     o = len(weight)
     xp = pad(x, padding, ws)
-    y, code = _convolve(xp, weight, bias, pool, relu, ws)
+    y, code = convolve(xp, weight, bias, pool, relu, ws)
     return y[:o], (xp, code[:o] if pool else None, padding, x.shape)
 
 
@@ -237,7 +237,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     """As winograd.backward, but the input gradient comes back unpadded (C, H, W, N)."""
     xp, code, (ph, pw), x_shape = ctx
     (o, c, kh, kw), n = weight.shape, xp.shape[3]
-    op = _blocks(o)
+    op = blocks(o)
     oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
     # The full correlation below runs the kernel over every input pixel, zeros around the output
     # gradient included: when the output is much smaller than the input (seed-cnn's 5x5 layer on
@@ -279,7 +279,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     # the taps reversed, the channel axes swapped and the O' - O zero channels of g given zeros.
     flipped = np.zeros((c, op, kh, kw), weight.dtype)
     flipped[:, :o] = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-    gx, _ = _convolve(g, flipped, np.zeros(c, gy.dtype), False, False, ws, "grad_rows")
+    gx, _ = convolve(g, flipped, np.zeros(c, gy.dtype), False, False, ws, "grad_rows")
     return gx[:c]
 
 

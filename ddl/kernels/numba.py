@@ -4,8 +4,9 @@ the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan`
 
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
 stride-1 layers with 32 or more input and 64 or more output channels, a direct convolution for
-other stride-1 layers (padded by less than the kernel's size), and one GEMM on a compiled im2col
-panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer of stride 1 needs no panel).
+other stride-1 layers (padded by less than the kernel's size), direct loops over the input's
+phases for strided layers (strided.py), and one GEMM on a compiled im2col panel (gemm.py) for the
+rest: stride-1 1x1 layers (an unpadded one needs no panel) and those padded by a kernel's size.
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
@@ -13,7 +14,7 @@ import sys
 
 import numpy as np
 
-from ddl.kernels import bf16, direct, gemm, loss, norm, optim, pool, winograd
+from ddl.kernels import bf16, direct, gemm, loss, norm, optim, pool, strided, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -29,9 +30,12 @@ WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUTPUTS = 32, 64
 
 
 def algorithm(weight_shape, stride, padding=(0, 0)):
-    """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
+    """"direct", "winograd", "strided" or "gemm" for a convolution with this weight (O, C, kh,
+    kw)."""
     o, c, kh, kw = weight_shape
-    if stride != (1, 1) or (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
+    if strided.fits(weight_shape, stride, padding):
+        return "strided"
+    if (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
         return "gemm"
     winograd = (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
     return "winograd" if winograd else "direct"
@@ -39,7 +43,7 @@ def algorithm(weight_shape, stride, padding=(0, 0)):
 
 def fusable(conv, pool_layer):
     """Whether `conv` (a Conv2d) followed by `pool_layer` (a MaxPool2d) runs as one fused pass."""
-    return (algorithm(conv.weight.shape, conv.stride, conv.padding) != "gemm"
+    return (algorithm(conv.weight.shape, conv.stride, conv.padding) in ("direct", "winograd")
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
@@ -59,6 +63,10 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
     if algo == "gemm":
         y, ctx = gemm.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
         y = nchw(y)
+    elif algo == "strided":
+        b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+        y, ctx = strided.forward(chwn(x), weight, b, stride, padding, out_hw, ws)
+        y = nchw(y)
     else:
         b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
         y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, b, padding, pool, relu, ws)
@@ -77,7 +85,10 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
         return (None if gx is None else nchw(gx)), grad_w, grad_b
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
-    gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
+    if algo == "strided":
+        gx = strided.backward(chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
+    else:
+        gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
     if gx is None:
         return None, grad_w, grad_b
     if algo == "winograd":                  # the gradient of the padded input

@@ -1,0 +1,226 @@
+"""Strided convolutions (ResNet's stride-2 3x3 layers and 1x1 shortcuts) as direct loops over
+the input split into its stride's phases.
+
+Phase (a, b) of the zero-padded input holds every sh-th row from row a and every sw-th column
+from column b: xph[c, a, b, R, Q] = x[c, R*sh + a - ph, Q*sw + b - pw] (N values, zeros in the
+padding). Tap (i, j) of output pixel (r, q) reads padded pixel (r*sh + i, q*sw + j), which is
+phase (i % sh, j % sw) at (r + i // sh, q + j // sw): with the last two axes merged, one output
+row y[o, r] (OW*N values) is again a sum of shifted unit-stride rows, as in the direct kernel
+(direct.py), y[o, r, m] = sum over c, i, j of w[o, c, i, j] * xph[c, i % sh, j % sw,
+r + i // sh, (j // sw)*N + m]. The split is one compiled copy that also pads, and only the
+phases that some tap reads are made (a 1x1 layer of stride 2 keeps a quarter of its input).
+With im2col and one GEMM (gemm.py), 16 -> 32 channels, 3x3, stride 2 on 28x28, batch 64, spent
+0.41 ms packing, 0.90 in the GEMM forward; and 1.19 + 0.64 GEMMs, 0.17 zeroing and 0.84 adding
+the panel back in backward (one run on a loaded 2-core Xeon, 2026-12-06).
+
+The weight gradient is the direct weight-gradient loop over the same phases. The input gradient
+splits by phase too: phase (a, b) of the padded input's gradient takes the taps (a + sh*di,
+b + sw*dj) only, a stride-1 "full" correlation of the output gradient with those taps, which
+direct.py's forward kernel runs (no multiply by a zero tap); the phases are then interleaved
+back into (C, H, W, N).
+"""
+import functools
+
+import numpy as np
+
+from ddl.kernels import direct
+from ddl.kernels.jit import X3, X4, kernel
+
+X5, X6 = "T[:, :, :, :, ::1]", "T[:, :, :, :, :, ::1]"
+# Kernel shapes compiled ahead by `warm`: ResNet's (kernel, stride).
+COMMON = (((3, 3), (2, 2)), ((1, 1), (2, 2)))
+CHUNK = direct.CHUNK
+
+
+@kernel(f"({X4}, int64, int64, int64, int64, {X6})")
+def split(x, sh, sw, ph, pw, xph):
+    """xph[c, a, b, R, Q] = x[c, R*sh + a - ph, Q*sw + b - pw] (N values), zeros outside x:
+    x (C, H, W, N), xph (C, A, B, HQ, WQ, N) with A <= sh, B <= sw phases."""
+    h, w, n = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(xph.shape[0]):
+        for a in range(xph.shape[1]):
+            for b in range(xph.shape[2]):
+                for r in range(xph.shape[3]):
+                    row = r * sh + a - ph
+                    for q in range(xph.shape[4]):
+                        col = q * sw + b - pw
+                        dst = xph[c, a, b, r, q]
+                        if 0 <= row < h and 0 <= col < w:
+                            src = x[c, row, col]
+                            for m in range(n):
+                                dst[m] = src[m]
+                        else:
+                            for m in range(n):
+                                dst[m] = 0
+
+
+@kernel(f"({X4}, int64, int64, int64, int64, int64, int64, {X4})")
+def fold(gcols, kh, kw, sh, sw, ph, pw, gx):
+    """The adjoint of gemm.pack, gathered: gx[c, row, col] = the sum of gcols[(c*kh + i)*kw + j,
+    r, q] over the taps with r*sh + i - ph = row and q*sw + j - pw = col: gcols (C*kh*kw, OH,
+    OW, N), gx (C, H, W, N). (gemm.unpack_add scatters the taps into a zeroed gx instead: every
+    pixel loaded and stored once per tap.)"""
+    oh, ow, n = gcols.shape[1], gcols.shape[2], gx.shape[3]
+    for c in range(gx.shape[0]):
+        for row in range(gx.shape[1]):
+            for col in range(gx.shape[2]):
+                dst = gx[c, row, col]
+                dst[:] = 0
+                for i in range(kh):
+                    r, down = divmod(row + ph - i, sh)
+                    if down != 0 or not 0 <= r < oh:
+                        continue
+                    for j in range(kw):
+                        q, right = divmod(col + pw - j, sw)
+                        if right == 0 and 0 <= q < ow:
+                            src = gcols[(c * kh + i) * kw + j, r, q]
+                            for m in range(n):
+                                dst[m] += src[m]
+
+
+@functools.lru_cache(maxsize=None)
+def forward_kernel(kh, kw, sh, sw):
+    """The forward kernel compiled for kh x kw kernels of stride (sh, sw) (closing over four
+    ints only, as direct.forward_kernel does, for numba's cache)."""
+
+    @kernel(f"({X5}, {X4}, T[::1], int64, {X3})")
+    def conv(x, w, bias, n, y):
+        """y (O, OH, OW*N) = the convolution of the input with w (O, C, kh, kw) plus bias, O a
+        multiple of 4, from its phases x (C, A, B, HQ, WQ*N)."""
+        nu, width = np.uint64(n), np.uint64(y.shape[2])
+        for r in range(y.shape[1]):
+            for o in range(0, y.shape[0], 4):
+                y0, y1, y2, y3 = y[o, r], y[o + 1, r], y[o + 2, r], y[o + 3, r]
+                y0[:], y1[:], y2[:], y3[:] = bias[o], bias[o + 1], bias[o + 2], bias[o + 3]
+                for m0 in range(0, width, CHUNK):
+                    for c in range(x.shape[0]):
+                        for m in range(m0, min(m0 + CHUNK, width)):
+                            t0, t1, t2, t3 = y0[m], y1[m], y2[m], y3[m]
+                            for i in range(kh):
+                                for j in range(kw):
+                                    v = x[c, i % sh, j % sw, r + i // sh][
+                                        np.uint64(j // sw) * nu + m]
+                                    t0 += w[o, c, i, j] * v
+                                    t1 += w[o + 1, c, i, j] * v
+                                    t2 += w[o + 2, c, i, j] * v
+                                    t3 += w[o + 3, c, i, j] * v
+                            y0[m], y1[m], y2[m], y3[m] = t0, t1, t2, t3
+
+    return conv
+
+
+@functools.lru_cache(maxsize=None)
+def weight_grad_kernel(kh, kw, sh, sw):
+    """The weight-gradient kernel compiled for kh x kw kernels of stride (sh, sw)."""
+
+    @kernel(f"({X5}, {X3}, int64, {X4}, T[::1])")
+    def conv_weight_grad(x, g, n, grad_w, grad_b):
+        """grad_w (O', C, kh, kw) += the weight gradient and grad_b (O',) += the bias gradient,
+        from the input's phases x (C, A, B, HQ, WQ*N) and the output gradient g (O', OH, OW*N),
+        O' a multiple of 4."""
+        nu, width, zero = np.uint64(n), np.uint64(g.shape[2]), x.dtype.type(0)
+        for r in range(g.shape[1]):
+            for o in range(0, g.shape[0], 4):
+                g0, g1, g2, g3 = g[o, r], g[o + 1, r], g[o + 2, r], g[o + 3, r]
+                for b, gb in enumerate((g0, g1, g2, g3)):
+                    grad_b[o + b] += gb.sum()
+                for c in range(x.shape[0]):
+                    for i in range(kh):
+                        a, row = i % sh, r + i // sh
+                        # Four channels by up to three taps in registers, as in direct.py; each
+                        # tap's row lies in its own phase.
+                        for j0 in range(0, kw, 3):
+                            j1, j2 = min(j0 + 1, kw - 1), min(j0 + 2, kw - 1)
+                            xs0 = x[c, a, j0 % sw, row, np.uint64(j0 // sw) * nu:]
+                            xs1 = x[c, a, j1 % sw, row, np.uint64(j1 // sw) * nu:]
+                            xs2 = x[c, a, j2 % sw, row, np.uint64(j2 // sw) * nu:]
+                            a00 = a01 = a02 = a10 = a11 = a12 = zero
+                            a20 = a21 = a22 = a30 = a31 = a32 = zero
+                            for m in range(width):
+                                h0, h1, h2, h3 = g0[m], g1[m], g2[m], g3[m]
+                                v = xs0[m]
+                                a00 += h0 * v
+                                a10 += h1 * v
+                                a20 += h2 * v
+                                a30 += h3 * v
+                                if j0 + 1 < kw:
+                                    v = xs1[m]
+                                    a01 += h0 * v
+                                    a11 += h1 * v
+                                    a21 += h2 * v
+                                    a31 += h3 * v
+                                if j0 + 2 < kw:
+                                    v = xs2[m]
+                                    a02 += h0 * v
+                                    a12 += h1 * v
+                                    a22 += h2 * v
+                                    a32 += h3 * v
+                            for t, (s0, s1, s2, s3) in enumerate(((a00, a10, a20, a30),
+                                                                  (a01, a11, a21, a31),
+                                                                  (a02, a12, a22, a32))):
+                                if j0 + t < kw:
+                                    grad_w[o, c, i, j0 + t] += s0
+                                    grad_w[o + 1, c, i, j0 + t] += s1
+                                    grad_w[o + 2, c, i, j0 + t] += s2
+                                    grad_w[o + 3, c, i, j0 + t] += s3
+
+    return conv_weight_grad
+
+
+for _kernel, _stride in COMMON:                  # registers them with `warm`
+    forward_kernel(*_kernel, *_stride)
+    weight_grad_kernel(*_kernel, *_stride)
+
+
+def fits(weight_shape, stride, padding):
+    """Whether these kernels take the layer: any with a stride above 1 on some axis (a padding
+    as large as the kernel only leaves outputs that see zeros)."""
+    return stride != (1, 1)
+
+
+def _phases(x, weight, stride, padding, out_hw, ws):
+    """The phases of x (C, H, W, N) that the taps read: (C, A, B, HQ, WQ, N)."""
+    (kh, kw), (sh, sw), (oh, ow) = weight.shape[2:], stride, out_hw
+    shape = (x.shape[0], min(sh, kh), min(sw, kw), oh + (kh - 1) // sh, ow + (kw - 1) // sw,
+             x.shape[3])
+    xph = ws.empty("phases", shape, x.dtype)
+    split(x, sh, sw, *padding, xph)
+    return xph
+
+
+def forward(x, weight, bias, stride, padding, out_hw, ws):
+    """y (O, OH, OW, N) of x (C, H, W, N), weight (O, C, kh, kw) and bias (O,); the ctx for
+    `backward` holds the phases (in the Workspace `ws`)."""
+    (o, _, kh, kw), n = weight.shape, x.shape[3]
+    op = direct.blocks(o)
+    xph = _phases(x, weight, stride, padding, out_hw, ws)
+    y = np.empty((op, *out_hw, n), x.dtype)
+    forward_kernel(kh, kw, *stride)(xph.reshape(*xph.shape[:4], -1), direct.padded(weight, op),
+                                    direct.padded(bias, op), n, y.reshape(op, out_hw[0], -1))
+    return y[:o], (xph, stride, padding, x.shape)
+
+
+def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
+    """grad_w and grad_b (zeroed by the caller) += the parameters' gradients from gy (O, OH,
+    OW, N); returns the input's gradient (C, H, W, N), or None unless input_grad."""
+    xph, stride, padding, x_shape = ctx
+    o, c, kh, kw = weight.shape
+    op = direct.blocks(o)
+    g = direct.padded(gy, op)
+    gw = grad_w if op == o else np.zeros((op, *grad_w.shape[1:]), grad_w.dtype)
+    gb = grad_b if op == o else np.zeros(op, grad_b.dtype)
+    weight_grad_kernel(kh, kw, *stride)(xph.reshape(*xph.shape[:4], -1),
+                                        g.reshape(*g.shape[:2], -1), gy.shape[3], gw, gb)
+    if op != o:
+        grad_w += gw[:o]
+        grad_b += gb[:o]
+    if not input_grad:
+        return None
+    # The input gradient as im2col's adjoint (gemm.py): one GEMM gives every tap's gradient,
+    # which `fold` gathers into each input pixel, written once.
+    gm = gy.reshape(o, -1)
+    gcols = ws.empty("panel_grad", (c * kh * kw, gm.shape[1]), gm.dtype)
+    np.matmul(weight.reshape(o, -1).T, gm, out=gcols)
+    gx = np.empty(x_shape, gy.dtype)
+    fold(gcols.reshape(len(gcols), *gy.shape[1:]), kh, kw, *stride, *padding, gx)
+    return gx
