@@ -64,8 +64,7 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
         y, ctx = gemm.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
         y = nchw(y)
     elif algo == "strided":
-        b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
-        y, ctx = strided.forward(chwn(x), weight, b, stride, padding, out_hw, ws)
+        y, ctx = strided.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
         y = nchw(y)
     else:
         b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias

@@ -27,8 +27,8 @@ from ddl.kernels import direct
 from ddl.kernels.jit import X3, X4, kernel
 
 X5, X6 = "T[:, :, :, :, ::1]", "T[:, :, :, :, :, ::1]"
-# Kernel shapes compiled ahead by `warm`: ResNet's (kernel, stride).
-COMMON = (((3, 3), (2, 2)), ((1, 1), (2, 2)))
+# (kernel, stride) compiled ahead by `warm`: ResNet's and VGG's 3x3 layers of stride 2.
+COMMON = (((3, 3), (2, 2)),)
 CHUNK = direct.CHUNK
 
 
@@ -63,19 +63,25 @@ def fold(gcols, kh, kw, sh, sw, ph, pw, gx):
     oh, ow, n = gcols.shape[1], gcols.shape[2], gx.shape[3]
     for c in range(gx.shape[0]):
         for row in range(gx.shape[1]):
+            # The taps i that reach this row, i0, i0 + sh, ..., from output rows top, top - 1,
+            # ... (one division a row and one a column: a division per tap cost more than
+            # the copying)
+            top, i0 = divmod(row + ph, sh)
             for col in range(gx.shape[2]):
+                left, j0 = divmod(col + pw, sw)
                 dst = gx[c, row, col]
                 dst[:] = 0
-                for i in range(kh):
-                    r, down = divmod(row + ph - i, sh)
-                    if down != 0 or not 0 <= r < oh:
-                        continue
-                    for j in range(kw):
-                        q, right = divmod(col + pw - j, sw)
-                        if right == 0 and 0 <= q < ow:
-                            src = gcols[(c * kh + i) * kw + j, r, q]
-                            for m in range(n):
-                                dst[m] += src[m]
+                r = top
+                for i in range(i0, kh, sh):
+                    if 0 <= r < oh:
+                        q = left
+                        for j in range(j0, kw, sw):
+                            if 0 <= q < ow:
+                                src = gcols[(c * kh + i) * kw + j, r, q]
+                                for m in range(n):
+                                    dst[m] += src[m]
+                            q -= 1
+                    r -= 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,11 +195,17 @@ def _phases(x, weight, stride, padding, out_hw, ws):
 
 
 def forward(x, weight, bias, stride, padding, out_hw, ws):
-    """y (O, OH, OW, N) of x (C, H, W, N), weight (O, C, kh, kw) and bias (O,); the ctx for
+    """y (O, OH, OW, N) of x (C, H, W, N), weight (O, C, kh, kw) and bias (O,) or None; the ctx for
     `backward` holds the phases (in the Workspace `ws`)."""
-    (o, _, kh, kw), n = weight.shape, x.shape[3]
-    op = direct.blocks(o)
+    (o, c, kh, kw), n = weight.shape, x.shape[3]
     xph = _phases(x, weight, stride, padding, out_hw, ws)
+    if (kh, kw) == (1, 1):              # one phase, the panel of a GEMM: see the module's notes
+        y = weight.reshape(o, c) @ xph.reshape(c, -1)
+        if bias is not None:
+            y += bias[:, None]
+        return y.reshape(o, *out_hw, n), (xph, stride, padding, x.shape)
+    op = direct.blocks(o)
+    bias = np.zeros(o, x.dtype) if bias is None else bias
     y = np.empty((op, *out_hw, n), x.dtype)
     forward_kernel(kh, kw, *stride)(xph.reshape(*xph.shape[:4], -1), direct.padded(weight, op),
                                     direct.padded(bias, op), n, y.reshape(op, out_hw[0], -1))
@@ -205,6 +217,26 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     OW, N); returns the input's gradient (C, H, W, N), or None unless input_grad."""
     xph, stride, padding, x_shape = ctx
     o, c, kh, kw = weight.shape
+    gm = gy.reshape(o, -1)
+    if (kh, kw) == (1, 1):
+        grad_w += (gm @ xph.reshape(c, -1).T).reshape(weight.shape)
+        grad_b += gm.sum(axis=1)
+    else:
+        _weight_grad(xph, gy, weight, grad_w, grad_b, stride)
+    if not input_grad:
+        return None
+    # The input gradient as im2col's adjoint (gemm.py): one GEMM gives every tap's gradient,
+    # which `fold` gathers into each input pixel, written once.
+    gcols = ws.empty("panel_grad", (c * kh * kw, gm.shape[1]), gm.dtype)
+    np.matmul(weight.reshape(o, -1).T, gm, out=gcols)
+    gx = np.empty(x_shape, gy.dtype)
+    fold(gcols.reshape(len(gcols), *gy.shape[1:]), kh, kw, *stride, *padding, gx)
+    return gx
+
+
+def _weight_grad(xph, gy, weight, grad_w, grad_b, stride):
+    """grad_w, grad_b += the weight_grad_kernel's sums, its O' - O extra channels dropped."""
+    o, _, kh, kw = weight.shape
     op = direct.blocks(o)
     g = direct.padded(gy, op)
     gw = grad_w if op == o else np.zeros((op, *grad_w.shape[1:]), grad_w.dtype)
@@ -214,13 +246,3 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     if op != o:
         grad_w += gw[:o]
         grad_b += gb[:o]
-    if not input_grad:
-        return None
-    # The input gradient as im2col's adjoint (gemm.py): one GEMM gives every tap's gradient,
-    # which `fold` gathers into each input pixel, written once.
-    gm = gy.reshape(o, -1)
-    gcols = ws.empty("panel_grad", (c * kh * kw, gm.shape[1]), gm.dtype)
-    np.matmul(weight.reshape(o, -1).T, gm, out=gcols)
-    gx = np.empty(x_shape, gy.dtype)
-    fold(gcols.reshape(len(gcols), *gy.shape[1:]), kh, kw, *stride, *padding, gx)
-    return gx
