@@ -5,8 +5,9 @@ the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan`
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
 stride-1 layers with 32 or more input and 64 or more output channels, a direct convolution for
 other stride-1 layers (padded by less than the kernel's size), direct loops over the input's
-phases for strided layers (strided.py), and one GEMM on a compiled im2col panel (gemm.py) for the
-rest: stride-1 1x1 layers (an unpadded one needs no panel) and those padded by a kernel's size.
+phases for strided layers larger than 1x1 (strided.py), and one GEMM on a compiled im2col panel
+(gemm.py) for the rest: 1x1 layers (an unpadded one of stride 1 needs no panel) and stride-1
+layers padded by a kernel's size.
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
@@ -47,8 +48,11 @@ def fusable(conv, pool_layer):
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
+# name -> (forward, backward). The backward passes share one signature; a strided layer's
+# forward takes its stride and output size instead of the fused pool's arguments.
 _ALGORITHMS = {"direct": (direct.forward, direct.backward),
-               "winograd": (winograd.forward, winograd.backward)}
+               "winograd": (winograd.forward, winograd.backward),
+               "strided": (strided.forward, strided.backward)}
 
 
 def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=False):
@@ -64,7 +68,7 @@ def conv2d_forward(x, weight, bias, stride, padding, ws=None, pool=False, relu=F
         y, ctx = gemm.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
         y = nchw(y)
     elif algo == "strided":
-        y, ctx = strided.forward(chwn(x), weight, bias, stride, padding, out_hw, ws)
+        y, ctx = _ALGORITHMS[algo][0](chwn(x), weight, bias, stride, padding, out_hw, ws)
         y = nchw(y)
     else:
         b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
@@ -84,10 +88,7 @@ def conv2d_backward(grad_y, ctx, weight, x_shape, stride, padding, input_grad=Tr
         return (None if gx is None else nchw(gx)), grad_w, grad_b
     grad_w = np.zeros_like(weight)
     grad_b = np.zeros(weight.shape[0], weight.dtype)
-    if algo == "strided":
-        gx = strided.backward(chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
-    else:
-        gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
+    gx = _ALGORITHMS[algo][1](chwn(grad_y), ctx, weight, grad_w, grad_b, input_grad, ws)
     if gx is None:
         return None, grad_w, grad_b
     if algo == "winograd":                  # the gradient of the padded input

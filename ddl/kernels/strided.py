@@ -1,5 +1,5 @@
-"""Strided convolutions (ResNet's stride-2 3x3 layers and 1x1 shortcuts) as direct loops over
-the input split into its stride's phases.
+"""Strided convolutions larger than 1x1 (ResNet's and VGG's 3x3 layers of stride 2) as direct
+loops over the input split into its stride's phases.
 
 Phase (a, b) of the zero-padded input holds every sh-th row from row a and every sw-th column
 from column b: xph[c, a, b, R, Q] = x[c, R*sh + a - ph, Q*sw + b - pw] (N values, zeros in the
@@ -7,17 +7,18 @@ padding). Tap (i, j) of output pixel (r, q) reads padded pixel (r*sh + i, q*sw +
 phase (i % sh, j % sw) at (r + i // sh, q + j // sw): with the last two axes merged, one output
 row y[o, r] (OW*N values) is again a sum of shifted unit-stride rows, as in the direct kernel
 (direct.py), y[o, r, m] = sum over c, i, j of w[o, c, i, j] * xph[c, i % sh, j % sw,
-r + i // sh, (j // sw)*N + m]. The split is one compiled copy that also pads, and only the
-phases that some tap reads are made (a 1x1 layer of stride 2 keeps a quarter of its input).
-With im2col and one GEMM (gemm.py), 16 -> 32 channels, 3x3, stride 2 on 28x28, batch 64, spent
-0.41 ms packing, 0.90 in the GEMM forward; and 1.19 + 0.64 GEMMs, 0.17 zeroing and 0.84 adding
-the panel back in backward (one run on a loaded 2-core Xeon, 2026-12-06).
+r + i // sh, (j // sw)*N + m]. The split is one compiled copy that also pads (C*H*W*N values,
+where im2col's panel has C*kh*kw*OH*OW*N: 2.25x that for 3x3 of stride 2), and only the phases
+that some tap reads are made. The weight gradient is direct.py's weight-gradient loop over the
+same phases.
 
-The weight gradient is the direct weight-gradient loop over the same phases. The input gradient
-splits by phase too: phase (a, b) of the padded input's gradient takes the taps (a + sh*di,
-b + sw*dj) only, a stride-1 "full" correlation of the output gradient with those taps, which
-direct.py's forward kernel runs (no multiply by a zero tap); the phases are then interleaved
-back into (C, H, W, N).
+The input gradient stays one GEMM, W^T @ grad y, giving every tap's gradient, but `fold` then
+gathers each input pixel's taps and writes the pixel once, where gemm.unpack_add zeroes the
+input gradient and adds every tap into it. Per-part medians, thread CPU time, 16 -> 32
+channels on 28x28 at batch 64, float32, on a loaded 2-core Xeon (2026-12-06): split 0.55 ms and
+the phase kernel 1.76, vs im2col 0.89 and the GEMM 2.13; weight gradient 1.61 vs the GEMM's
+2.39; after the input gradient's GEMM (1.68), fold 0.98 vs zeroing and unpack_add 1.79. With
+32 -> 64 channels on 14x14 the two ways came out even.
 """
 import functools
 
@@ -179,9 +180,11 @@ for _kernel, _stride in COMMON:                  # registers them with `warm`
 
 
 def fits(weight_shape, stride, padding):
-    """Whether these kernels take the layer: any with a stride above 1 on some axis (a padding
-    as large as the kernel only leaves outputs that see zeros)."""
-    return stride != (1, 1)
+    """Whether these kernels take the layer: a stride above 1 on some axis and a kernel larger
+    than 1x1 (a padding as large as the kernel only leaves outputs that see zeros). A 1x1
+    layer's phase is the panel of one GEMM, which gemm.py's pack makes: there the phase kernel,
+    one multiply-add per input value loaded, took twice the GEMM's time."""
+    return stride != (1, 1) and weight_shape[2:] != (1, 1)
 
 
 def _phases(x, weight, stride, padding, out_hw, ws):
@@ -197,13 +200,8 @@ def _phases(x, weight, stride, padding, out_hw, ws):
 def forward(x, weight, bias, stride, padding, out_hw, ws):
     """y (O, OH, OW, N) of x (C, H, W, N), weight (O, C, kh, kw) and bias (O,) or None; the ctx for
     `backward` holds the phases (in the Workspace `ws`)."""
-    (o, c, kh, kw), n = weight.shape, x.shape[3]
+    (o, _, kh, kw), n = weight.shape, x.shape[3]
     xph = _phases(x, weight, stride, padding, out_hw, ws)
-    if (kh, kw) == (1, 1):              # one phase, the panel of a GEMM: see the module's notes
-        y = weight.reshape(o, c) @ xph.reshape(c, -1)
-        if bias is not None:
-            y += bias[:, None]
-        return y.reshape(o, *out_hw, n), (xph, stride, padding, x.shape)
     op = direct.blocks(o)
     bias = np.zeros(o, x.dtype) if bias is None else bias
     y = np.empty((op, *out_hw, n), x.dtype)
@@ -217,16 +215,12 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     OW, N); returns the input's gradient (C, H, W, N), or None unless input_grad."""
     xph, stride, padding, x_shape = ctx
     o, c, kh, kw = weight.shape
-    gm = gy.reshape(o, -1)
-    if (kh, kw) == (1, 1):
-        grad_w += (gm @ xph.reshape(c, -1).T).reshape(weight.shape)
-        grad_b += gm.sum(axis=1)
-    else:
-        _weight_grad(xph, gy, weight, grad_w, grad_b, stride)
+    _weight_grad(xph, gy, weight, grad_w, grad_b, stride)
     if not input_grad:
         return None
     # The input gradient as im2col's adjoint (gemm.py): one GEMM gives every tap's gradient,
     # which `fold` gathers into each input pixel, written once.
+    gm = gy.reshape(o, -1)
     gcols = ws.empty("panel_grad", (c * kh * kw, gm.shape[1]), gm.dtype)
     np.matmul(weight.reshape(o, -1).T, gm, out=gcols)
     gx = np.empty(x_shape, gy.dtype)
