@@ -38,7 +38,7 @@ CONVS = {
                 (2, 3, 3, 2, 1, (37, 2, 3, 29))],       # rows of 15 x 37 values: two chunks
     "gemm": [(6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
              (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4)),  # padded 1x1
-             (3, 2, 1, 2, 1, (2, 3, 5, 5)),
+             (3, 2, 1, 2, 1, (2, 3, 5, 5)), (32, 3, 3, 2, 1, (1, 32, 4, 5)),   # many inputs
              (2, 3, 3, 1, (3, 2), (2, 2, 4, 5))],   # padded by the kernel's size: not direct
 }
 CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]

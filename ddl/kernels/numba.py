@@ -5,9 +5,9 @@ the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan`
 A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
 stride-1 layers with 32 or more input and 64 or more output channels, a direct convolution for
 other stride-1 layers (padded by less than the kernel's size), direct loops over the input's
-phases for strided layers larger than 1x1 (strided.py), and one GEMM on a compiled im2col panel
-(gemm.py) for the rest: 1x1 layers (an unpadded one of stride 1 needs no panel) and stride-1
-layers padded by a kernel's size.
+phases for strided layers larger than 1x1 with few input channels (strided.py), and one GEMM on
+a compiled im2col panel (gemm.py) for the rest: other strided layers, 1x1 layers (an unpadded one
+of stride 1 needs no panel) and stride-1 layers padded by a kernel's size.
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
@@ -28,15 +28,21 @@ name = "numba"
 # 64 -> 64 at 8x8 8.9-9.8 vs 7.1-7.5 (at 7x7 6.5-6.9 vs 6.8-7.6, even), and ref-cnn (32 -> 64 at
 # 13x13, pooled) trained at 1.56x PyTorch's speed with Winograd, 1.01x with direct.
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUTPUTS = 32, 64
+# A strided layer's GEMM (gemm.py) gains on the phase kernels (strided.py) with its inner
+# dimension, C*kh*kw. Per-layer medians of thread CPU time, forward + backward, one thread, batch
+# 64, interleaved, on a 2-core Xeon loaded by other jobs (2026-12-06), four runs, two of them
+# with NUMBA_CPU_NAME=haswell, GEMM vs phases, 3x3 of stride 2: 16 -> 32 channels on 28x28
+# 7.7-9.3 vs 6.2-7.3 ms; 32 -> 64 on 14x14 4.0-5.0 vs 4.3-5.2.
+STRIDED_MAX_CHANNELS = 31
 
 
 def algorithm(weight_shape, stride, padding=(0, 0)):
     """"direct", "winograd", "strided" or "gemm" for a convolution with this weight (O, C, kh,
     kw)."""
     o, c, kh, kw = weight_shape
-    if strided.fits(weight_shape, stride, padding):
+    if strided.fits(weight_shape, stride, padding) and c <= STRIDED_MAX_CHANNELS:
         return "strided"
-    if (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
+    if stride != (1, 1) or (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
         return "gemm"
     winograd = (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
     return "winograd" if winograd else "direct"
