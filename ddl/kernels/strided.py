@@ -7,10 +7,10 @@ padding). Tap (i, j) of output pixel (r, q) reads padded pixel (r*sh + i, q*sw +
 phase (i % sh, j % sw) at (r + i // sh, q + j // sw): with the last two axes merged, one output
 row y[o, r] (OW*N values) is again a sum of shifted unit-stride rows, as in the direct kernel
 (direct.py), y[o, r, m] = sum over c, i, j of w[o, c, i, j] * xph[c, i % sh, j % sw,
-r + i // sh, (j // sw)*N + m]. The split is one compiled copy that also pads (C*H*W*N values,
-where im2col's panel has C*kh*kw*OH*OW*N: 2.25x that for 3x3 of stride 2), and only the phases
-that some tap reads are made. The weight gradient is direct.py's weight-gradient loop over the
-same phases.
+r + i // sh, (j // sw)*N + m]. The split is gemm.py's im2col packing with the phases for taps:
+one copy that also pads, of C*H*W*N values where im2col's panel has C*kh*kw*OH*OW*N (2.25x that
+for 3x3 of stride 2), and only of the phases that some tap reads. The weight gradient is
+direct.py's weight-gradient loop over the same phases.
 
 The input gradient stays one GEMM, W^T @ grad y, giving every tap's gradient, but `fold` then
 gathers each input pixel's taps and writes the pixel once, where gemm.unpack_add zeroes the
@@ -24,35 +24,13 @@ import functools
 
 import numpy as np
 
-from ddl.kernels import direct
+from ddl.kernels import direct, gemm
 from ddl.kernels.jit import X3, X4, kernel
 
-X5, X6 = "T[:, :, :, :, ::1]", "T[:, :, :, :, :, ::1]"
+X5 = "T[:, :, :, :, ::1]"
 # (kernel, stride) compiled ahead by `warm`: ResNet's and VGG's 3x3 layers of stride 2.
 COMMON = (((3, 3), (2, 2)),)
 CHUNK = direct.CHUNK
-
-
-@kernel(f"({X4}, int64, int64, int64, int64, {X6})")
-def split(x, sh, sw, ph, pw, xph):
-    """xph[c, a, b, R, Q] = x[c, R*sh + a - ph, Q*sw + b - pw] (N values), zeros outside x:
-    x (C, H, W, N), xph (C, A, B, HQ, WQ, N) with A <= sh, B <= sw phases."""
-    h, w, n = x.shape[1], x.shape[2], x.shape[3]
-    for c in range(xph.shape[0]):
-        for a in range(xph.shape[1]):
-            for b in range(xph.shape[2]):
-                for r in range(xph.shape[3]):
-                    row = r * sh + a - ph
-                    for q in range(xph.shape[4]):
-                        col = q * sw + b - pw
-                        dst = xph[c, a, b, r, q]
-                        if 0 <= row < h and 0 <= col < w:
-                            src = x[c, row, col]
-                            for m in range(n):
-                                dst[m] = src[m]
-                        else:
-                            for m in range(n):
-                                dst[m] = 0
 
 
 @kernel(f"({X4}, int64, int64, int64, int64, int64, int64, {X4})")
@@ -125,7 +103,7 @@ def weight_grad_kernel(kh, kw, sh, sw):
         """grad_w (O', C, kh, kw) += the weight gradient and grad_b (O',) += the bias gradient,
         from the input's phases x (C, A, B, HQ, WQ*N) and the output gradient g (O', OH, OW*N),
         O' a multiple of 4."""
-        nu, width, zero = np.uint64(n), np.uint64(g.shape[2]), x.dtype.type(0)
+        nu, width = np.uint64(n), np.uint64(g.shape[2])
         for r in range(g.shape[1]):
             for o in range(0, g.shape[0], 4):
                 g0, g1, g2, g3 = g[o, r], g[o + 1, r], g[o + 2, r], g[o + 3, r]
@@ -134,42 +112,13 @@ def weight_grad_kernel(kh, kw, sh, sw):
                 for c in range(x.shape[0]):
                     for i in range(kh):
                         a, row = i % sh, r + i // sh
-                        # Four channels by up to three taps in registers, as in direct.py; each
-                        # tap's row lies in its own phase.
-                        for j0 in range(0, kw, 3):
+                        for j0 in range(0, kw, 3):      # each tap's row in its own phase
                             j1, j2 = min(j0 + 1, kw - 1), min(j0 + 2, kw - 1)
-                            xs0 = x[c, a, j0 % sw, row, np.uint64(j0 // sw) * nu:]
-                            xs1 = x[c, a, j1 % sw, row, np.uint64(j1 // sw) * nu:]
-                            xs2 = x[c, a, j2 % sw, row, np.uint64(j2 // sw) * nu:]
-                            a00 = a01 = a02 = a10 = a11 = a12 = zero
-                            a20 = a21 = a22 = a30 = a31 = a32 = zero
-                            for m in range(width):
-                                h0, h1, h2, h3 = g0[m], g1[m], g2[m], g3[m]
-                                v = xs0[m]
-                                a00 += h0 * v
-                                a10 += h1 * v
-                                a20 += h2 * v
-                                a30 += h3 * v
-                                if j0 + 1 < kw:
-                                    v = xs1[m]
-                                    a01 += h0 * v
-                                    a11 += h1 * v
-                                    a21 += h2 * v
-                                    a31 += h3 * v
-                                if j0 + 2 < kw:
-                                    v = xs2[m]
-                                    a02 += h0 * v
-                                    a12 += h1 * v
-                                    a22 += h2 * v
-                                    a32 += h3 * v
-                            for t, (s0, s1, s2, s3) in enumerate(((a00, a10, a20, a30),
-                                                                  (a01, a11, a21, a31),
-                                                                  (a02, a12, a22, a32))):
-                                if j0 + t < kw:
-                                    grad_w[o, c, i, j0 + t] += s0
-                                    grad_w[o + 1, c, i, j0 + t] += s1
-                                    grad_w[o + 2, c, i, j0 + t] += s2
-                                    grad_w[o + 3, c, i, j0 + t] += s3
+                            direct.add_taps(g0, g1, g2, g3,
+                                            x[c, a, j0 % sw, row, np.uint64(j0 // sw) * nu:],
+                                            x[c, a, j1 % sw, row, np.uint64(j1 // sw) * nu:],
+                                            x[c, a, j2 % sw, row, np.uint64(j2 // sw) * nu:],
+                                            width, kw - j0, grad_w, o, c, i, j0)
 
     return conv_weight_grad
 
@@ -193,7 +142,8 @@ def _phases(x, weight, stride, padding, out_hw, ws):
     shape = (x.shape[0], min(sh, kh), min(sw, kw), oh + (kh - 1) // sh, ow + (kw - 1) // sw,
              x.shape[3])
     xph = ws.empty("phases", shape, x.dtype)
-    split(x, sh, sw, *padding, xph)
+    # im2col's packing with the phases for taps: row (c, a, b) of its panel is phase (a, b)
+    gemm.pack(x, shape[1], shape[2], sh, sw, *padding, xph.reshape(-1, *shape[3:]))
     return xph
 
 
