@@ -43,8 +43,7 @@ def fold(gcols, kh, kw, sh, sw, ph, pw, gx):
     for c in range(gx.shape[0]):
         for row in range(gx.shape[1]):
             # The taps i that reach this row, i0, i0 + sh, ..., from output rows top, top - 1,
-            # ... (one division a row and one a column: a division per tap cost more than
-            # the copying)
+            # ...: one division a row and one a column, none a tap.
             top, i0 = divmod(row + ph, sh)
             for col in range(gx.shape[2]):
                 left, j0 = divmod(col + pw, sw)
