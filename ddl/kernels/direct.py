@@ -209,7 +209,7 @@ def padded(a, count):
     return out
 
 
-def convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
+def _convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
     """The forward kernel on x (C, H, W, N), unpadded: y (O', ...) and code for O' = O rounded
     up to a multiple of OB channels, the last zero."""
     o, kh, kw, n = len(weight), *weight.shape[2:], x.shape[3]
@@ -230,7 +230,7 @@ def forward(x, weight, bias, padding, pool, relu, ws):
     it (`fits`)."""
     o = len(weight)
     xp = pad(x, padding, ws)
-    y, code = convolve(xp, weight, bias, pool, relu, ws)
+    y, code = _convolve(xp, weight, bias, pool, relu, ws)
     return y[:o], (xp, code[:o] if pool else None, padding, x.shape)
 
 
@@ -286,7 +286,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     # the taps reversed, the channel axes swapped and the O' - O zero channels of g given zeros.
     flipped = np.zeros((c, op, kh, kw), weight.dtype)
     flipped[:, :o] = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-    gx, _ = convolve(g, flipped, np.zeros(c, gy.dtype), False, False, ws, "grad_rows")
+    gx, _ = _convolve(g, flipped, np.zeros(c, gy.dtype), False, False, ws, "grad_rows")
     return gx[:c]
 
 
