@@ -29,10 +29,17 @@ CONVS = {
                (5, 6, 3, 1, 1, (37, 5, 3, 15))],     # rows of 15 x 37 values: two chunks
     "winograd": [(32, 64, 3, 1, 0, (2, 32, 6, 6)), (33, 65, 3, 1, 1, (1, 33, 5, 7)),  # odd outputs
                  (32, 64, 3, 1, 2, (1, 32, 3, 4)), (34, 66, 3, 1, 0, (2, 34, 3, 3))],  # one output
-    "gemm": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
-             (3, 4, 3, 2, 1, (2, 3, 7, 5)), (2, 3, 3, 3, 2, (1, 2, 8, 7)),    # odd sides
-             (6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
+    "strided": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
+                (3, 4, 3, 2, 1, (2, 3, 7, 5)), (2, 3, 3, 3, 2, (1, 2, 8, 7)),    # odd sides
+                (5, 7, 3, 2, 0, (3, 5, 7, 9)),          # two blocks of outputs, the last short
+                (3, 8, 3, 2, 1, (1, 3, 5, 5)),          # two full blocks, one image
+                (2, 3, 5, 2, 2, (2, 2, 9, 8)),          # taps past the weight gradient's three
+                (4, 3, 3, (1, 2), 1, (2, 4, 5, 6)),
+                (2, 2, 3, 2, 3, (2, 2, 4, 5)),          # padded by the kernel's size
+                (2, 3, 3, 2, 1, (37, 2, 3, 29))],       # rows of 15 x 37 values: two chunks
+    "gemm": [(6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
              (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4)),  # padded 1x1
+             (3, 2, 1, 2, 1, (2, 3, 5, 5)), (32, 3, 3, 2, 1, (1, 32, 4, 5)),   # many inputs
              (2, 3, 3, 1, (3, 2), (2, 2, 4, 5))],   # padded by the kernel's size: not direct
 }
 CONV_CASES = [(algo, cfg) for algo, cfgs in CONVS.items() for cfg in cfgs]
@@ -126,6 +133,22 @@ def test_conv_without_input_gradient(algo, cfg):
     assert_same(out)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, shape", [
+    ((3, 3), (2, 2), (1, 1), (5, 7, 6, 3)), ((2, 3), (2, 1), (1, 0), (2, 5, 6, 2)),
+    ((3, 3), (3, 3), (2, 2), (2, 8, 7, 1)), ((1, 1), (2, 2), (0, 0), (3, 5, 7, 2))])
+def test_fold_writes_every_pixel_as_unpack_adds_into_zeros(kernel, stride, padding, shape):
+    """strided.fold's gather against gemm.unpack_add's scatter, into an input gradient full of
+    NaN, which every pixel must overwrite (those that no tap reaches with zeros)."""
+    from ddl.kernels import gemm, strided
+    from ddl.kernels.arrays import out_size
+    out_hw = [out_size(*a) for a in zip(shape[1:3], kernel, stride, padding)]
+    gcols = randn(shape[0] * kernel[0] * kernel[1], *out_hw, shape[3])
+    expected, gx = np.zeros(shape), np.full(shape, np.nan)
+    gemm.unpack_add(gcols, *kernel, *stride, *padding, expected)
+    strided.fold(gcols, *kernel, *stride, *padding, gx)
+    np.testing.assert_allclose(gx, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_float32_conv_close_to_numpy():
     x = randn(64, 32, 13, 13).astype(np.float32)      # ref-cnn's second layer, Winograd
     out = run_both(lambda: nn.Conv2d(32, 64, 3, rng=np.random.default_rng(3)), x,
@@ -143,7 +166,7 @@ def conv_pool(order, cfg, relu=True):
 
 
 # Algorithms that fuse, and room to pool.
-FUSED = [c for c in CONV_CASES if c[0] != "gemm" and min(c[1][-1][2:]) > 3]
+FUSED = [c for c in CONV_CASES if c[0] in ("direct", "winograd") and min(c[1][-1][2:]) > 3]
 
 
 @pytest.mark.parametrize("order", [("pool", "relu"), ("relu", "pool"), ("pool",)])

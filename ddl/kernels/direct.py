@@ -26,7 +26,7 @@ import functools
 import numpy as np
 
 from ddl.kernels import gemm
-from ddl.kernels.jit import X3, X4, kernel
+from ddl.kernels.jit import X3, X4, helper, kernel
 from ddl.kernels.pool import first_max4, spread4
 
 # Kernel sizes compiled ahead by `warm` (others on first use): ref-cnn's and seed-cnn's.
@@ -90,6 +90,43 @@ def forward_kernel(kh, kw):
     return conv
 
 
+@helper
+def add_taps(g0, g1, g2, g3, xs0, xs1, xs2, width, taps, grad_w, o, c, i, j0):
+    """grad_w[o + b, c, i, j0 + t] += the dot product of gradient row g<b> with input row xs<t>
+    (`width` values), for four channels b by up to three taps t < taps. The twelve sums stay in
+    registers: each gradient and input value loaded feeds three or four multiply-adds."""
+    zero = xs0.dtype.type(0)
+    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = a30 = a31 = a32 = zero
+    for m in range(width):
+        h0, h1, h2, h3 = g0[m], g1[m], g2[m], g3[m]
+        v = xs0[m]
+        a00 += h0 * v
+        a10 += h1 * v
+        a20 += h2 * v
+        a30 += h3 * v
+        # Taps past the kernel's width (constant conditions in a kernel compiled per kernel
+        # size, once its tap loop unrolls): adding h * 0 would still cost the FMAs.
+        if taps > 1:
+            v = xs1[m]
+            a01 += h0 * v
+            a11 += h1 * v
+            a21 += h2 * v
+            a31 += h3 * v
+        if taps > 2:
+            v = xs2[m]
+            a02 += h0 * v
+            a12 += h1 * v
+            a22 += h2 * v
+            a32 += h3 * v
+    for t, (s0, s1, s2, s3) in enumerate(((a00, a10, a20, a30), (a01, a11, a21, a31),
+                                          (a02, a12, a22, a32))):
+        if t < taps:
+            grad_w[o, c, i, j0 + t] += s0
+            grad_w[o + 1, c, i, j0 + t] += s1
+            grad_w[o + 2, c, i, j0 + t] += s2
+            grad_w[o + 3, c, i, j0 + t] += s3
+
+
 @functools.lru_cache(maxsize=None)
 def weight_grad_kernel(kh, kw):
     """The weight-gradient kernel compiled for kh x kw kernels (closing over two ints only)."""
@@ -105,7 +142,7 @@ def weight_grad_kernel(kh, kw):
         gradient, written and read back, cost a first layer a third of its backward pass)."""
         nu = np.uint64(n)
         oh, width = x.shape[1] - kh + 1, np.uint64(x.shape[2] - (kw - 1) * n)
-        start, zero = cb * n, x.dtype.type(0)
+        start = cb * n
         if pool:
             rows[:, :, :] = 0           # the rows and columns that no pooling window reads
         for r in range(oh):
@@ -131,41 +168,11 @@ def weight_grad_kernel(kh, kw):
                 for c in range(x.shape[0]):
                     for i in range(kh):
                         xs = x[c, r + i]
-                        # Four channels by three taps accumulate in registers: each gradient
-                        # and input value loaded feeds three or four multiply-adds.
                         for j0 in range(0, kw, 3):
-                            a00 = a01 = a02 = a10 = a11 = a12 = zero
-                            a20 = a21 = a22 = a30 = a31 = a32 = zero
-                            for m in range(width):
-                                at = np.uint64(j0) * nu + m
-                                h0, h1, h2, h3 = g0[m], g1[m], g2[m], g3[m]
-                                v = xs[at]
-                                a00 += h0 * v
-                                a10 += h1 * v
-                                a20 += h2 * v
-                                a30 += h3 * v
-                                # Taps past the kernel's width (constant conditions, gone once
-                                # the j0 loop unrolls): adding h * 0 would still cost the FMAs.
-                                if j0 + 1 < kw:
-                                    v = xs[at + nu]
-                                    a01 += h0 * v
-                                    a11 += h1 * v
-                                    a21 += h2 * v
-                                    a31 += h3 * v
-                                if j0 + 2 < kw:
-                                    v = xs[at + np.uint64(2) * nu]
-                                    a02 += h0 * v
-                                    a12 += h1 * v
-                                    a22 += h2 * v
-                                    a32 += h3 * v
-                            for t, (s0, s1, s2, s3) in enumerate(((a00, a10, a20, a30),
-                                                                  (a01, a11, a21, a31),
-                                                                  (a02, a12, a22, a32))):
-                                if j0 + t < kw:
-                                    grad_w[o, c, i, j0 + t] += s0
-                                    grad_w[o + 1, c, i, j0 + t] += s1
-                                    grad_w[o + 2, c, i, j0 + t] += s2
-                                    grad_w[o + 3, c, i, j0 + t] += s3
+                            at = np.uint64(j0) * nu
+                            add_taps(g0, g1, g2, g3, xs[at:], xs[at + nu:],
+                                     xs[at + np.uint64(2) * nu:], width, kw - j0, grad_w, o, c,
+                                     i, j0)
 
     return conv_weight_grad
 
@@ -188,12 +195,12 @@ for _shape in COMMON:                  # registers them with `warm`
     weight_grad_kernel(*_shape)
 
 
-def _blocks(count):
+def blocks(count):
     """count rounded up to a multiple of OB."""
     return -(-count // OB) * OB
 
 
-def _padded(a, count):
+def padded(a, count):
     """a with its first axis zero-padded to `count` entries (a itself if it has them)."""
     if len(a) == count:
         return a
@@ -206,13 +213,13 @@ def _convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
     """The forward kernel on x (C, H, W, N), unpadded: y (O', ...) and code for O' = O rounded
     up to a multiple of OB channels, the last zero."""
     o, kh, kw, n = len(weight), *weight.shape[2:], x.shape[3]
-    op = _blocks(o)
+    op = blocks(o)
     oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     rows = ws.empty(scratch, (OB, 2, ow * n), x.dtype)
     y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
     y = np.empty((op, *y_hw, n), x.dtype)
     code = np.empty(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
-    forward_kernel(kh, kw)(x.reshape(*x.shape[:2], -1), _padded(weight, op), _padded(bias, op),
+    forward_kernel(kh, kw)(x.reshape(*x.shape[:2], -1), padded(weight, op), padded(bias, op),
                            n, pool, relu, rows, y.reshape(op, y_hw[0], -1),
                            code.reshape(*code.shape[:2], -1))
     return y, code
@@ -237,7 +244,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     """As winograd.backward, but the input gradient comes back unpadded (C, H, W, N)."""
     xp, code, (ph, pw), x_shape = ctx
     (o, c, kh, kw), n = weight.shape, xp.shape[3]
-    op = _blocks(o)
+    op = blocks(o)
     oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
     # The full correlation below runs the kernel over every input pixel, zeros around the output
     # gradient included: when the output is much smaller than the input (seed-cnn's 5x5 layer on

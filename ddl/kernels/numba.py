@@ -6,8 +6,10 @@ A convolution runs one of the algorithms of `_ALGORITHMS` that fit its shape: th
 fastest for that shape when the model's plan was made (ddl/kernels/convplan.py), else the fixed
 rule of `algorithm`: Winograd F(2x2, 3x3) for 3x3 stride-1 layers with 32 or more input and 64 or
 more output channels, a direct convolution for other stride-1 layers (padded by less than the
-kernel's size), and one GEMM on a compiled im2col panel (gemm.py) for strided and 1x1 layers (an
-unpadded 1x1 layer of stride 1 needs no panel).
+kernel's size), direct loops over the input's phases for strided layers larger than 1x1 with few
+input channels (strided.py), and one GEMM on a compiled im2col panel (gemm.py) for the rest:
+other strided layers, 1x1 layers (an unpadded one of stride 1 needs no panel) and stride-1 layers
+padded by a kernel's size.
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
 """
@@ -16,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ddl.kernels import bf16, convplan, direct, gemm, loss, norm, optim, pool, winograd
+from ddl.kernels import bf16, convplan, direct, gemm, loss, norm, optim, pool, strided, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -29,6 +31,12 @@ name = "numba"
 # 64 -> 64 at 8x8 8.9-9.8 vs 7.1-7.5 (at 7x7 6.5-6.9 vs 6.8-7.6, even), and ref-cnn (32 -> 64 at
 # 13x13, pooled) trained at 1.56x PyTorch's speed with Winograd, 1.01x with direct.
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUTPUTS = 32, 64
+# A strided layer's GEMM (gemm.py) gains on the phase kernels (strided.py) with its inner
+# dimension, C*kh*kw. Per-layer medians of thread CPU time, forward + backward, one thread, batch
+# 64, interleaved, on a 2-core Xeon loaded by other jobs (2026-12-06), four runs, two of them
+# with NUMBA_CPU_NAME=haswell, GEMM vs phases, 3x3 of stride 2: 16 -> 32 channels on 28x28
+# 7.7-9.3 vs 6.2-7.3 ms; 32 -> 64 on 14x14 4.0-5.0 vs 4.3-5.2.
+STRIDED_MAX_CHANNELS = 31
 
 
 class Algorithm(NamedTuple):
@@ -45,21 +53,26 @@ class Algorithm(NamedTuple):
     fuses: bool = False
 
 
+def _accumulating(backward_into):
+    """Algorithm's backward for a kernel module's `backward(gy, ctx, weight, grad_w, grad_b,
+    input_grad, ws)`, which adds into zeroed parameter gradients and returns the input's."""
+    def backward(gy, ctx, weight, x_shape, stride, padding, input_grad, ws):
+        grad_w, grad_b = np.zeros_like(weight), np.zeros(weight.shape[0], weight.dtype)
+        gx = backward_into(gy, ctx, weight, grad_w, grad_b, input_grad, ws)
+        if gx is not None and gx.shape != x_shape:     # Winograd's: of the padded input
+            (ph, pw), (h, w) = padding, x_shape[1:3]
+            gx = gx[:, ph:ph + h, pw:pw + w]
+        return gx, grad_w, grad_b
+    return backward
+
+
 def _stride_one(module):
     """The forward and backward of `module` (direct or winograd: stride 1 only, a 2x2 max pool
     and ReLU fused on request) in the signatures of Algorithm."""
     def forward(x, weight, bias, stride, padding, out_hw, ws, pool=False, relu=False):
         b = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
         return module.forward(x, weight, b, padding, pool, relu, ws)
-
-    def backward(gy, ctx, weight, x_shape, stride, padding, input_grad, ws):
-        grad_w, grad_b = np.zeros_like(weight), np.zeros(weight.shape[0], weight.dtype)
-        gx = module.backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws)
-        if gx is not None and gx.shape != x_shape:     # Winograd's: of the padded input
-            (ph, pw), (h, w) = padding, x_shape[1:3]
-            gx = gx[:, ph:ph + h, pw:pw + w]
-        return gx, grad_w, grad_b
-    return forward, backward
+    return forward, _accumulating(module.backward)
 
 
 def _direct_fits(weight_shape, stride, padding):
@@ -73,7 +86,9 @@ def _winograd_fits(weight_shape, stride, padding):
 # The candidates for every convolution, in the order that a tie between their timings keeps.
 _ALGORITHMS = {"gemm": Algorithm(gemm.forward, gemm.backward, lambda *shape: True),
                "direct": Algorithm(*_stride_one(direct), _direct_fits, fuses=True),
-               "winograd": Algorithm(*_stride_one(winograd), _winograd_fits, fuses=True)}
+               "winograd": Algorithm(*_stride_one(winograd), _winograd_fits, fuses=True),
+               "strided": Algorithm(strided.forward, _accumulating(strided.backward),
+                                    strided.fits)}
 
 
 def candidates(conv):
@@ -83,9 +98,11 @@ def candidates(conv):
 
 
 def algorithm(weight_shape, stride, padding=(0, 0), pool=False):
-    """The fixed rule, for a shape that no measurement chose for: "direct", "winograd" or
-    "gemm" for a convolution with this weight (O, C, kh, kw) (and a fused pool)."""
+    """The fixed rule, for a shape that no measurement chose for: "direct", "winograd",
+    "strided" or "gemm" for a convolution with this weight (O, C, kh, kw) (and a fused pool)."""
     o, c, kh, kw = weight_shape
+    if strided.fits(weight_shape, stride, padding) and c <= STRIDED_MAX_CHANNELS:
+        return "strided"
     if not _direct_fits(weight_shape, stride, padding) or ((kh, kw) == (1, 1) and not pool):
         return "gemm"
     big = c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
