@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ddl.kernels import bf16, direct, gemm, loss, norm, optim, pool, winograd
+from ddl.kernels import bf16, direct, gemm, loss, norm, optim, pool, single, winograd
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -29,10 +29,13 @@ WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUTPUTS = 32, 64
 
 
 def algorithm(weight_shape, stride, padding=(0, 0)):
-    """"direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh, kw)."""
+    """"single", "direct", "winograd" or "gemm" for a convolution with this weight (O, C, kh,
+    kw)."""
     o, c, kh, kw = weight_shape
     if stride != (1, 1) or (kh, kw) == (1, 1) or not direct.fits(weight_shape, padding):
         return "gemm"
+    if single.fits(weight_shape, padding):
+        return "single"
     winograd = (kh, kw) == (3, 3) and c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
     return "winograd" if winograd else "direct"
 
@@ -43,7 +46,8 @@ def fusable(conv, pool_layer):
             and pool_layer.kernel_size == pool_layer.stride == (2, 2))
 
 
-_ALGORITHMS = {"direct": (direct.forward, direct.backward),
+_ALGORITHMS = {"single": (single.forward, single.backward),
+               "direct": (direct.forward, direct.backward),
                "winograd": (winograd.forward, winograd.backward)}
 
 
