@@ -1,23 +1,24 @@
-"""Convolution of a single input channel (a network's first layer on grey images: seed-cnn's and
-ref-cnn's), forward and, for a pooled layer that needs no input gradient, the weight gradient.
+"""Convolution of a single input channel followed by a 2x2 max pool (and ReLU): a network's first
+layer on grey images, seed-cnn's and ref-cnn's.
 
 With one input channel the direct kernel (direct.py) does little work per value it loads: each
-input value feeds the four output channels of its block, and the weights of those four (4 x kh x
-kw, 100 for 5x5) do not fit in the registers, so every multiply-add also loaded its weight; it
-also padded 10 channels to 12. Here one output channel at a time computes a block of 2 rows x 4
-columns of outputs, vectorised over the batch (the innermost axis of (C, H, W, N) memory): each
-input value loaded feeds up to 8 outputs (the taps that reach it), and each weight loaded feeds
-all 8. Two rows by two columns pair up into 2x2 pooling windows, pooled (and ReLU'd) from the
-registers: the full-resolution output is never stored.
+input value feeds the four output channels of its block, whose weights (4 x kh x kw, 100 for 5x5)
+do not fit in the registers, so nearly every multiply-add also loaded a weight; it also padded
+10 channels to 12, and pooled in a second pass over rows it had stored. Here one iteration of
+the vectorised loop computes one pooling window, 2x2 outputs of one channel, for 16 (or 8)
+images of the batch, the innermost axis of (C, H, W, N) memory: each input value loaded feeds up
+to four of those outputs, each weight loaded all four, and the window is pooled (and ReLU'd) in
+the registers. The loop runs along a whole pooled row: the input is first split into its even
+and odd columns (`split`), so that the columns a window reads, 2pc + u, lie at pc + u // 2 of
+one half, a fixed distance from the window's own index. seed-cnn's and ref-cnn's first layers
+ran forward in half the direct kernel's time (A/B in one run: 1.8-2.2x, compiled for znver4 and
+for haswell, on a loaded 2-core Xeon model 167).
 
-The weight gradient of the pooled layer spreads each window's gradient to its first maximum
-(pool.spread4) in registers too, and adds g * x over the window's four positions into one
-accumulator per tap and batch lane, (kh, kw, N), kept in the L1 cache and summed once per
-channel at the end.
-
-Images narrower than a block (4 output columns, 2 rows), unpooled layers' weight gradients and
-input gradients go to the direct kernels, which take any of them.
-"""
+The weight gradient of a layer of up to MAX_TAPS taps spreads each window's gradient to its
+first maximum (pool.spread4) in the registers too, and adds g * x over the window's four
+positions into a row of sums per tap, LANES windows long, kept in the L1 cache and summed once
+per channel. Unpooled layers, input gradients and larger kernels' weight gradients go to the
+direct kernels."""
 import functools
 
 import numpy as np
@@ -27,7 +28,12 @@ from ddl.kernels.jit import X3, kernel
 from ddl.kernels.pool import first_max4, spread4
 
 LANES = 256     # pooled outputs per row of the weight gradient's sums (a constant: see there)
-X2 = "T[:, ::1]"
+# The weight gradient here loads and stores a row of sums per tap and window: past 3x3 the direct
+# kernel's (four channels by three taps in registers) was faster. Same-run medians, batch 64, on
+# a loaded 2-core Xeon (model 167), this kernel's time over the direct one's, compiled for znver4
+# and haswell, three runs each: seed-cnn's 5x5 first layer 0.97-1.37 (median 1.23), ref-cnn's
+# 3x3 one 0.60-0.95 (median 0.78).
+MAX_TAPS = 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +115,8 @@ def weight_grad_kernel(kh, kw):
 
 for _shape in direct.COMMON:           # registers them with `warm`
     forward_kernel(*_shape)
-    weight_grad_kernel(*_shape)
+    if _shape[0] * _shape[1] <= MAX_TAPS:
+        weight_grad_kernel(*_shape)
 
 
 def fits(weight_shape, padding):
@@ -145,9 +152,10 @@ def forward(x, weight, bias, padding, pool, relu, ws):
 
 
 def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
-    """As direct.backward (which computes the input gradient, and an unpooled layer's)."""
+    """As direct.backward (which computes the input gradient, and an unpooled layer's or one
+    of more than MAX_TAPS taps)."""
     xs, code = ctx[4], ctx[1]
-    if input_grad or xs is None:
+    if input_grad or xs is None or weight.shape[2] * weight.shape[3] > MAX_TAPS:
         return direct.backward(gy, ctx[:4], weight, grad_w, grad_b, input_grad, ws)
     (o, _, kh, kw), n = weight.shape, gy.shape[3]
     sums = ws.empty("tap_sums", ((kh * kw + 1) * LANES,), gy.dtype)
