@@ -2,9 +2,10 @@
 run by compiled kernels, plus the fused passes that only this backend has (a convolution with
 the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan` groups.
 
-A convolution picks its algorithm from its shape (`algorithm`): Winograd F(2x2, 3x3) for 3x3
-stride-1 layers with 32 or more input and 64 or more output channels, a direct convolution for
-other stride-1 layers (padded by less than the kernel's size), and one GEMM on a compiled im2col
+A convolution picks its algorithm from its shape (`algorithm`): single.py's kernels for stride-1
+layers of one input channel (pooled: a first layer), Winograd F(2x2, 3x3) for 3x3 stride-1 layers
+with 32 or more input and 64 or more output channels, a direct convolution for other stride-1
+layers (padded by less than the kernel's size), and one GEMM on a compiled im2col
 panel (gemm.py) for strided and 1x1 layers (an unpadded 1x1 layer of stride 1 needs no panel).
 Activations keep the NumPy backend's memory order, (C, H, W, N) with the batch innermost,
 behind logically (N, C, H, W) arrays, so layers of either backend can follow one another.
