@@ -34,6 +34,7 @@ TESTS = {
     "ddl/kernels/numpy.py": "tests/test_references.py tests/test_layers.py tests/test_optim.py "
                             "tests/test_loss.py tests/test_mutants.py -k numpy",
     "ddl/kernels/direct.py": "tests/test_references.py -k numba",
+    "ddl/kernels/single.py": "tests/test_references.py -k numba",
     "ddl/kernels/winograd.py": "tests/test_references.py -k numba",
     "ddl/kernels/pool.py": _COMPILED,
     "ddl/kernels/gemm.py": _COMPILED,
@@ -55,7 +56,8 @@ TESTS = {
 # would compile every kernel its tests call again (minutes each on two loaded cores). As Python
 # a mutant does what it does compiled, with the caveats in docs/mutation.md.
 PYTHON = {m for m in TESTS if m.startswith("ddl/kernels/")} - {
-    "ddl/kernels/numpy.py", "ddl/kernels/direct.py", "ddl/kernels/winograd.py"}
+    "ddl/kernels/numpy.py", "ddl/kernels/direct.py", "ddl/kernels/single.py",
+    "ddl/kernels/winograd.py"}
 # The operators that make one natural mistake each (+ for -, < for <=, a constant off by one, a
 # loop that never runs, a negated condition). Excluded: the rest of cosmic-ray's binary operator
 # table (a + b -> a << b and the like, 11 per operator: mostly crashes, and most of the count),

@@ -16,14 +16,16 @@ from ddl.kernels.arrays import pair
 from conftest import MNIST, needs
 from ddl.models import MODELS, build
 from ddl.kernels.numba import ConvPool, WithReLU
-from gradcheck import check_module
+from gradcheck import check_module, numerical_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (in, out, kernel, stride, padding, input (N, C, H, W)), covering each algorithm
 CONVS = {
-    "direct": [(1, 4, 3, 1, 0, (2, 1, 7, 6)), (1, 3, 5, 1, 2, (1, 1, 6, 5)),
-               (2, 3, (2, 3), 1, (1, 0), (3, 2, 5, 6)), (3, 2, 3, 1, 1, (2, 3, 4, 4)),
+    "single": [(1, 4, 3, 1, 0, (2, 1, 7, 6)), (1, 3, 5, 1, 2, (1, 1, 6, 5)),
+               (1, 5, (2, 3), 1, (1, 0), (17, 1, 9, 8)),        # odd batch, rectangular taps
+               (1, 2, 4, 1, 1, (3, 1, 11, 9))],      # odd pooled sides, an even kernel
+    "direct": [(2, 3, (2, 3), 1, (1, 0), (3, 2, 5, 6)), (3, 2, 3, 1, 1, (2, 3, 4, 4)),
                (6, 2, 5, 1, 0, (2, 6, 7, 7)), (16, 3, 3, 1, 1, (2, 16, 5, 4)),
                (33, 7, 3, 1, 1, (3, 33, 4, 5)),                 # many inputs, few outputs
                (5, 6, 3, 1, 1, (37, 5, 3, 15))],     # rows of 15 x 37 values: two chunks
@@ -166,7 +168,8 @@ def conv_pool(order, cfg, relu=True):
 
 
 # Algorithms that fuse, and room to pool.
-FUSED = [c for c in CONV_CASES if c[0] in ("direct", "winograd") and min(c[1][-1][2:]) > 3]
+FUSED = [c for c in CONV_CASES
+         if c[0] in ("single", "direct", "winograd") and min(c[1][-1][2:]) > 3]
 
 
 @pytest.mark.parametrize("order", [("pool", "relu"), ("relu", "pool"), ("pool",)])
@@ -194,17 +197,43 @@ def test_each_fusing_algorithm_matches_numpy(name, cfg, monkeypatch):
     assert_same(out)
 
 
-@pytest.mark.parametrize("algo, cfg", [c for c in FUSED if c[0] == "direct"])
-def test_fused_first_layer_matches_numpy(algo, cfg):
-    """A first layer (no input gradient) pooled in the direct kernel's pass: its weight gradient
-    spreads the pooled gradient itself, two rows at a time, odd last rows and columns included."""
+def first_layer(cfg):
+    """A conv -> pool -> ReLU group from `cfg` whose conv computes no input gradient."""
     def make():
         group = conv_pool(("pool", "relu"), cfg)()
         group[0].needs_input_grad = False
         return group
-    out = run_both(make, randn(*cfg[-1]))
+    return make
+
+
+@pytest.mark.parametrize("algo, cfg", [c for c in FUSED if c[0] in ("direct", "single")])
+def test_fused_first_layer_matches_numpy(algo, cfg):
+    """A first layer (no input gradient) pooled in the kernel's pass: its weight gradient
+    spreads the pooled gradient itself, odd last rows and columns included."""
+    out = run_both(first_layer(cfg), randn(*cfg[-1]))
     assert out["numba"][1] is None
     assert_same(out)
+
+
+@pytest.mark.parametrize("algo, cfg", [c for c in FUSED if c[0] == "single"])
+def test_single_channel_first_layer_finite_differences(algo, cfg):
+    """The one-channel kernels' own weight and bias gradients (the layer takes no input
+    gradient, which check_module needs) against finite differences of <r, the group's output>."""
+    with kernels.using("numba"):
+        group = first_layer(cfg)().to(np.float64)
+        x = randn(*cfg[-1], seed=4)
+        y = group.forward(x)
+        assert group[0]._ctx[2][4] is not None          # single.forward's own pass ran
+        r = randn(*y.shape, seed=5)
+        group.zero_grad()
+        assert group.backward(r) is None
+
+        def loss():
+            return float(np.sum(r * group.forward(x)))
+
+        for name, p in group.named_parameters():
+            np.testing.assert_allclose(p.grad, numerical_grad(loss, p.data), rtol=1e-5,
+                                       atol=1e-7, err_msg=name)
 
 
 def test_ties_go_to_the_first_maximum_in_fused_passes():
@@ -213,7 +242,7 @@ def test_ties_go_to_the_first_maximum_in_fused_passes():
     x = rng.integers(0, 3, size=(3, 32, 10, 10)).astype(np.float64)
     x[:, :, :4] = 0
     for cfg in [(32, 5, 3, 1, 0, None), (32, 5, 3, 1, 1, None), (4, 5, 3, 1, 1, None),
-                (4, 2, 2, 1, 0, None)]:                 # Winograd, Winograd, direct, direct
+                (4, 2, 2, 1, 0, None), (1, 3, 3, 1, 0, None)]:  # Winograd x2, direct x2, single
         out = run_both(conv_pool(("relu", "pool"), cfg), x[:, :cfg[0]])
         assert_same(out)
 

@@ -92,6 +92,37 @@ def test_conv_pool_relu_against_its_definition(relu_first):
     np.testing.assert_allclose(y, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("cout, k, padding, shape", [(3, 5, 0, (2, 1, 12, 11)),
+                                                      (4, (3, 2), (1, 0), (5, 1, 7, 9))])
+def test_pooled_first_layer_against_its_definition(cout, k, padding, shape):
+    """One input channel, max pool 2x2 and ReLU, no input gradient: the demo networks' first
+    layer (the compiled backend's `single` kernels), odd sides included."""
+    conv = nn.Conv2d(1, cout, k, 1, padding, rng=1)
+    conv.needs_input_grad = False
+    model = nn.Sequential(conv, nn.MaxPool2d(2), nn.ReLU()).to(np.float64)
+    x = randn(*shape, seed=4)
+    y = model.forward(x)
+    grad_y = randn(*y.shape, seed=5)
+    assert model.backward(grad_y) is None
+    w, b = conv.weight.data, conv.bias.data
+    (n, o, ph, pw), (kh, kw), (p, q) = y.shape, w.shape[2:], conv.padding
+    out = (n, o, shape[2] + 2 * p - kh + 1, shape[3] + 2 * q - kw + 1)
+    conv_y = reference_conv(x, w, b, (1, 1), conv.padding, np.zeros(out))[0]
+    windows4 = conv_y[:, :, :2 * ph, :2 * pw].reshape(n, o, ph, 2, pw, 2)
+    windows4 = windows4.transpose(0, 1, 2, 4, 3, 5).reshape(n, o, ph, pw, 4)
+    first = windows4.argmax(axis=-1)            # the first maximum takes the gradient
+    best = windows4.max(axis=-1)
+    np.testing.assert_allclose(y, np.maximum(best, 0), rtol=1e-12, atol=1e-12)
+    spread = np.zeros(windows4.shape)
+    np.put_along_axis(spread, first[..., None], (grad_y * (best > 0))[..., None], axis=-1)
+    grad_conv_y = np.zeros(conv_y.shape)
+    grad_conv_y[:, :, :2 * ph, :2 * pw] = spread.reshape(n, o, ph, pw, 2, 2).transpose(
+        0, 1, 2, 4, 3, 5).reshape(n, o, 2 * ph, 2 * pw)
+    _, _, want_w, want_b = reference_conv(x, w, b, (1, 1), conv.padding, grad_conv_y)
+    np.testing.assert_allclose(conv.weight.grad, want_w, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(conv.bias.grad, want_b, rtol=1e-9, atol=1e-9)
+
+
 def test_linear_against_its_definition():
     layer = nn.Linear(7, 3, rng=0).to(np.float64)
     x = randn(4, 7)

@@ -171,11 +171,11 @@ from ddl.kernels import jit, numba as fast, numpy as reference
 kernels.setup()
 assert jit.target() == "{name}" and jit.cache_dir().endswith("-{name}")
 rng = np.random.default_rng(0)
-for c, o in ((1, 6), (32, 64)):     # direct, Winograd
+for c, o, algo in ((1, 6, "single"), (2, 6, "direct"), (32, 64, "winograd")):
     x = rng.standard_normal((5, c, 10, 10)).astype(np.float32)
     w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
-    assert fast.algorithm(w.shape, (1, 1), (1, 1)) == ("direct" if c == 1 else "winograd")
+    assert fast.algorithm(w.shape, (1, 1), (1, 1)) == algo
     y, ctx = fast.conv2d_forward(x, w, b, (1, 1), (1, 1))
     yr, ctxr = reference.conv2d_forward(x, w, b, (1, 1), (1, 1))
     g = rng.standard_normal(y.shape).astype(np.float32)

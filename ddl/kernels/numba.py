@@ -4,7 +4,8 @@ the 2x2 max pool and ReLU after it; max pooling with its ReLU), which its `plan`
 
 A convolution runs one of the algorithms of `_ALGORITHMS` that fit its shape: the one measured
 fastest for that shape when the model's plan was made (ddl/kernels/convplan.py), else the fixed
-rule of `algorithm`: Winograd F(2x2, 3x3) for 3x3 stride-1 layers with 32 or more input and 64 or
+rule of `algorithm`: single.py's kernels for stride-1 layers of one input channel (pooled: a
+first layer), Winograd F(2x2, 3x3) for 3x3 stride-1 layers with 32 or more input and 64 or
 more output channels, a direct convolution for other stride-1 layers (padded by less than the
 kernel's size), direct loops over the input's phases for strided layers larger than 1x1 with few
 input channels (strided.py), and one GEMM on a compiled im2col panel (gemm.py) for the rest:
@@ -18,7 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ddl.kernels import bf16, convplan, direct, gemm, loss, norm, optim, pool, strided, winograd
+from ddl.kernels import (bf16, convplan, direct, gemm, loss, norm, optim, pool, single, strided,
+                         winograd)
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
@@ -83,10 +85,15 @@ def _winograd_fits(weight_shape, stride, padding):
     return tuple(weight_shape[2:]) == (3, 3) and _direct_fits(weight_shape, stride, padding)
 
 
+def _single_fits(weight_shape, stride, padding):
+    return tuple(stride) == (1, 1) and single.fits(weight_shape, padding)
+
+
 # The candidates for every convolution, in the order that a tie between their timings keeps.
 _ALGORITHMS = {"gemm": Algorithm(gemm.forward, gemm.backward, lambda *shape: True),
                "direct": Algorithm(*_stride_one(direct), _direct_fits, fuses=True),
                "winograd": Algorithm(*_stride_one(winograd), _winograd_fits, fuses=True),
+               "single": Algorithm(*_stride_one(single), _single_fits, fuses=True),
                "strided": Algorithm(strided.forward, _accumulating(strided.backward),
                                     strided.fits)}
 
@@ -98,13 +105,16 @@ def candidates(conv):
 
 
 def algorithm(weight_shape, stride, padding=(0, 0), pool=False):
-    """The fixed rule, for a shape that no measurement chose for: "direct", "winograd",
-    "strided" or "gemm" for a convolution with this weight (O, C, kh, kw) (and a fused pool)."""
+    """The fixed rule, for a shape that no measurement chose for: "single", "direct",
+    "winograd", "strided" or "gemm" for a convolution with this weight (O, C, kh, kw) (and a
+    fused pool)."""
     o, c, kh, kw = weight_shape
     if strided.fits(weight_shape, stride, padding) and c <= STRIDED_MAX_CHANNELS:
         return "strided"
     if not _direct_fits(weight_shape, stride, padding) or ((kh, kw) == (1, 1) and not pool):
         return "gemm"
+    if single.fits(weight_shape, padding):
+        return "single"
     big = c >= WINOGRAD_MIN_CHANNELS and o >= WINOGRAD_MIN_OUTPUTS
     return "winograd" if big and _winograd_fits(weight_shape, stride, padding) else "direct"
 
