@@ -10,6 +10,8 @@ import pytest
 from ddl import kernels, nn
 from ddl.kernels import direct
 from ddl.kernels import numba as compiled
+from ddl.models import MODELS, build
+from conftest import MNIST
 
 # (algorithm, in, out, kernel, padding, input (N, C, H, W)): the direct kernel's output
 # channels 1 to 5 (every remainder mod its block of 4), widths of 1 to 7 taps (every remainder
@@ -29,6 +31,8 @@ CASES = [
     ("winograd", 3, 2, 3, 1, (1, 3, 5, 7)),
     ("winograd", 1, 2, 3, 2, (3, 1, 3, 4)),
     ("winograd", 2, 1, 3, 0, (2, 2, 4, 4)),       # one tile
+    ("winograd", 1, 2, 3, 0, (2, 1, 5, 4)),       # 3x2 outputs: padded below, not right
+    ("winograd", 2, 1, 3, 0, (1, 2, 4, 5)),       # 2x3 outputs: padded right, not below
 ]
 ORDERS = [(), ("pool",), ("pool", "relu"), ("relu", "pool")]
 
@@ -82,3 +86,15 @@ def test_direct_fits_only_a_padding_below_the_kernel():
     assert direct.fits((1, 1, 3, 5), (2, 4))
     assert not direct.fits((1, 1, 3, 5), (3, 0))
     assert not direct.fits((1, 1, 3, 5), (0, 5))
+
+
+def test_the_direct_kernels_compiled_ahead_are_the_named_models():
+    """`warm` compiles the direct kernels for the sizes in direct.COMMON: every direct layer of
+    a named model (on MNIST) must find its size there, or its first step compiles."""
+    sizes = set()
+    for name in MODELS:
+        for layer in build(name, *MNIST).modules():
+            if isinstance(layer, nn.Conv2d) and compiled.algorithm(
+                    layer.weight.shape, layer.stride, layer.padding) == "direct":
+                sizes.add(layer.kernel_size)
+    assert sizes == set(direct.COMMON)
