@@ -98,3 +98,9 @@ def test_the_direct_kernels_compiled_ahead_are_the_named_models():
                     layer.weight.shape, layer.stride, layer.padding) == "direct":
                 sizes.add(layer.kernel_size)
     assert sizes == set(direct.COMMON)
+
+
+def test_direct_pads_output_channels_to_the_next_multiple_of_its_block():
+    """The kernels hold OB output channels by name; more zero channels than that rounding would
+    only cost time."""
+    assert [direct._blocks(count) for count in range(1, 10)] == [4, 4, 4, 4, 8, 8, 8, 8, 12]
