@@ -30,12 +30,18 @@ _AS_PYTHON = ("not 3-5-1 and not 3-3-1 and not direct-cfg4 and not direct-cfg5 a
               "and not named_models and not warm and not compiles_first and not read_only")
 _COMPILED = ("tests/test_references.py tests/test_layers.py tests/test_mutants.py "
              "tests/test_kernels.py -k '(numba or test_kernels) and " + _AS_PYTHON + "'")
+# The convolution kernels' selection: tests/test_conv_paths.py reaches every line of direct.py and
+# winograd.py on small shapes (a few seconds as Python), first, so that most mutants die in it.
+# Left out: a direct layer of 32 channels (4 s as Python) and a test of the Python mode itself.
+_CONVS = ("tests/test_conv_paths.py tests/test_references.py tests/test_mutants.py "
+          "-k '(conv_paths or numba) and not 32-40 and not disable_jit'")
 TESTS = {
     "ddl/kernels/numpy.py": "tests/test_references.py tests/test_layers.py tests/test_optim.py "
                             "tests/test_loss.py tests/test_mutants.py -k numpy",
-    "ddl/kernels/direct.py": "tests/test_references.py -k numba",
-    "ddl/kernels/single.py": "tests/test_references.py -k numba",
-    "ddl/kernels/winograd.py": "tests/test_references.py -k numba",
+    "ddl/kernels/direct.py": _CONVS,
+    "ddl/kernels/winograd.py": _CONVS,
+    "ddl/kernels/single.py": "tests/test_kernels.py tests/test_references.py -k single",
+    "ddl/kernels/strided.py": "tests/test_kernels.py -k strided",
     "ddl/kernels/pool.py": _COMPILED,
     "ddl/kernels/gemm.py": _COMPILED,
     "ddl/kernels/norm.py": _COMPILED,
@@ -55,9 +61,7 @@ TESTS = {
 # ddl/kernels/ changes the version that names the kernels' cache, so compiled, every mutant there
 # would compile every kernel its tests call again (minutes each on two loaded cores). As Python
 # a mutant does what it does compiled, with the caveats in docs/mutation.md.
-PYTHON = {m for m in TESTS if m.startswith("ddl/kernels/")} - {
-    "ddl/kernels/numpy.py", "ddl/kernels/direct.py", "ddl/kernels/single.py",
-    "ddl/kernels/winograd.py"}
+PYTHON = {m for m in TESTS if m.startswith("ddl/kernels/")} - {"ddl/kernels/numpy.py"}
 # The operators that make one natural mistake each (+ for -, < for <=, a constant off by one, a
 # loop that never runs, a negated condition). Excluded: the rest of cosmic-ray's binary operator
 # table (a + b -> a << b and the like, 11 per operator: mostly crashes, and most of the count),
