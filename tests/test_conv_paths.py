@@ -1,14 +1,15 @@
 """Every code path of the direct and Winograd convolution kernels (ddl/kernels/direct.py,
 winograd.py) on small shapes, against the NumPy backend: output, input gradient and parameter
 gradients, plain and fused with the 2x2 max pool and ReLU, with and without the input gradient,
-two steps in a row (the Workspace's buffers are reused). Winograd is forced on for few channels
-(its thresholds are speed, not correctness), so that these run in seconds even with the kernels
-as Python: they are the mutation tests' selection for those two files (scripts/mutate.py)."""
+two steps in a row (the Workspace's buffers are reused). Each case forces its algorithm
+($DDL_CONV_ALGORITHM: Winograd for few channels, whose thresholds are speed, not correctness; the
+direct kernel for one input channel), so that these run in seconds even with the kernels as
+Python: they are the mutation tests' selection for those two files (scripts/mutate.py)."""
 import numpy as np
 import pytest
 
 from ddl import kernels, nn
-from ddl.kernels import direct
+from ddl.kernels import convplan, direct
 from ddl.kernels import numba as compiled
 from ddl.models import MODELS, build
 from conftest import MNIST
@@ -62,15 +63,15 @@ def two_steps(case, order, input_grad):
 @pytest.mark.parametrize("order", ORDERS, ids="-".join)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[-1]}")
 def test_conv_kernels_on_small_shapes_match_numpy(case, order, input_grad, monkeypatch):
-    if case[0] == "winograd":
-        monkeypatch.setattr(compiled, "WINOGRAD_MIN_CHANNELS", 1)
-        monkeypatch.setattr(compiled, "WINOGRAD_MIN_OUTPUTS", 1)
-    conv = model(case, order, input_grad)[0]
-    assert compiled.algorithm(conv.weight.shape, conv.stride, conv.padding) == case[0]
+    monkeypatch.setenv(convplan.FORCE, case[0])
     got = {}
     for name in kernels.NAMES:
         with kernels.using(name):
             got[name] = two_steps(case, order, input_grad)
+    with kernels.using("numba"):
+        net = model(case, order, input_grad)
+        net.forward(np.zeros(case[-1]))
+        assert net[0]._ctx[0] == case[0]          # the algorithm forced ran
     for step, (mine, want) in enumerate(zip(got["numba"], got["numpy"])):
         for what, a, b in zip(("output", "input gradient", "weight gradient", "bias gradient"),
                               mine, want):
@@ -103,4 +104,4 @@ def test_the_direct_kernels_compiled_ahead_are_the_named_models():
 def test_direct_pads_output_channels_to_the_next_multiple_of_its_block():
     """The kernels hold OB output channels by name; more zero channels than that rounding would
     only cost time."""
-    assert [direct._blocks(count) for count in range(1, 10)] == [4, 4, 4, 4, 8, 8, 8, 8, 12]
+    assert [direct.blocks(count) for count in range(1, 10)] == [4, 4, 4, 4, 8, 8, 8, 8, 12]
