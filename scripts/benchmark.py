@@ -36,7 +36,7 @@ from ddl.optim import SGD  # noqa: E402
 from ddl.parallel import Replicas  # noqa: E402
 from ddl.config import Config  # noqa: E402
 from ddl.errors import dims  # noqa: E402
-from ddl.step import train_step  # noqa: E402
+from ddl.step import rehearse, train_step  # noqa: E402
 
 MNIST = ((1, 28, 28), 10)  # in_shape and classes of the demo networks' synthetic batches
 COLOUR = (3, 32, 32)
@@ -82,6 +82,7 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="num
     `allreduce_clock`, a one-element list, collects the seconds spent in the gradient
     all-reduce."""
     model = build(model_name, shape, MNIST[1], seed=0, input_grad=False)
+    planned(model, kernel_set, shape, batch, comm)
     replicas = Replicas(model, comm or SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
@@ -98,6 +99,13 @@ def ddl_step(model_name, batch, comm=None, allreduce_clock=None, kernel_set="num
             allreduce_clock[0] += time.perf_counter() - started
         model.step(optimizer)
     return step
+
+
+def planned(model, kernel_set, shape, batch, comm=None):
+    """The convolution plan that `ddl train` makes for `model` (ddl/kernels/convplan.py: each
+    layer's algorithm timed once per machine), adopted for the steps that follow."""
+    with kernels.using(kernel_set):
+        kernels.choose(lambda: rehearse(model, shape, batch, MICRO_BATCH), comm)
 
 
 def torch_step(model_name, batch, channels_last, shape=MNIST[0]):
@@ -247,6 +255,7 @@ def layer_breakdown(model_name, batch, repeats, shape=MNIST[0]):
     step holding a layer that runs NumPy code (no compiled kernel) is marked as the slow step."""
     kernels.use("numba")
     model = build(model_name, shape, MNIST[1], seed=0, input_grad=False)
+    planned(model, "numba", shape, batch)
     replicas = Replicas(model, SingleCommunicator())
     optimizer = SGD(model.parameters(), LR, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
@@ -396,7 +405,8 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
         f"cores; load average {load[0]:.1f} before the run, {load[1]:.1f} after (other work on a "
         "shared machine slows every figure).",
         f"- numba's kernels compiled for CPU `{kernels.target()}`, the tuning's choice for this "
-        "CPU (docs/tuning.md), outside the AVX2 table.",
+        "CPU (docs/tuning.md), outside the AVX2 table. Each convolution runs the algorithm "
+        "that `ddl train`'s plan timed fastest for its shape on this machine (docs/tuning.md).",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, numba "
         f"{numba_version()}, PyTorch {torch_ver or 'not installed'}; BLAS: {blas()}.",
         "- One BLAS thread per process: threadpoolctl, OMP/OPENBLAS/MKL_NUM_THREADS=1 and "
