@@ -12,6 +12,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
+
+# One BLAS thread in the test process and in the runs it starts, as each rank of a job has: on a
+# shared 2-core machine a second BLAS thread made single-process steps several times slower.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+threadpool_limits(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = Path(os.environ.get("DDL_MNIST_RAW", ROOT.parent / "shared" / "data" / "mnist"))
