@@ -236,6 +236,17 @@ def test_single_channel_first_layer_finite_differences(algo, cfg):
                                        atol=1e-7, err_msg=name)
 
 
+def test_single_weight_gradient_past_one_row_of_sums():
+    """single.py's weight gradient sums LANES pooled outputs per pass: a pooled row of 5 x 64
+    windows takes two passes, the second short."""
+    from ddl.kernels import single
+    cfg = (1, 2, 3, 1, 0, (64, 1, 12, 12))
+    assert 5 * 64 > single.LANES
+    out = run_both(first_layer(cfg), randn(*cfg[-1]))
+    assert out["numba"][1] is None
+    assert_same(out)
+
+
 def test_ties_go_to_the_first_maximum_in_fused_passes():
     """Integer images with blank rows: exact ties in every method's arithmetic."""
     rng = np.random.default_rng(5)
