@@ -90,6 +90,29 @@ def test_conv_algorithm_matches_numpy(algo, cfg):
     assert_same(run_both(lambda: make_conv(cfg), randn(*cfg[-1])))
 
 
+def test_strided_fits_strides_above_one_of_kernels_larger_than_1x1():
+    from ddl.kernels import strided
+    assert strided.fits((3, 2, 2, 1), (2, 2), (0, 0)) and strided.fits((3, 2, 1, 3), (1, 2), (0, 0))
+    assert not strided.fits((3, 2, 1, 1), (2, 2), (0, 0))        # one GEMM's panel: gemm.py
+    assert not strided.fits((3, 2, 3, 3), (1, 1), (1, 1))
+
+
+def test_strided_kernels_compiled_ahead_are_the_named_models():
+    """`warm` compiles the phase kernels for strided.COMMON, registered when the module is
+    imported: every strided layer of a named model (on MNIST) must find its size there."""
+    from ddl.kernels import strided
+    sizes = {(pair(layer.kernel_size), pair(layer.stride))
+             for name in MODELS for layer in build(name, *MNIST).modules()
+             if isinstance(layer, nn.Conv2d) and compiled.algorithm(
+                 layer.weight.shape, layer.stride, layer.padding) == "strided"}
+    assert sizes == set(strided.COMMON)
+    made = subprocess.run([sys.executable, "-c", "from ddl.kernels import strided as s; print("
+                           "s.forward_kernel.cache_info().currsize, "
+                           "s.weight_grad_kernel.cache_info().currsize)"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert made == [str(len(strided.COMMON))] * 2
+
+
 def planned(cfg, pool=False):
     """The convplan.Conv of the layer in `cfg` on its input, in float64."""
     cin, cout, k, s, p, x_shape = cfg
