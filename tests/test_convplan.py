@@ -218,9 +218,14 @@ def test_the_plan_is_written_to_the_first_file_and_found_in_the_others(tmp_path,
     assert convplan.stored()[0] == other and str(A) in convplan.stored()[2]
 
 
-def test_stored_choices_of_a_damaged_shape_are_none(store):
-    Path(store).write_text(json.dumps(dict(version=jit.version(), cpus={"cpu X": ["direct"]})))
-    assert convplan.stored() == (None, "cpu X", {})
+def test_damaged_stored_choices_are_left_out(store):
+    def holding(entries):
+        Path(store).write_text(json.dumps(dict(version=jit.version(), cpus={"cpu X": entries})))
+        return convplan.stored()
+    assert holding(["direct"]) == (None, "cpu X", {})
+    good = {"algorithm": "direct"}
+    assert holding({str(A): {"ms": {}}, str(B): good, "C": "gemm"}) == (store, "cpu X",
+                                                                         {str(B): good})
 
 
 def test_forget_removes_this_cpus_choices_from_every_file(tmp_path, monkeypatch):
@@ -244,3 +249,10 @@ def test_forget_removes_this_cpus_choices_from_every_file(tmp_path, monkeypatch)
 def test_the_key_counts_the_blas_threads_only(pools, threads, monkeypatch):
     monkeypatch.setattr(convplan, "threadpool_info", lambda: pools)
     assert convplan._where()[1].endswith(f", {threads} BLAS thread(s)")
+
+
+def test_the_key_names_the_cpu_name_compiled_for_unless_told(monkeypatch):
+    monkeypatch.setattr(tune, "cpu_key", lambda: "cpu X")
+    monkeypatch.setattr(convplan, "threadpool_info", lambda: [])
+    assert convplan._where()[1] == f"cpu X for {jit.target()}, 1 BLAS thread(s)"
+    assert convplan._where("haswell")[1] == "cpu X for haswell, 1 BLAS thread(s)"
