@@ -38,7 +38,8 @@ CONVS = {
                 (2, 3, 5, 2, 2, (2, 2, 9, 8)),          # taps past the weight gradient's three
                 (4, 3, 3, (1, 2), 1, (2, 4, 5, 6)),
                 (2, 2, 3, 2, 3, (2, 2, 4, 5)),          # padded by the kernel's size
-                (2, 3, 3, 2, 1, (37, 2, 3, 29))],       # rows of 15 x 37 values: two chunks
+                (2, 3, 3, 2, 1, (37, 2, 3, 29)),        # rows of 15 x 37 values: two chunks
+                (2, 3, (3, 5), (2, 1), (1, 2), (2, 2, 7, 6))],  # 5 taps a row, of one phase
     "gemm": [(6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
              (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4)),  # padded 1x1
              (3, 2, 1, 2, 1, (2, 3, 5, 5)), (32, 3, 3, 2, 1, (1, 32, 4, 5)),   # many inputs
@@ -88,6 +89,29 @@ def test_conv_algorithm_matches_numpy(algo, cfg):
     conv = make_conv(cfg)
     assert compiled.algorithm(conv.weight.shape, conv.stride, conv.padding) == algo
     assert_same(run_both(lambda: make_conv(cfg), randn(*cfg[-1])))
+
+
+def test_strided_fits_strides_above_one_of_kernels_larger_than_1x1():
+    from ddl.kernels import strided
+    assert strided.fits((3, 2, 2, 1), (2, 2), (0, 0)) and strided.fits((3, 2, 1, 3), (1, 2), (0, 0))
+    assert not strided.fits((3, 2, 1, 1), (2, 2), (0, 0))        # one GEMM's panel: gemm.py
+    assert not strided.fits((3, 2, 3, 3), (1, 1), (1, 1))
+
+
+def test_strided_kernels_compiled_ahead_are_the_named_models():
+    """`warm` compiles the phase kernels for strided.COMMON, registered when the module is
+    imported: every strided layer of a named model (on MNIST) must find its size there."""
+    from ddl.kernels import strided
+    sizes = {(pair(layer.kernel_size), pair(layer.stride))
+             for name in MODELS for layer in build(name, *MNIST).modules()
+             if isinstance(layer, nn.Conv2d) and compiled.algorithm(
+                 layer.weight.shape, layer.stride, layer.padding) == "strided"}
+    assert sizes == set(strided.COMMON)
+    made = subprocess.run([sys.executable, "-c", "from ddl.kernels import strided as s; print("
+                           "s.forward_kernel.cache_info().currsize, "
+                           "s.weight_grad_kernel.cache_info().currsize)"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert made == [str(len(strided.COMMON))] * 2
 
 
 def planned(cfg, pool=False):
@@ -234,6 +258,17 @@ def test_single_channel_first_layer_finite_differences(algo, cfg):
         for name, p in group.named_parameters():
             np.testing.assert_allclose(p.grad, numerical_grad(loss, p.data), rtol=1e-5,
                                        atol=1e-7, err_msg=name)
+
+
+def test_single_weight_gradient_past_one_row_of_sums():
+    """single.py's weight gradient sums LANES pooled outputs per pass: a pooled row of 5 x 64
+    windows takes two passes, the second short."""
+    from ddl.kernels import single
+    cfg = (1, 2, 3, 1, 0, (64, 1, 12, 12))
+    assert 5 * 64 > single.LANES
+    out = run_both(first_layer(cfg), randn(*cfg[-1]))
+    assert out["numba"][1] is None
+    assert_same(out)
 
 
 def test_ties_go_to_the_first_maximum_in_fused_passes():
