@@ -19,12 +19,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ddl.kernels import (bf16, convplan, direct, gemm, loss, norm, optim, pool, single, strided,
-                         winograd)
+from ddl.kernels import (bf16, convplan, direct, gemm, jit, loss, norm, optim, pool, single,
+                         strided, winograd)
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
 name = "numba"
+jit.mark_ahead()    # every kernel module is imported: their kernels are those `warm` compiles
 
 # Winograd's GEMMs are (O x C) @ (C x tiles*N): thin, and slower than the direct kernel, with
 # fewer channels than these. Per-layer medians of forward + backward, one thread, batch 64, on a
