@@ -146,22 +146,13 @@ def measure(rehearse, candidates, trial, log=None, clock=time.perf_counter):
             for conv, (name, medians) in decide(todo, candidates, trial, clock).items():
                 entries[_name(conv, todo[conv])] = dict(
                     algorithm=name, ms={k: round(s * 1e3, 4) for k, s in medians.items()})
-            _store(paths[0], key, entries, log)
+            tune.store(paths[0], jit.version(), key, entries, log, "the convolution plan",
+                       "timed")
     return {c: entries[_name(c, g)]["algorithm"] for c, g in convs.items()}, len(todo)
 
 
 def _name(conv, input_grad):
     return str(conv) + ("" if input_grad else " -input grad")
-
-
-def _store(path, key, entries, log):
-    table = tune.read(path, jit.version(), lambda _: None) or {}
-    table[key] = entries
-    try:
-        tune.write(path, jit.version(), table)
-    except OSError as e:
-        log(f"ddl: cannot store the convolution plan in {path} ({e}); it is timed again next "
-            f"time")
 
 
 def stored(log=None, target=None):

@@ -52,7 +52,7 @@ LLVM_OPTIONS = (
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _KERNELS = []   # (dispatcher, signature templates)
-_AHEAD = [None]  # how many of _KERNELS `warm` compiles (None: all); see `mark_ahead`
+_ahead = None   # how many of _KERNELS `warm` compiles (None: all); see `mark_ahead`
 _configured = False
 
 
@@ -217,7 +217,8 @@ def mark_ahead():
     it once its modules, and their kernel factories' common sizes, are imported). A factory's
     kernel for another size, made later, compiles on its first call: in a process that made
     many (the test suite's odd shapes), `warm` compiled every one of them again for float32."""
-    _AHEAD[0] = len(_KERNELS)
+    global _ahead
+    _ahead = len(_KERNELS)
 
 
 def warm():
@@ -225,7 +226,7 @@ def warm():
     float32; returns the seconds it took."""
     configure()
     started = time.perf_counter()
-    for dispatcher, signatures in _KERNELS[:_AHEAD[0]]:
+    for dispatcher, signatures in _KERNELS[:_ahead]:
         for template in signatures:
             try:
                 dispatcher.compile(template.replace("T", "float32"))

@@ -92,7 +92,7 @@ def choice(paths, version, key=None, measure_fn=None, log=None):
         log("ddl: measuring which CPU tuning makes the kernels fastest on this machine (once "
             "per CPU model and ddl version; docs/tuning.md)")
         found = decide(measure_fn or measure, log)
-        _store(paths[0], version, key, found, log)
+        store(paths[0], version, key, found, log)
     return found
 
 
@@ -164,13 +164,15 @@ def read(path, version, log):
     return data["cpus"] if data.get("version") == version else None
 
 
-def _store(path, version, key, entry, log):
+def store(path, version, key, entry, log, what="the kernel tuning", again="measured"):
+    """`entry` under `key` in the file at `path` for `version`; a failure to write is said in one
+    line to `log` (`what` could not be stored, and is `again` next time)."""
     table = read(path, version, lambda _: None) or {}
     table[key] = entry
     try:
         write(path, version, table)
     except OSError as e:
-        log(f"ddl: cannot store the kernel tuning in {path} ({e}); it is measured again next time")
+        log(f"ddl: cannot store {what} in {path} ({e}); it is {again} again next time")
 
 
 def write(path, version, table):
