@@ -26,8 +26,10 @@ $(VENV)/.torch: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test,plot,bench]'
 	touch $@
 
+# One pytest worker per core (at most 4): a test mostly waits on the ranks it started. Tests that
+# share a machine-wide resource (an emulated cluster, the Slurm node) are one xdist_group each.
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=15
 
 lint: install
 	$(BIN)/ruff check .
