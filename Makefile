@@ -26,10 +26,12 @@ $(VENV)/.torch: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test,plot,bench]'
 	touch $@
 
-# One pytest worker per core (at most 4): a test mostly waits on the ranks it started. Tests that
-# share a machine-wide resource (an emulated cluster, the Slurm node) are one xdist_group each.
+# One pytest worker per core (at most 4): a test mostly waits on the ranks it started. Each file
+# runs whole in one worker, so a module's fixture is made once: an emulated cluster (test_multinode,
+# test_elastic: each its own node names) or a reference run. (--dist loadgroup would balance finer,
+# but pytest 9 ignores the group xdist 3.8 writes into the test's id.)
 test: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 lint: install
 	$(BIN)/ruff check .

@@ -16,9 +16,6 @@ from conftest import MNIST, ROOT, needs, run, run_ddl, run_mpi
 from ddl import checkpoint
 from ddl.models import build
 
-# The one Slurm node's slots are shared: one worker runs this file (see test_multinode).
-pytestmark = pytest.mark.xdist_group("cluster")
-
 TINY = ["--model", "mlp", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--quiet"]
 OPENMPI = shutil.which("mpirun.openmpi")
 HOST = socket.gethostname().split(".")[0]

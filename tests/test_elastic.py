@@ -19,9 +19,6 @@ from conftest import rank_env, refused, run_ddl
 from ddl import checkpoint, config, elastic, launch, watchdog
 from test_multinode import AGENT, SCRIPT, _cannot_make_nodes
 
-# One cluster named el1..el3 per machine: one worker runs this file (see test_multinode).
-pytestmark = pytest.mark.xdist_group("elastic")
-
 PREFIX = os.environ.get("DDL_CLUSTER_PREFIX", "") + "el"   # beside test_multinode's cluster
 NODES = [f"{PREFIX}{k}" for k in (1, 2, 3)]
 HUNG = watchdog._message("the gradient all-reduce of step 34", [2], 5, ["n1", "n2", "n3"])

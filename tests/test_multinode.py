@@ -17,10 +17,6 @@ from ddl import comm, launch
 from ddl.models import build
 from test_cluster import OPENMPI, assert_follows, one_process, train_args  # noqa: F401 (a fixture)
 
-# One cluster named n1..n4 per machine: `make test` (pytest-xdist, --dist loadgroup) runs every
-# test of this file in one worker, so the module's fixture starts it once and alone.
-pytestmark = pytest.mark.xdist_group("multinode")
-
 SCRIPT = ROOT / "scripts" / "emulated-cluster.sh"
 AGENT = ROOT / "scripts" / "netns-agent"
 NODES = 4
