@@ -32,6 +32,7 @@ import time
 
 import llvmlite.binding as llvm
 import numba
+from numba.core import sigutils
 
 from ddl.errors import KernelCacheError
 from ddl.kernels import tune
@@ -228,8 +229,13 @@ def warm():
     started = time.perf_counter()
     for dispatcher, signatures in _KERNELS[:_ahead]:
         for template in signatures:
+            # numba keys its on-disk cache by the signature as `compile` is given it, and a call
+            # compiles under the tuple of its argument types: given the string, `warm` stored
+            # every kernel under a key that no call looks up (the first process that called a
+            # kernel without `warm`, an MPI test job, compiled it all again, 5-10 s a rank).
+            args, _ = sigutils.normalize_signature(template.replace("T", "float32"))
             try:
-                dispatcher.compile(template.replace("T", "float32"))
+                dispatcher.compile(tuple(args))
             except (pickle.UnpicklingError, EOFError) as e:
                 raise KernelCacheError(f"numba's kernel cache {cache_dir()} is damaged ({e}): "
                                    f"remove that folder, and ddl compiles it again") from None
