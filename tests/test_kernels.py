@@ -13,7 +13,7 @@ from ddl import kernels, nn
 from ddl.kernels import convplan, jit
 from ddl.kernels import numba as compiled
 from ddl.kernels.arrays import pair
-from conftest import MNIST, needs
+from conftest import MNIST, needs, run
 from ddl.models import MODELS, build
 from ddl.kernels.numba import ConvPool, WithReLU
 from gradcheck import check_module, numerical_grad
@@ -552,6 +552,13 @@ def test_rank_0_compiles_first_and_the_others_load(tmp_path):
     assert second["end"] - second["seconds"] >= first["end"] - 0.05     # one clock, one machine
     assert first["seconds"] > 3 * second["seconds"], (first, second)
     assert any(name.endswith(".nbi") for _, _, names in os.walk(folder) for name in names)
+    # A process that calls a kernel without warm (an MPI test job, a script of the user's) loads
+    # what warm stored: numba keys its cache by the signature as `compile` is given it.
+    probe = ("import numpy as np; from ddl import kernels; kernels.get(); "
+             "from ddl.kernels import pool; x = np.ones(5, np.float32); pool.relu(x, x); "
+             "s = pool.relu.stats; print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))")
+    lazy = run([sys.executable, "-c", probe], NUMBA_CACHE_DIR=str(folder))
+    assert lazy.stdout.split() == ["1", "0"], lazy.stdout + lazy.stderr
 
 
 def test_kernels_choice_is_checked():
