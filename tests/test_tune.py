@@ -4,6 +4,7 @@ to a damaged choice file; and the kernels compiled for another CPU name agree wi
 reference. The timings are faked where the logic is what is tested."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -239,3 +240,99 @@ def test_every_rank_compiles_for_rank_0s_name_unless_its_own_is_explicit(monkeyp
     monkeypatch.setenv(tune.EXPLICIT, "haswell")
     kernels._rank_0s_target(Rank1())
     assert os.environ[tune.EXPLICIT] == "haswell"
+
+
+# A stand-in for `python -m ddl.tuning`: "{}" when ready, then for each "time" the next of its
+# CPU name's times (one round each), logging each turn and the thread limits it was given.
+FAKE_CHILD = """#!{python}
+import json, os, sys
+name = os.environ["NUMBA_CPU_NAME"]
+times = {times}[name]
+threads = [os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")]
+print("{{}}", flush=True)
+for turn, line in enumerate(sys.stdin):
+    with open({log!r}, "a") as f:
+        f.write(name + " " + "".join(threads) + "\\n")
+    if turn == len(times):
+        sys.exit(3)
+    print(json.dumps(dict(m=times[turn], n=10 * times[turn])), flush=True)
+"""
+
+
+def fake_children(tmp_path, monkeypatch, times):
+    log = tmp_path / "turns"
+    child = tmp_path / "child"
+    child.write_text(FAKE_CHILD.format(python=sys.executable, times=times, log=str(log)))
+    child.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(child))
+    monkeypatch.setenv(tune.EXPLICIT, "inherited")
+    return log
+
+
+def test_measure_takes_turns_and_keeps_each_models_median(tmp_path, monkeypatch):
+    log = fake_children(tmp_path, monkeypatch, {"a": [3, 1, 2, 9], "b": [10, 40, 30, 20]})
+    own = iter([5, 7, 6, 8])
+
+    def extra():
+        with open(log, "a") as f:
+            f.write("x\n")
+        v = next(own)
+        return dict(m=v, n=10 * v)
+    measured = tune.measure(["a", "b"], rounds=4, extra={"x": extra})
+    assert measured == {"a": dict(m=3, n=30), "b": dict(m=30, n=300), "x": dict(m=7, n=70)}
+    assert log.read_text().split("\n") == ["a 111", "b 111", "x"] * 4 + [""]
+    log.unlink()
+    assert tune.measure(["b"], rounds=3) == {"b": dict(m=30, n=300)}     # the middle of three
+    assert log.read_text() == "b 111\n" * 3
+
+
+def test_a_timing_process_that_exits_is_named_with_its_status(tmp_path, monkeypatch):
+    fake_children(tmp_path, monkeypatch, {"a": [1.0], "b": [1.0]})
+    with pytest.raises(RuntimeError, match="the timing process for a exited with status 3"):
+        tune.measure(["a", "b"], rounds=2)
+
+
+def test_no_lock_where_the_lock_file_cannot_be_made(tmp_path):
+    with tune.locked(str(tmp_path / "missing" / "x.lock")):
+        pass
+    with tune.locked(str(tmp_path / "x.lock")):
+        assert (tmp_path / "x.lock").exists()
+
+
+def kernels_command(tmp_path, *args):
+    """`python -m ddl.kernels ARGS` on a copy of ddl whose every cache base is in tmp_path (so
+    that what it forgets is the test's), its kernels as Python (nothing to compile) for
+    "haswell": (exit status, output)."""
+    if not (tmp_path / "pkg").exists():
+        shutil.copytree(os.path.join(ROOT, "ddl"), tmp_path / "pkg" / "ddl",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "pkg"), NUMBA_CACHE_DIR=str(tmp_path / "c"),
+               XDG_CACHE_HOME=str(tmp_path / "xdg"), TMPDIR=str(tmp_path / "tmp"),
+               NUMBA_DISABLE_JIT="1", NUMBA_CPU_NAME="haswell")
+    out = subprocess.run([sys.executable, "-m", "ddl.kernels", *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_replan_and_retune_forget_this_cpus_choices_only(tmp_path):
+    here = tmp_path / "pkg" / "ddl" / "kernels" / "__pycache__"
+    kernels_command(tmp_path, "--show")
+    here.mkdir()
+    name, key = f"ddl-kernels-{jit.version()}", tune.cpu_key()
+    tunes = [str(tmp_path / "c" / f"{name}.tune.json"), str(here / f"{name}.tune.json")]
+    for path in tunes:
+        tune.write(path, jit.version(), {key: dict(target="znver4"), "other": dict(target="x")})
+    convs = str(tmp_path / "c" / f"{name}.convs.json")
+    entry = {"(1, 2, 3)": dict(algorithm="gemm")}
+    tune.write(convs, jit.version(), {f"{key} for haswell, 1 BLAS thread(s)": entry,
+                                      "other for haswell, 1 BLAS thread(s)": entry})
+    ready = (f"numba kernels for CPU haswell ready in 0.0 s (cache: {tmp_path / 'c'}"
+             f"/{name}-haswell)\n")
+    assert kernels_command(tmp_path) == (0, ready)                     # forgets nothing
+    assert kernels_command(tmp_path, "--replan") == (0, "forgot 1 stored convolution plan(s)\n")
+    assert set(tune.read(convs, jit.version(), print)) == {"other for haswell, 1 BLAS thread(s)"}
+    assert all(set(tune.read(p, jit.version(), print)) == {key, "other"} for p in tunes)
+    assert kernels_command(tmp_path, "--retune") == (0, "forgot 0 stored convolution plan(s)\n"
+                                                     + ready)
+    assert all(set(tune.read(p, jit.version(), print)) == {"other"} for p in tunes)
