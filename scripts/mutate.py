@@ -61,8 +61,9 @@ TESTS = {
                            "not another_cpu_name and not every_rank_runs'",
     "ddl/kernels/__init__.py": "tests/test_kernels.py tests/test_convplan.py tests/test_tune.py "
                                "-k 'backends_offer or kernels_choice or importing or choose or "
-                               "numpy_kernels_plan or forced or rank_0s_name or warm_order'",
-    "ddl/kernels/__main__.py": "tests/test_tune.py -k 'show or retune or replan or compiles_every'",
+                               "numpy_kernels_plan or forced or other_ranks or rank_0s_name or "
+                               "warm_order'",
+    "ddl/kernels/__main__.py": "tests/test_tune.py -k 'show or replan'",
     # Compiled (not in PYTHON): as Python, `kernel` hands back the plain function and nothing is
     # registered, cached or warmed, i.e. most of jit.py never runs. Its selection calls no
     # kernel of ddl's but pool.relu (a mutant's new version would compile each again).
