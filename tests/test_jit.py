@@ -41,6 +41,9 @@ def test_a_kernel_is_registered_with_its_templates_and_cached(registry):
     add_one(x, out)
     np.testing.assert_array_equal(out, [1, 2, 3])
     assert jit.signature_count() == 1 and _cached("add_one")   # written to ddl's cache folder
+    # What makes them fast (module docstring): no bounds checks, and the GIL released, so that
+    # the data loader's prefetch thread (ddl/data.py) runs beside them.
+    assert add_one.targetoptions["boundscheck"] is False and add_one.targetoptions["nogil"]
 
 
 def test_kernels_divide_by_zero_as_numpy_does(registry):
@@ -127,9 +130,10 @@ def test_the_cache_base_is_the_first_writable_and_old_versions_go(tmp_path, monk
     bases = [str(blocked / "below"), str(base), str(tmp_path / "unused")]
     monkeypatch.setattr(jit, "_bases", lambda: bases)
     mine = [f"ddl-kernels-{jit.version()}-haswell", f"ddl-kernels-{jit.version()}.tune.json"]
-    old = ["ddl-kernels-0123456789abcdef-haswell", "ddl-kernels-0123456789abcdef.tune.json"]
+    old = ["ddl-kernels-0123456789abcdef-haswell", "ddl-kernels-0123456789abcdef.tune.json",
+           "ddl-kernels-fedcba9876543210-znver4"]
     base.mkdir()
-    for name in (mine[0], old[0]):
+    for name in (old[0], mine[0], old[2]):      # the current one between two old ones
         (base / name).mkdir()
     for name in (mine[1], old[1], "other.json"):
         (base / name).write_text("{}")
