@@ -336,3 +336,74 @@ def test_replan_and_retune_forget_this_cpus_choices_only(tmp_path):
     assert kernels_command(tmp_path, "--retune") == (0, "forgot 0 stored convolution plan(s)\n"
                                                      + ready)
     assert all(set(tune.read(p, jit.version(), print)) == {"other"} for p in tunes)
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 167
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: sse avx fpu
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: another core
+flags\t\t: avx
+"""
+
+
+def test_the_cpu_key_is_the_first_processors_model_and_flags(monkeypatch):
+    """The first processor's block names the model; its flags count as a set; an Arm kernel's
+    "Features" stand for the flags; without /proc/cpuinfo the key is still a key."""
+    import io
+
+    def cpuinfo(text):
+        def fake_open(path, *args):
+            assert path == "/proc/cpuinfo"
+            if text is None:
+                raise FileNotFoundError(path)
+            return io.StringIO(text)
+        monkeypatch.setattr(tune, "open", fake_open, raising=False)
+        return tune.cpu_key()
+    monkeypatch.setattr(tune.llvm, "get_host_cpu_name", lambda: "somecpu")
+    key = cpuinfo(CPUINFO)
+    host, model, *name, flags = key.split()
+    assert (host, model, " ".join(name)) == ("somecpu", "GenuineIntel/6/167",
+                                            "Intel(R) Xeon(R) Processor")
+    assert flags.startswith("flags:") and len(flags) == len("flags:") + 12
+    assert cpuinfo(CPUINFO.replace("sse avx fpu", "fpu  sse avx")) == key
+    assert cpuinfo(CPUINFO.replace("sse avx fpu", "sse avx")) != key
+    assert cpuinfo(CPUINFO.replace("flags", "Features")) == key
+    monkeypatch.setattr(tune.platform, "processor", lambda: "")
+    monkeypatch.setattr(tune.platform, "machine", lambda: "riscv64")
+    assert cpuinfo(None).startswith("somecpu ?/?/? riscv64 flags:")
+
+
+def test_the_candidates_are_the_hosts_name_then_the_others(monkeypatch):
+    monkeypatch.setattr(tune.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(tune.llvm, "get_host_cpu_name", lambda: "sapphirerapids")
+    assert tune.candidates() == ["sapphirerapids", "haswell", "znver4"]
+    monkeypatch.setattr(tune.llvm, "get_host_cpu_name", lambda: "znver4")
+    assert tune.candidates() == ["znver4", "haswell"]
+    monkeypatch.setattr(tune.platform, "machine", lambda: "AMD64")
+    assert tune.candidates() == ["znver4", "haswell"]
+    monkeypatch.setattr(tune.platform, "machine", lambda: "aarch64")
+    assert tune.candidates() == ["znver4"]
+
+
+def test_the_margin_is_on_the_geometric_mean_over_the_models(fake, monkeypatch):
+    """2% faster over both models (0.8 x 1.2 = 0.96: a geometric mean of 0.98) is noise; the
+    same candidate 20% faster on one model and as fast on the other wins."""
+    monkeypatch.setattr(tune, "candidates", lambda: [HOST, "fastcpu"])
+    host = {"m": 1.0, "n": 1.0}
+
+    def decide(fast):
+        return tune.decide(lambda _: {HOST: host, "fastcpu": fast}, print)["target"]
+    assert decide({"m": 0.8, "n": 1.2}) == HOST
+    assert decide({"m": 0.8, "n": 1.0}) == "fastcpu"
+
+
+def test_measure_takes_seven_rounds_unless_told(tmp_path, monkeypatch):
+    log = fake_children(tmp_path, monkeypatch, {"a": [1, 2, 3, 4, 5, 6, 7, 8]})
+    assert tune.measure(["a"]) == {"a": dict(m=4, n=40)}
+    assert log.read_text() == "a 111\n" * 7
