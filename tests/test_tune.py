@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ddl.kernels import jit, tune
+from ddl.kernels import convplan, jit, tune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST, OTHERS = "hostcpu", ["fastcpu", "slowcpu"]
@@ -299,7 +299,7 @@ def test_no_lock_where_the_lock_file_cannot_be_made(tmp_path):
         assert (tmp_path / "x.lock").exists()
 
 
-def kernels_command(tmp_path, *args):
+def kernels_command(tmp_path, *args, **extra):
     """`python -m ddl.kernels ARGS` on a copy of ddl whose every cache base is in tmp_path (so
     that what it forgets is the test's), its kernels as Python (nothing to compile) for
     "haswell": (exit status, output)."""
@@ -310,6 +310,8 @@ def kernels_command(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "pkg"), NUMBA_CACHE_DIR=str(tmp_path / "c"),
                XDG_CACHE_HOME=str(tmp_path / "xdg"), TMPDIR=str(tmp_path / "tmp"),
                NUMBA_DISABLE_JIT="1", NUMBA_CPU_NAME="haswell")
+    env.pop(convplan.FORCE, None)
+    env.update(extra)
     out = subprocess.run([sys.executable, "-m", "ddl.kernels", *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     return out.returncode, out.stdout + out.stderr
@@ -407,3 +409,30 @@ def test_measure_takes_seven_rounds_unless_told(tmp_path, monkeypatch):
     log = fake_children(tmp_path, monkeypatch, {"a": [1, 2, 3, 4, 5, 6, 7, 8]})
     assert tune.measure(["a"]) == {"a": dict(m=4, n=40)}
     assert log.read_text() == "a 111\n" * 7
+
+
+def test_show_says_what_is_not_stored_and_lists_the_convolutions(tmp_path):
+    def show(**env):
+        code, out = kernels_command(tmp_path, "--show", **env)
+        assert code == 0, out
+        return out.splitlines()[2:]     # after the CPU and the version
+    assert show() == ["target: haswell ($NUMBA_CPU_NAME; wins over the choice)",
+                      "no tuning choice stored yet: the next compile measures it",
+                      "convolution algorithms: 0 layer shape(s) timed (ddl train times its "
+                      "model's at start-up)"]
+    name, key = f"ddl-kernels-{jit.version()}", tune.cpu_key()
+    tune.write(str(tmp_path / "c" / f"{name}.tune.json"), jit.version(),
+               {key: dict(target="znver4", error="boom", when="then")})
+    convs = str(tmp_path / "c" / f"{name}.convs.json")
+    timed = {"b": dict(algorithm="gemm", ms=dict(gemm=1.234, direct=2.5)),
+             "a": dict(algorithm="direct")}
+    tune.write(convs, jit.version(), {f"{key} for znver4, 1 BLAS thread(s)": timed})
+    assert show(NUMBA_CPU_NAME="", DDL_CONV_ALGORITHM="direct") == [
+        f"choice file: {tmp_path / 'c' / name}.tune.json",
+        "target: znver4 (chosen then); the measurement failed: boom",
+        f"convolution algorithms: 2 layer shape(s) timed for {key} for znver4, 1 BLAS "
+        f"thread(s) in {convs}",
+        "  a: direct (the only one that fits)", "  b: gemm (ms: direct 2.50, gemm 1.23)",
+        "forced: direct wherever it fits ($DDL_CONV_ALGORITHM)"]
+    assert show()[-1] == ("convolution algorithms: 0 layer shape(s) timed (ddl train times its "
+                          "model's at start-up)")       # none timed for haswell
