@@ -253,6 +253,8 @@ import json, os, sys
 name = os.environ["NUMBA_CPU_NAME"]
 times = {times}[name]
 threads = [os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")]
+with open({log!r} + ".pids", "a") as f:
+    f.write(f"{{os.getpid()}} {{os.environ.get('DDL_TEST_INHERITED')}}\\n")
 print("{{}}", flush=True)
 for turn, line in enumerate(sys.stdin):
     with open({log!r}, "a") as f:
@@ -270,7 +272,18 @@ def fake_children(tmp_path, monkeypatch, times):
     child.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(child))
     monkeypatch.setenv(tune.EXPLICIT, "inherited")
+    monkeypatch.setenv("DDL_TEST_INHERITED", "yes")
     return log
+
+
+def reaped(log):
+    """Whether every fake timing process inherited the environment and has been waited for."""
+    pids = [line.split() for line in open(f"{log}.pids")]
+    for pid, inherited in pids:
+        assert inherited == "yes"
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    return len(pids)
 
 
 def test_measure_takes_turns_and_keeps_each_models_median(tmp_path, monkeypatch):
@@ -285,9 +298,11 @@ def test_measure_takes_turns_and_keeps_each_models_median(tmp_path, monkeypatch)
     measured = tune.measure(["a", "b"], rounds=4, extra={"x": extra})
     assert measured == {"a": dict(m=3, n=30), "b": dict(m=30, n=300), "x": dict(m=7, n=70)}
     assert log.read_text().split("\n") == ["a 111", "b 111", "x"] * 4 + [""]
+    assert reaped(log) == 2
     log.unlink()
     assert tune.measure(["b"], rounds=3) == {"b": dict(m=30, n=300)}     # the middle of three
     assert log.read_text() == "b 111\n" * 3
+    assert tune.measure(["a"], rounds=1) == {"a": dict(m=3, n=30)}
 
 
 def test_a_timing_process_that_exits_is_named_with_its_status(tmp_path, monkeypatch):
