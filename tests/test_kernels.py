@@ -574,7 +574,7 @@ def test_warm_order_rank_0_compiles_before_the_others_load(rank, size, monkeypat
     NumPy's kernels there is nothing to compile."""
     events = []
     monkeypatch.setattr(jit, "warm", lambda: events.append("warm") or 1.5)
-    monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
+    monkeypatch.setenv("NUMBA_CPU_NAME", jit.target())    # restored after the ranks' setdefault
     comm = None if rank is None else Ranks(rank, size, events)
     with kernels.using("numpy"):
         assert kernels.warm(comm) == 0.0 and events == []
@@ -583,7 +583,7 @@ def test_warm_order_rank_0_compiles_before_the_others_load(rank, size, monkeypat
     # Whatever --timeout says, a rank waits up to 600 s for rank 0's compile (docs/faults.md).
     compiled = ("barrier", "rank 0's kernel compile", 600.0)
     tuned = [("barrier", "rank 0's kernel tuning", 600.0),
-             ("bcast", "rank 0's kernel CPU name", "haswell" if rank == 0 else None)]
+             ("bcast", "rank 0's kernel CPU name", jit.target() if rank == 0 else None)]
     expected = {(0, 2): tuned + ["warm", compiled], (1, 2): tuned + [compiled, "warm"],
                 (0, 1): ["warm", compiled], (None, None): ["warm"]}
     assert events == expected[rank, size]
