@@ -471,3 +471,9 @@ def test_show_says_what_is_not_stored_and_lists_the_convolutions(tmp_path):
         "forced: direct wherever it fits ($DDL_CONV_ALGORITHM)"]
     assert show()[-1] == ("convolution algorithms: 0 layer shape(s) timed (ddl train times its "
                           "model's at start-up)")       # none timed for haswell
+
+
+def test_help_shows_what_the_command_does(tmp_path):
+    code, out = kernels_command(tmp_path, "--help")
+    assert code == 0 and ("`python -m ddl.kernels [--show | --retune | --replan]`: compile every "
+                          "kernel into numba's cache") in " ".join(out.split()), out
