@@ -218,6 +218,19 @@ def test_the_plan_is_written_to_the_first_file_and_found_in_the_others(tmp_path,
     assert convplan.stored()[0] == other and str(A) in convplan.stored()[2]
 
 
+def test_the_timing_locks_the_file_it_writes(tmp_path, monkeypatch):
+    """Beside the first file, the one written: a later base's folder may not exist yet, and
+    where the lock file cannot be made there is no lock (two processes would both time)."""
+    import contextlib
+    first, other = str(tmp_path / "first.json"), str(tmp_path / "not-made" / "other.json")
+    monkeypatch.setattr(convplan, "_where", lambda target=None: ([first, other], "cpu X"))
+    locks = []
+    monkeypatch.setattr(tune, "locked", lambda path: locks.append(path) or contextlib.nullcontext())
+    trial, clock = fake({A: dict(gemm=[2], direct=[1])})
+    convplan.measure(conv_rehearsal(A), lambda c: ["gemm", "direct"], trial, print, clock)
+    assert locks == [first + ".lock"]
+
+
 def test_damaged_stored_choices_are_left_out(store):
     def holding(entries):
         Path(store).write_text(json.dumps(dict(version=jit.version(), cpus={"cpu X": entries})))
