@@ -4,6 +4,7 @@ what `kernel` registers, what `warm` compiles, the cache folder's name and place
 these compiled, where a mutant of jit.py would compile all of them again)."""
 import glob
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_warm_compiles_the_kernels_marked_ahead_for_float32(registry):
     def later(x):
         x[0] = 2
     seconds = jit.warm()
-    assert isinstance(seconds, float) and seconds >= 0
+    assert isinstance(seconds, float) and 0 <= seconds < 60
     assert [(str(a.dtype), a.ndim) for a, in ahead.signatures] == [("float32", 1),
                                                                    ("float32", 2)]
     assert later.signatures == [] and jit.signature_count() == 2
@@ -106,6 +107,23 @@ def test_the_cache_folder_is_made_once_and_its_damaged_files_dropped(tmp_path, m
     (folder / "sub" / "cut.nbi").write_bytes(b"")
     assert jit.cache_dir() == str(folder)           # checked once a process
     assert os.listdir(folder / "sub") == ["cut.nbi"]
+
+
+def test_a_data_file_cut_short_is_found_by_its_frame_at_any_depth(tmp_path):
+    """A data file (.nbc, a framed pickle, as numba writes them) cut where a "." happens to end
+    it, or a byte short inside, is removed; a whole one is kept, and so is an unframed pickle
+    (an older protocol, judged by its STOP alone); under the folder or any folder below it."""
+    data = pickle.dumps(("library", b"." * 1000), protocol=5)
+    files = {"whole.1.nbc": data, "cut.1.nbc": data[:500], "short.1.nbc": data[:-2] + data[-1:],
+             "old.1.nbc": pickle.dumps("a", protocol=2)}
+    for sub in ("", "a", os.path.join("a", "b")):
+        os.makedirs(tmp_path / sub, exist_ok=True)
+        for name, content in files.items():
+            (tmp_path / sub / name).write_bytes(content)
+    removed = jit._drop_damaged(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in removed) == sorted(
+        os.path.join(sub, name) for sub in ("", "a", os.path.join("a", "b"))
+        for name in ("cut.1.nbc", "short.1.nbc"))
 
 
 def test_the_cache_bases_in_order(tmp_path, monkeypatch):
