@@ -80,7 +80,8 @@ TESTS = {
 # The modules whose mutants run their kernels as Python (NUMBA_DISABLE_JIT=1): any edit in
 # ddl/kernels/ changes the version that names the kernels' cache, so compiled, every mutant there
 # would compile every kernel its tests call again (minutes each on two loaded cores). As Python
-# a mutant does what it does compiled, with the caveats in docs/mutation.md.
+# a mutant does what it does compiled, with the caveats in docs/mutation.md. But jit.py, whose
+# decorator, cache and `warm` do nothing as Python: its selection runs no kernel of ddl's but one.
 PYTHON = ({m for m in TESTS if m.startswith("ddl/kernels/")}
           - {"ddl/kernels/numpy.py", "ddl/kernels/jit.py"})
 # The operators that make one natural mistake each (+ for -, < for <=, a constant off by one, a
