@@ -35,7 +35,7 @@ def test_bf16_rounds_to_nearest_even_within_half_an_ulp(name):
 
 
 @pytest.mark.parametrize("name", kernels.NAMES)
-def test_every_nan_payload_rounds_to_a_nan(name):
+def test_bf16_rounds_every_nan_payload_to_a_nan(name):
     """A NaN whose payload would carry into the exponent (the smallest: one mantissa bit, either
     sign; a signalling NaN) is bf16's quiet NaN, not inf; the values beside it stay themselves."""
     payloads = np.array([0x7F800001, 0xFF800001, 0x7F800000, 0x7FFFFFFF, 0x7F7FFFFF],
