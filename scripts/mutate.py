@@ -54,6 +54,23 @@ TESTS = {
                            "-k 'cross_entropy and not numpy'",
     "ddl/kernels/optim.py": "tests/test_kernels.py tests/test_optim.py tests/test_mutants.py "
                             "-k 'optimizer or (numba and (test_optim or rmsprop or adam))'",
+    "ddl/kernels/bf16.py": "tests/test_exchange.py -k 'bf16 and not exchange_is'",
+    # The tuning, the backend switch and `python -m ddl.kernels`: their own logic, with fakes
+    # for the measurement and the ranks; the real measurement compiles in child processes.
+    "ddl/kernels/tune.py": "tests/test_tune.py tests/test_convplan.py -k 'not measure_times and "
+                           "not another_cpu_name and not every_rank_runs'",
+    "ddl/kernels/__init__.py": "tests/test_kernels.py tests/test_convplan.py tests/test_tune.py "
+                               "-k 'backends_offer or kernels_choice or importing or choose or "
+                               "numpy_kernels_plan or forced or other_ranks or rank_0s_name or "
+                               "warm_order'",
+    "ddl/kernels/__main__.py": "tests/test_tune.py -k 'show or replan'",
+    # Compiled (not in PYTHON): as Python, `kernel` hands back the plain function and nothing is
+    # registered, cached or warmed, i.e. most of jit.py never runs. Its selection calls no
+    # kernel of ddl's but pool.relu (a mutant's new version would compile each again).
+    "ddl/kernels/jit.py": "tests/test_jit.py tests/test_tune.py tests/test_trust.py "
+                          "tests/test_kernels.py -k 'test_jit or cache_folder or damaged_cache "
+                          "or numba_still or importing or read_only'",
+    "ddl/nn/summary.py": "tests/test_own_data.py tests/test_models.py -k 'summary or fixed_size'",
     "ddl/nn/layers.py": "tests/test_references.py tests/test_layers.py tests/test_mutants.py",
     "ddl/nn/module.py": "tests/test_mutants.py tests/test_layers.py tests/test_optim.py",
     "ddl/nn/loss.py": "tests/test_loss.py tests/test_mutants.py",
@@ -63,8 +80,10 @@ TESTS = {
 # The modules whose mutants run their kernels as Python (NUMBA_DISABLE_JIT=1): any edit in
 # ddl/kernels/ changes the version that names the kernels' cache, so compiled, every mutant there
 # would compile every kernel its tests call again (minutes each on two loaded cores). As Python
-# a mutant does what it does compiled, with the caveats in docs/mutation.md.
-PYTHON = {m for m in TESTS if m.startswith("ddl/kernels/")} - {"ddl/kernels/numpy.py"}
+# a mutant does what it does compiled, with the caveats in docs/mutation.md. But jit.py, whose
+# decorator, cache and `warm` do nothing as Python: its selection runs no kernel of ddl's but one.
+PYTHON = ({m for m in TESTS if m.startswith("ddl/kernels/")}
+          - {"ddl/kernels/numpy.py", "ddl/kernels/jit.py"})
 # The operators that make one natural mistake each (+ for -, < for <=, a constant off by one, a
 # loop that never runs, a negated condition). Excluded: the rest of cosmic-ray's binary operator
 # table (a + b -> a << b and the like, 11 per operator: mostly crashes, and most of the count),

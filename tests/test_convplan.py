@@ -3,6 +3,7 @@
 plan or a forced name changes which algorithm runs. That each algorithm gives the reference's
 results is tested in test_kernels.py (test_each_algorithm_that_fits_matches_numpy)."""
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +143,10 @@ def test_choose_plans_what_a_training_step_runs(store, monkeypatch):
         model[0].needs_input_grad = False
         model.eval()(np.zeros((1, 1, 8, 8), np.float32))   # run before: holds its backend
         before = model.state_dict()
-        planned, _ = kernels.choose(lambda: rehearse(model, (1, 8, 8), 5, 3))
+        started = time.perf_counter()
+        planned, seconds = kernels.choose(lambda: rehearse(model, (1, 8, 8), 5, 3))
     assert planned == 4                           # 2 layers x micro-batches of 3 and 2
+    assert 0 < seconds <= time.perf_counter() - started       # the time it took, as said
     # The model rehearsed is the one that trains: left as it was, gradients zero.
     after = model.state_dict()
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -216,6 +219,19 @@ def test_the_plan_is_written_to_the_first_file_and_found_in_the_others(tmp_path,
     assert Path(first).exists() and not Path(other).exists()
     Path(first).rename(other)
     assert convplan.stored()[0] == other and str(A) in convplan.stored()[2]
+
+
+def test_the_timing_locks_the_file_it_writes(tmp_path, monkeypatch):
+    """Beside the first file, the one written: a later base's folder may not exist yet, and
+    where the lock file cannot be made there is no lock (two processes would both time)."""
+    import contextlib
+    first, other = str(tmp_path / "first.json"), str(tmp_path / "not-made" / "other.json")
+    monkeypatch.setattr(convplan, "_where", lambda target=None: ([first, other], "cpu X"))
+    locks = []
+    monkeypatch.setattr(tune, "locked", lambda path: locks.append(path) or contextlib.nullcontext())
+    trial, clock = fake({A: dict(gemm=[2], direct=[1])})
+    convplan.measure(conv_rehearsal(A), lambda c: ["gemm", "direct"], trial, print, clock)
+    assert locks == [first + ".lock"]
 
 
 def test_damaged_stored_choices_are_left_out(store):

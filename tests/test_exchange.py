@@ -34,6 +34,17 @@ def test_bf16_rounds_to_nearest_even_within_half_an_ulp(name):
     assert got[6] == np.inf and got[7] == largest and got[8] == -np.inf
 
 
+@pytest.mark.parametrize("name", kernels.NAMES)
+def test_bf16_rounds_every_nan_payload_to_a_nan(name):
+    """A NaN whose payload would carry into the exponent (the smallest: one mantissa bit, either
+    sign; a signalling NaN) is bf16's quiet NaN, not inf; the values beside it stay themselves."""
+    payloads = np.array([0x7F800001, 0xFF800001, 0x7F800000, 0x7FFFFFFF, 0x7F7FFFFF],
+                        np.uint32).view(np.float32)
+    bits, back = bf16_round_trip(payloads, kernels.get(name))
+    assert bits.tolist() == [0x7FC0, 0x7FC0, 0x7F80, 0x7FC0, 0x7F80]
+    assert np.isnan(back[[0, 1, 3]]).all() and back[2] == back[4] == np.inf
+
+
 def test_the_compiled_bf16_passes_give_the_reference_s_bits():
     """Rounding, and sums of 1 to 5 ranks in rank order, on lengths around the compiled sum's
     block, with NaN, inf and subnormal values among them."""

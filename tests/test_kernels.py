@@ -561,6 +561,41 @@ def test_rank_0_compiles_first_and_the_others_load(tmp_path):
     assert lazy.stdout.split() == ["1", "0"], lazy.stdout + lazy.stderr
 
 
+class Ranks:
+    """Rank `rank` of `size`, recording its barriers and broadcasts in `events`."""
+    def __init__(self, rank, size, events):
+        self.rank, self.size, self.events = rank, size, events
+
+    def barrier(self, what, at_least=0.0):
+        self.events.append(("barrier", what.split("after ")[-1], at_least))
+
+    def bcast_obj(self, obj, root=0, what=""):
+        self.events.append(("bcast", what, obj))
+        return "haswell"
+
+
+@pytest.mark.parametrize("rank, size", [(0, 2), (1, 2), (0, 1), (None, None)])
+def test_warm_order_rank_0_compiles_before_the_others_load(rank, size, monkeypatch):
+    """Rank 0 tunes and compiles first, the others wait for it, then load what it cached; one
+    process compiles without tuning together (a communicator of one: its barrier is free); with
+    NumPy's kernels there is nothing to compile."""
+    events = []
+    monkeypatch.setattr(jit, "warm", lambda: events.append("warm") or 1.5)
+    monkeypatch.setenv("NUMBA_CPU_NAME", jit.target())    # restored after the ranks' setdefault
+    comm = None if rank is None else Ranks(rank, size, events)
+    with kernels.using("numpy"):
+        assert kernels.warm(comm) == 0.0 and events == []
+    with kernels.using("numba"):
+        assert kernels.warm(comm) == 1.5
+    # Whatever --timeout says, a rank waits up to 600 s for rank 0's compile (docs/faults.md).
+    compiled = ("barrier", "rank 0's kernel compile", 600.0)
+    tuned = [("barrier", "rank 0's kernel tuning", 600.0),
+             ("bcast", "rank 0's kernel CPU name", jit.target() if rank == 0 else None)]
+    expected = {(0, 2): tuned + ["warm", compiled], (1, 2): tuned + [compiled, "warm"],
+                (0, 1): ["warm", compiled], (None, None): ["warm"]}
+    assert events == expected[rank, size]
+
+
 def test_kernels_choice_is_checked():
     with pytest.raises(ValueError, match="numba, numpy"):
         kernels.use("cuda")

@@ -421,6 +421,54 @@ def test_a_nested_model_summary_indents_its_children():
     assert f": {total:,} parameters" in lines[-1]
 
 
+def test_a_model_summary_table_exactly():
+    """Columns as wide as their widest cell (the counts right-aligned), each module's own
+    parameters (a user's module holding a child and a parameter of its own), the model's output
+    shape being its own (here not its last layer's), and the module restored after tracing."""
+    from ddl import nn
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(np.ones(1))
+            self.fc = nn.Linear(16, 6, rng=0)
+
+        def forward(self, x):
+            return (self.fc(x) * self.scale.data).reshape(len(x), 2, 3)
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, rng=0), nn.Flatten(), Head())
+    conv = "0: Conv2d(1, 1, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=True)"
+    rule = "-" * (len(conv) + 26)
+    assert model.summary((1, 4, 4)).splitlines() == [
+        "layer" + " " * (len(conv) - 3) + "output shape  parameters", rule,
+        conv + "  1x4x4                 10",
+        "1: Flatten()".ljust(len(conv)) + "  16                     0",
+        "2: Head()".ljust(len(conv)) + "  2x3                    1",
+        "  fc: Linear(16, 6, bias=True)".ljust(len(conv)) + "  6                    102", rule,
+        "input 1x4x4, output 2x3: 113 parameters (0.00 MiB as float32)"]
+    assert not any({"forward", "run"} & set(vars(m)) for m in model.modules())
+
+
+def test_a_model_summary_of_one_layer_lists_that_layer():
+    from ddl import nn
+    alone = nn.Linear(4, 2, rng=0).summary((4,)).splitlines()
+    assert alone[2] == ": Linear(4, 2, bias=True)  2                     10"
+    assert nn.Sequential(nn.Linear(4, 2, rng=0)).summary((4,)).splitlines()[2:4] == [
+        "0: Linear(4, 2, bias=True)  2                     10", "-" * 52]
+
+
+def test_a_summary_trace_names_the_layer_a_forward_failed_in():
+    """The input shape of the failing layer as it got it (a Conv2d gets it in `run`, after the
+    backend)."""
+    from ddl import nn
+    from ddl.nn.summary import trace, where
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3, rng=0))
+    with pytest.raises(ValueError) as failed:
+        trace(model, (1, 8, 8))
+    assert where(failed.value) == ("layer 1 Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1), "
+                                   "padding=(0, 0), bias=True) got input of shape (2, 1, 8, 8)")
+    assert model.training and where(ValueError("elsewhere")) == ""
+
+
 def test_ddl_summary(ddl, work, tmp_path):
     (tmp_path / "mine.py").write_text(
         "from ddl import nn\n\n\ndef make(in_shape, num_classes):\n"
