@@ -36,7 +36,8 @@ EXPLICIT = "NUMBA_CPU_NAME"
 # Tried after the host's own name on x86-64, in this order (two more processes to compile and
 # time, which is what a fresh install can afford): one AVX2-era Intel tuning, one AVX-512 AMD.
 X86_CANDIDATES = ("haswell", "znver4")
-# The host's own name must lose by more than this to be replaced: noise alone should not switch.
+# The host's own name is replaced only by one at least this much faster: noise alone should not
+# switch.
 MARGIN = 0.03
 ROUNDS = 7
 
