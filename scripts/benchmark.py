@@ -11,6 +11,8 @@ A training step is what `ddl.train` does: zero the gradients, forward, cross-ent
 """
 import os
 
+# Whether the CPU name was given: set up, ddl puts its own choice in the variable for its children.
+GIVEN_CPU_NAME = "NUMBA_CPU_NAME" in os.environ
 # Before NumPy or PyTorch start their thread pools.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
@@ -404,8 +406,10 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
         f"- Machine: {cpu_model()} ({tune.cpu_key().split(' flags:')[0]}), {os.cpu_count()} "
         f"cores; load average {load[0]:.1f} before the run, {load[1]:.1f} after (other work on a "
         "shared machine slows every figure).",
-        f"- numba's kernels compiled for CPU `{kernels.target()}`, the tuning's choice for this "
-        "CPU (docs/tuning.md), outside the AVX2 table. Each convolution runs the algorithm "
+        f"- numba's kernels compiled for CPU `{kernels.target()}`, "
+        + ("as $NUMBA_CPU_NAME asks" if GIVEN_CPU_NAME else
+           "the tuning's choice for this CPU (docs/tuning.md)")
+        + ", outside the AVX2 table. Each convolution runs the algorithm "
         "that `ddl train`'s plan timed fastest for its shape on this machine (docs/tuning.md).",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, numba "
         f"{numba_version()}, PyTorch {torch_ver or 'not installed'}; BLAS: {blas()}.",
