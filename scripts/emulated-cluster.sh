@@ -40,6 +40,10 @@ shape() {   # NAMESPACE DEVICE RATE
     tc -n "$1" qdisc replace dev "$2" root tbf rate "$3" burst "$burst" latency 100ms
 }
 
+# Whether namespace $1 exists, by its whole name: `grep -w ddl-switch` also matched a second
+# cluster's ddl-switch-el, and refused to start the first beside it.
+has_ns() { ip netns list | awk '{print $1}' | grep -qxF "$1"; }
+
 up() {
     local n=$1 rate=$2
     [[ $n =~ ^[0-9]+$ ]] && (( n >= 1 && n <= 200 )) || die "N must be 1 to 200, not '$n'"
@@ -48,9 +52,9 @@ up() {
     command -v ip >/dev/null && command -v tc >/dev/null || die "needs ip and tc (apt-get install iproute2)"
     [ -e "$STATE" ] && die "a cluster is already up ($(cat "$STATE")): run \`$0 down\` first"
     for k in $(seq 1 "$n"); do
-        ! ip netns list | grep -qw "$P$k" || die "namespace $P$k exists and is not this script's"
+        ! has_ns "$P$k" || die "namespace $P$k exists and is not this script's"
     done
-    ! ip netns list | grep -qw "$SWITCH" || die "namespace $SWITCH exists and is not this script's"
+    ! has_ns "$SWITCH" || die "namespace $SWITCH exists and is not this script's"
     echo "$n $rate" > "$STATE"
     trap 'echo "emulated-cluster.sh: up failed; cleaning up" >&2; down' ERR
     ip netns add "$SWITCH"

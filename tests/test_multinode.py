@@ -100,6 +100,24 @@ def cluster():
         subprocess.run([SCRIPT, "down"], capture_output=True)
 
 
+@needs_nodes
+def test_a_cluster_starts_beside_one_whose_names_extend_its_own():
+    """`up` refuses only namespaces of its own names: another cluster's switch (test_elastic's
+    ddl-switch-el, up in another pytest worker) is not this one's. (Before the cluster fixture:
+    this file runs in one worker, and this cluster is that fixture's.)"""
+    switch = "ddl-switch" + ("" if PREFIX == "n" else f"-{PREFIX}")
+    other = f"{switch}-zz"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        up = subprocess.run([SCRIPT, "up", "1", "none"], capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr
+    finally:
+        subprocess.run([SCRIPT, "down"], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", other], capture_output=True)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert switch not in listed.split() and other not in listed.split()   # both gone
+
+
 def on_node(node, cmd, **popen):
     """Start CMD on NODE as its user's shell would (scripts/emulated-cluster.sh exec)."""
     return subprocess.Popen([str(SCRIPT), "exec", node, *map(str, cmd)], env=rank_env(),
