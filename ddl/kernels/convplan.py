@@ -21,7 +21,6 @@ a shape that no plan holds (a plain call outside training, an evaluation batch o
 runs numba.algorithm's fixed rule. docs/tuning.md has the details.
 """
 import os
-import sys
 import time
 from typing import NamedTuple
 
@@ -134,7 +133,7 @@ def measure(rehearse, candidates, trial, log=None, clock=time.perf_counter):
     choice, else `decide`'s (timed with `clock`), stored for next time (a lock keeps two
     processes of one machine from timing at once). Returns (plan, how many shapes were timed
     now)."""
-    log = log or _stderr
+    log = log or tune.stderr
     convs = record(rehearse)
     paths, key = _where()
     with tune.locked(paths[0] + ".lock"):
@@ -193,6 +192,3 @@ def _where(target=None):
     return (jit.choice_files("convs"),
             f"{tune.cpu_key()} for {target or jit.target()}, {threads} BLAS thread(s)")
 
-
-def _stderr(line):
-    print(line, file=sys.stderr, flush=True)

@@ -82,7 +82,7 @@ def choice(paths, version, key=None, measure_fn=None, log=None):
     """The stored choice for this CPU and version (a dict: target, measured, ...), measured now
     if there is none; see `target`."""
     key = key or cpu_key()
-    log = log or _stderr
+    log = log or stderr
     found = _stored(paths, version, key, log)
     if found is not None:
         return found
@@ -250,5 +250,6 @@ def _now():
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _stderr(line):
+def stderr(line):
+    """The log of a measurement that was given none (here and in convplan.py)."""
     print(line, file=sys.stderr, flush=True)
