@@ -79,6 +79,23 @@ def test_warm_compiles_the_kernels_marked_ahead_for_float32(registry):
     assert len(later.signatures) == 1 and jit.signature_count() == 3
 
 
+def test_a_call_without_warm_loads_what_warm_stored(registry):
+    """numba keys its disk cache by the signature as `compile` is given it: `warm` stores under
+    the key that a call compiling lazily looks up (an MPI test job, a user's script). A second
+    dispatcher of the same function stands for another process."""
+    for path in _cached("stored_by_warm"):
+        os.remove(path)
+
+    @jit.kernel("(T[::1],)")
+    def stored_by_warm(x):
+        x[0] = 3
+    jit.warm()
+    again = jit.kernel("(T[::1],)")(stored_by_warm.py_func)
+    again(np.zeros(2, np.float32))
+    stats = again.stats
+    assert (sum(stats.cache_hits.values()), sum(stats.cache_misses.values())) == (1, 0)
+
+
 def test_the_version_is_a_hash_of_every_kernel_file(tmp_path, monkeypatch):
     folder = tmp_path / "kernels"
     shutil.copytree(os.path.join(ROOT, "ddl", "kernels"), folder,
