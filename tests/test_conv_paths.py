@@ -25,7 +25,7 @@ CASES = [
     ("direct", 2, 3, (1, 5), (0, 2), (1, 2, 5, 6)),
     ("direct", 3, 4, (3, 7), (1, 3), (2, 3, 4, 9)),
     ("direct", 2, 5, (3, 1), 0, (2, 2, 7, 5)),
-    ("direct", 1, 2, 3, 0, (44, 1, 4, 14)),       # rows of 12 x 44 values: two chunks
+    ("direct", 1, 2, 3, 0, (int(direct.CHUNK) // 12 + 4, 1, 4, 14)),   # rows of 12 x N: 2 chunks
     ("direct", 2, 4, 5, 0, (2, 2, 9, 8)),         # 5x4 outputs of 9x8 inputs: the GEMM
     ("direct", 2, 1, (4, 2), (1, 0), (2, 2, 8, 9)),   # 7x8 of 8x9: the flipped forward
     ("winograd", 2, 3, 3, 0, (2, 2, 7, 10)),

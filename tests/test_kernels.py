@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ddl import kernels, nn
-from ddl.kernels import convplan, jit
+from ddl.kernels import convplan, direct, jit
 from ddl.kernels import numba as compiled
 from ddl.kernels.arrays import pair
 from conftest import MNIST, needs, run
@@ -20,6 +20,8 @@ from gradcheck import check_module, numerical_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A batch whose output rows of 15 pixels (15 x N values) span two of the kernels' chunks.
+TWO_CHUNKS = int(direct.CHUNK) // 15 + 5
 # (in, out, kernel, stride, padding, input (N, C, H, W)), covering each algorithm
 CONVS = {
     "single": [(1, 4, 3, 1, 0, (2, 1, 7, 6)), (1, 3, 5, 1, 2, (1, 1, 6, 5)),
@@ -28,7 +30,7 @@ CONVS = {
     "direct": [(2, 3, (2, 3), 1, (1, 0), (3, 2, 5, 6)), (3, 2, 3, 1, 1, (2, 3, 4, 4)),
                (6, 2, 5, 1, 0, (2, 6, 7, 7)), (16, 3, 3, 1, 1, (2, 16, 5, 4)),
                (33, 7, 3, 1, 1, (3, 33, 4, 5)),                 # many inputs, few outputs
-               (5, 6, 3, 1, 1, (37, 5, 3, 15))],     # rows of 15 x 37 values: two chunks
+               (5, 6, 3, 1, 1, (TWO_CHUNKS, 5, 3, 15))],
     "winograd": [(32, 64, 3, 1, 0, (2, 32, 6, 6)), (33, 65, 3, 1, 1, (1, 33, 5, 7)),  # odd outputs
                  (32, 64, 3, 1, 2, (1, 32, 3, 4)), (34, 66, 3, 1, 0, (2, 34, 3, 3))],  # one output
     "strided": [(2, 3, 3, 2, 1, (2, 2, 6, 6)), (3, 2, (2, 3), (2, 1), (1, 0), (2, 3, 5, 6)),
@@ -38,7 +40,7 @@ CONVS = {
                 (2, 3, 5, 2, 2, (2, 2, 9, 8)),          # taps past the weight gradient's three
                 (4, 3, 3, (1, 2), 1, (2, 4, 5, 6)),
                 (2, 2, 3, 2, 3, (2, 2, 4, 5)),          # padded by the kernel's size
-                (2, 3, 3, 2, 1, (37, 2, 3, 29)),        # rows of 15 x 37 values: two chunks
+                (2, 3, 3, 2, 1, (TWO_CHUNKS, 2, 3, 29)),
                 (2, 3, (3, 5), (2, 1), (1, 2), (2, 2, 7, 6))],  # 5 taps a row, of one phase
     "gemm": [(6, 2, 1, 1, 0, (2, 6, 3, 4)), (3, 4, 1, 2, 0, (2, 3, 5, 7)),
              (2, 3, 1, (2, 3), 0, (1, 2, 6, 7)), (3, 2, 1, 1, 1, (2, 3, 4, 4)),  # padded 1x1
@@ -131,6 +133,39 @@ def test_each_algorithm_that_fits_matches_numpy(name, cfg, monkeypatch):
     out = run_both(lambda: made.append(make_conv(cfg)) or made[-1], randn(*cfg[-1]))
     assert made[0]._ctx[0] == name          # the numba run's layer (kernels.NAMES: first)
     assert_same(out)
+
+
+def test_aligned_arrays_start_on_a_cache_line():
+    from ddl.kernels import arrays
+    for make in (arrays.empty, arrays.zeros):
+        for shape, dtype in (((3, 5, 7), np.float32), ((13,), np.uint8), ((2, 1, 3), np.float64),
+                             (9, np.float32)):
+            for _ in range(4):          # malloc's 16-byte alignment: some would start a line
+                a = make(shape, dtype)
+                assert a.ctypes.data % arrays.ALIGN == 0
+                assert a.shape == np.empty(shape).shape and a.dtype == dtype
+                assert a.flags.c_contiguous and a.flags.writeable
+    assert not arrays.zeros((64, 1000), np.float32).any()
+    x = np.zeros((2, 3, 4, 5), np.float32).transpose(3, 0, 1, 2)  # (C, H, W, N) as (N, C, H, W)
+    y = arrays.empty_like(x)
+    assert (y.shape, y.strides, y.dtype) == (x.shape, x.strides, x.dtype)
+    assert y.ctypes.data % arrays.ALIGN == 0
+
+
+@pytest.mark.parametrize("name, cfg", [(name, (16, 16, 3, s, 1, (16, 16, 6, 6))) for name, s in
+                                       (("direct", 1), ("winograd", 1), ("gemm", 1),
+                                        ("strided", 2), ("gemm", 2))])
+def test_numba_convolutions_return_arrays_on_cache_lines(name, cfg, monkeypatch):
+    """What one compiled layer writes and the next reads starts on a cache line (a 64-byte
+    vector load across two lines is the slow case), in both passes."""
+    from ddl.kernels import arrays
+    monkeypatch.setenv(convplan.FORCE, name)
+    with kernels.using("numba"):
+        conv = make_conv(cfg).to(np.float32)
+        y = conv.forward(randn(*cfg[-1]).astype(np.float32))
+        gx = conv.backward(np.ones_like(y))
+    assert conv._ctx[0] == name
+    assert y.ctypes.data % arrays.ALIGN == 0 and gx.ctypes.data % arrays.ALIGN == 0
 
 
 @pytest.mark.parametrize("name", ["gemm", "direct", "winograd"])

@@ -1,6 +1,38 @@
 """Array helpers that every backend and the layers share: argument shapes, the (C, H, W, N)
-memory order of activations (see ddl/kernels/numpy.py), and scratch arrays kept between calls."""
+memory order of activations (see ddl/kernels/numpy.py), arrays aligned for the compiled kernels,
+and scratch arrays kept between calls."""
 import numpy as np
+
+# Bytes: one cache line, one AVX-512 vector. NumPy's arrays start 16 bytes into a line (malloc's
+# alignment), so every 64-byte vector load of a compiled loop straddled two cache lines; the
+# kernels' arrays start on a line instead (docs/speed.md has what it gained).
+ALIGN = 64
+
+
+def empty(shape, dtype):
+    """np.empty(shape, dtype), C-ordered, its first element on an ALIGN-byte boundary."""
+    return _aligned(np.empty, shape, dtype)
+
+
+def zeros(shape, dtype):
+    """np.zeros(shape, dtype), aligned as `empty` (and as lazily zeroed as np.zeros)."""
+    return _aligned(np.zeros, shape, dtype)
+
+
+def empty_like(a):
+    """An aligned np.empty_like(a): a's shape and dtype, its axes in a's memory order, so that a
+    (C, H, W, N) array seen as (N, C, H, W) gets the same view of memory laid out alike."""
+    order = np.argsort(a.strides, kind="stable")[::-1]
+    return empty(tuple(np.take(a.shape, order)), a.dtype).transpose(np.argsort(order))
+
+
+def _aligned(make, shape, dtype):
+    dtype = np.dtype(dtype)
+    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = make(size + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + size].view(dtype).reshape(shape)
 
 
 def pair(v):
@@ -36,7 +68,7 @@ class Workspace:
     def empty(self, name, shape, dtype):
         a = self._arrays.get(name)
         if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(shape, dtype)
+            a = self._arrays[name] = empty(shape, dtype)
         return a
 
     def zeros(self, name, shape, dtype):
@@ -44,7 +76,7 @@ class Workspace:
         part of it (a padded input's interior), so that the rest stays zero."""
         a = self._arrays.get(name)
         if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._arrays[name] = np.zeros(shape, dtype)
+            a = self._arrays[name] = zeros(shape, dtype)
         return a
 
 

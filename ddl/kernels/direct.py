@@ -25,14 +25,14 @@ import functools
 
 import numpy as np
 
-from ddl.kernels import gemm
+from ddl.kernels import arrays, gemm
 from ddl.kernels.jit import X3, X4, helper, kernel
 from ddl.kernels.pool import first_max4, spread4
 
 # Kernel sizes compiled ahead by `warm` (others on first use): ref-cnn's and seed-cnn's.
 COMMON = ((3, 3), (5, 5))
 OB = 4      # output channels per block (the kernels below hold OB of them by name)
-CHUNK = np.uint64(512)      # values of a row per pass over the input channels
+CHUNK = np.uint64(1024)     # values of a row per pass over the input channels
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,8 +63,10 @@ def forward_kernel(kh, kw):
                     y2 = rows[2, a] if pool else y[o + 2, r]
                     y3 = rows[3, a] if pool else y[o + 3, r]
                     y0[:], y1[:], y2[:], y3[:] = bias[o], bias[o + 1], bias[o + 2], bias[o + 3]
-                    # A chunk of the rows at a time: four output rows and three input rows of
-                    # 28 pixels x 64 images (51 KB) overflowed the core's 48 KB L1 cache.
+                    # A chunk of the rows at a time, four output rows and three input rows of
+                    # it in the L1 cache (28 KB; whole rows of 28 pixels x 64 images, 51 KB,
+                    # overflowed a 48 KB L1). A chunk of 512 values took 5-10% longer: each
+                    # pass over the input channels sets its loop up again.
                     for m0 in range(0, width, CHUNK):
                         for c in range(x.shape[0]):
                             for m in range(m0, min(m0 + CHUNK, width)):
@@ -217,8 +219,8 @@ def _convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
     oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     rows = ws.empty(scratch, (OB, 2, ow * n), x.dtype)
     y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
-    y = np.empty((op, *y_hw, n), x.dtype)
-    code = np.empty(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
+    y = arrays.empty((op, *y_hw, n), x.dtype)
+    code = arrays.empty(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
     forward_kernel(kh, kw)(x.reshape(*x.shape[:2], -1), padded(weight, op), padded(bias, op),
                            n, pool, relu, rows, y.reshape(op, y_hw[0], -1),
                            code.reshape(*code.shape[:2], -1))
@@ -279,7 +281,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     if not full:
         panel = ws.empty("panel_grad", (c * kh * kw, oh * ow * n), gy.dtype)
         np.matmul(weight.reshape(o, -1).T, g[:o].reshape(o, -1), out=panel)
-        gx = np.zeros(x_shape, gy.dtype)
+        gx = arrays.zeros(x_shape, gy.dtype)
         gemm.unpack_add(panel.reshape(-1, oh, ow, n), kh, kw, 1, 1, ph, pw, gx)
         return gx
     # gx[c, v] = sum over o, i, j of w[o, c, i, j] g[o, v + kh-1 - i]: the forward kernel with

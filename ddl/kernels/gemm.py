@@ -11,6 +11,7 @@ is one, seen as (C, H*W*N).
 """
 import numpy as np
 
+from ddl.kernels import arrays
 from ddl.kernels.jit import X4, kernel
 
 
@@ -68,7 +69,7 @@ def forward(x, weight, bias, stride, padding, out_hw, ws):
         cols = ws.empty("panel", (c * kh * kw, *out_hw, n), x.dtype)
         pack(x, kh, kw, *stride, *padding, cols)
         cols = cols.reshape(len(cols), -1)
-    y = weight.reshape(o, -1) @ cols
+    y = np.matmul(weight.reshape(o, -1), cols, out=arrays.empty((o, cols.shape[1]), x.dtype))
     if bias is not None:
         y += bias[:, None]
     return y.reshape(o, *out_hw, n), cols
@@ -85,9 +86,10 @@ def backward(gy, cols, weight, x_shape, stride, padding, input_grad, ws):
         return None, grad_w, grad_b
     wm = weight.reshape(o, -1)
     if (kh, kw, *stride, *padding) == (1, 1, 1, 1, 0, 0):
-        return (wm.T @ gm).reshape(x_shape), grad_w, grad_b
+        gx = np.matmul(wm.T, gm, out=arrays.empty((c, gm.shape[1]), gm.dtype))
+        return gx.reshape(x_shape), grad_w, grad_b
     gcols = ws.empty("panel_grad", (c * kh * kw, gm.shape[1]), gm.dtype)
     np.matmul(wm.T, gm, out=gcols)
-    gx = np.zeros(x_shape, gm.dtype)
+    gx = arrays.zeros(x_shape, gm.dtype)
     unpack_add(gcols.reshape(len(gcols), *gy.shape[1:]), kh, kw, *stride, *padding, gx)
     return gx, grad_w, grad_b

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ddl.kernels import (bf16, convplan, direct, gemm, jit, loss, norm, optim, pool, single,
+from ddl.kernels import (arrays, bf16, convplan, direct, gemm, jit, loss, norm, optim, pool, single,
                          strided, winograd)
 from ddl.kernels import numpy as reference
 from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
@@ -197,8 +197,8 @@ def maxpool2d_forward(x, kernel, stride, relu=False):
                          f"{kernel[1]}) are beyond the numba kernels: use --kernels numpy")
     xc = chwn(x)
     out_hw = [out_size(size, k, s) for size, k, s in zip(xc.shape[1:3], kernel, stride)]
-    y = np.empty((xc.shape[0], *out_hw, xc.shape[3]), x.dtype)
-    code = np.empty(y.shape, np.uint8)
+    y = arrays.empty((xc.shape[0], *out_hw, xc.shape[3]), x.dtype)
+    code = arrays.empty(y.shape, np.uint8)
     pool.max_pool(xc, *kernel, *stride, relu, y, code)
     return nchw(y), code
 
@@ -206,7 +206,7 @@ def maxpool2d_forward(x, kernel, stride, relu=False):
 def maxpool2d_backward(grad_y, code, x, kernel, stride):
     """As reference.maxpool2d_backward."""
     n, c, h, w = x.shape
-    gx = np.zeros((c, h, w, n), grad_y.dtype)
+    gx = arrays.zeros((c, h, w, n), grad_y.dtype)
     pool.max_pool_grad(chwn(grad_y), code, *kernel, *stride, gx)
     return nchw(gx)
 
@@ -222,7 +222,7 @@ def relu_forward(x):
     xf = _flat(x)
     if xf is None:
         return reference.relu_forward(x)
-    y = np.empty_like(x)   # x's memory order, so the flat views line up
+    y = arrays.empty_like(x)   # x's memory order, so the flat views line up
     pool.relu(xf, _flat(y))
     return y, y
 
@@ -233,7 +233,7 @@ def relu_backward(grad_y, ctx):
         return reference.relu_backward(grad_y, ctx)
     if grad_y.strides != ctx.strides:      # laid out unlike the output: no common flat view
         return reference.relu_backward(grad_y, ctx > 0)
-    gx = np.empty_like(ctx)
+    gx = arrays.empty_like(ctx)
     pool.relu_grad(_flat(ctx), _flat(grad_y), _flat(gx))
     return gx
 
@@ -264,7 +264,7 @@ def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual
     inv = (1 / np.sqrt(var + dtype.type(eps))).astype(dtype)
     scale = (weight * inv).astype(dtype)
     shift = (bias - mean * scale).astype(dtype)
-    y = np.empty_like(xr)
+    y = arrays.empty_like(xr)
     added = residual is not None
     norm.normalize(xr, scale, shift, _rows(residual) if added else _none(dtype), added, relu, y)
     shape = (c, x.shape[2], x.shape[3], x.shape[0])
@@ -275,8 +275,8 @@ def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual
 def batchnorm2d_backward(grad_y, ctx, weight):
     """As reference.batchnorm2d_backward, in one compiled pass per channel."""
     xr, mean, inv, y, relu, batch_stats, added, shape = ctx
-    gx = np.empty_like(xr)
-    gres = np.empty_like(xr) if added else _none(xr.dtype)
+    gx = arrays.empty_like(xr)
+    gres = arrays.empty_like(xr) if added else _none(xr.dtype)
     gw, gb = np.empty(len(xr)), np.empty(len(xr))
     norm.normalize_grad(_rows(grad_y), xr, mean, inv, (weight * inv).astype(xr.dtype), y, relu,
                         batch_stats, gres, added, gw, gb, gx)
@@ -287,7 +287,7 @@ def batchnorm2d_backward(grad_y, ctx, weight):
 def global_avgpool2d_forward(x):
     """As reference.global_avgpool2d_forward; y is an (N, C) view of (C, N) memory."""
     xc = chwn(x)
-    y = np.empty((xc.shape[0], xc.shape[3]), x.dtype)
+    y = arrays.empty((xc.shape[0], xc.shape[3]), x.dtype)
     norm.mean_over_pixels(xc.reshape(xc.shape[0], -1, xc.shape[3]), y)
     return y.T
 
@@ -295,7 +295,7 @@ def global_avgpool2d_forward(x):
 def global_avgpool2d_backward(grad_y, x):
     """As reference.global_avgpool2d_backward, the result in (C, H, W, N) memory."""
     n, c, h, w = x.shape
-    gx = np.empty((c, h * w, n), grad_y.dtype)
+    gx = arrays.empty((c, h * w, n), grad_y.dtype)
     norm.spread_over_pixels(np.ascontiguousarray(grad_y.T), gx)
     return nchw(gx.reshape(c, h, w, n))
 

@@ -23,7 +23,7 @@ import functools
 
 import numpy as np
 
-from ddl.kernels import direct
+from ddl.kernels import arrays, direct
 from ddl.kernels.jit import X3, kernel
 from ddl.kernels.pool import first_max4, spread4
 
@@ -143,8 +143,8 @@ def forward(x, weight, bias, padding, pool, relu, ws):
         return y, ctx + (None,)
     (o, _, kh, kw), n = weight.shape, x.shape[3]
     xp = direct.pad(x, padding, ws)
-    y = np.empty((o, (xp.shape[1] - kh + 1) // 2, (xp.shape[2] - kw + 1) // 2, n), x.dtype)
-    code = np.empty(y.shape, np.uint8)
+    y = arrays.empty((o, (xp.shape[1] - kh + 1) // 2, (xp.shape[2] - kw + 1) // 2, n), x.dtype)
+    code = arrays.empty(y.shape, np.uint8)
     xs = split(xp, ws)
     forward_kernel(kh, kw)(xs, weight.reshape(o, kh, kw), bias, n, relu,
                            y.reshape(o, y.shape[1], -1), code.reshape(o, y.shape[1], -1))

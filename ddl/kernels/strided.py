@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from ddl.kernels import direct, gemm
+from ddl.kernels import arrays, direct, gemm
 from ddl.kernels.jit import X3, X4, kernel
 
 X5 = "T[:, :, :, :, ::1]"
@@ -153,7 +153,7 @@ def forward(x, weight, bias, stride, padding, out_hw, ws):
     xph = _phases(x, weight, stride, padding, out_hw, ws)
     op = direct.blocks(o)
     bias = np.zeros(o, x.dtype) if bias is None else bias
-    y = np.empty((op, *out_hw, n), x.dtype)
+    y = arrays.empty((op, *out_hw, n), x.dtype)
     forward_kernel(kh, kw, *stride)(xph.reshape(*xph.shape[:4], -1), direct.padded(weight, op),
                                     direct.padded(bias, op), n, y.reshape(op, out_hw[0], -1))
     return y[:o], (xph, stride, padding, x.shape)
@@ -172,7 +172,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     gm = gy.reshape(o, -1)
     gcols = ws.empty("panel_grad", (c * kh * kw, gm.shape[1]), gm.dtype)
     np.matmul(weight.reshape(o, -1).T, gm, out=gcols)
-    gx = np.empty(x_shape, gy.dtype)
+    gx = arrays.empty(x_shape, gy.dtype)
     fold(gcols.reshape(len(gcols), *gy.shape[1:]), kh, kw, *stride, *padding, gx)
     return gx
 

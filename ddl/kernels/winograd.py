@@ -22,6 +22,7 @@ tile, so `pool=True` pools (and applies ReLU) while leaving a tile, never writin
 """
 import numpy as np
 
+from ddl.kernels import arrays
 from ddl.kernels.direct import pad
 from ddl.kernels.jit import X4, helper, kernel
 from ddl.kernels.pool import first_max4, spread4
@@ -282,10 +283,10 @@ def forward(x, weight, bias, padding, pool, relu, ws):
     M = ws.empty("M", (16, o, th * tw, n), x.dtype)
     _gemms(U, V.reshape(16, c, -1), M.reshape(16, o, -1))
     if pool:
-        y, code = np.empty((o, th, tw, n), x.dtype), np.empty((o, th, tw, n), np.uint8)
+        y, code = arrays.empty((o, th, tw, n), x.dtype), arrays.empty((o, th, tw, n), np.uint8)
         pooled_output_tiles(M, bias, relu, y, code)
     else:
-        y, code = np.empty((o, *out_hw, n), x.dtype), None
+        y, code = arrays.empty((o, *out_hw, n), x.dtype), None
         output_tiles(M, bias, y)
     return y, (xp.shape, U, V, code, th, tw)
 
@@ -311,7 +312,7 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     _gemms(U, gM2, gV.reshape(16, c, -1), transpose_a=True)
     gD = ws.empty("gD", V.shape, gy.dtype)
     input_tiles_grad(gV, gD)
-    gxp = np.empty(xp_shape, gy.dtype)
+    gxp = arrays.empty(xp_shape, gy.dtype)
     add_up_tiles(gD, gxp, th, tw)
     return gxp
 
