@@ -1,6 +1,8 @@
 """Array helpers that every backend and the layers share: argument shapes, the (C, H, W, N)
 memory order of activations (see ddl/kernels/numpy.py), arrays aligned for the compiled kernels,
 and scratch arrays kept between calls."""
+import math
+
 import numpy as np
 
 # Bytes: one cache line, one AVX-512 vector. NumPy's arrays start 16 bytes into a line (malloc's
@@ -22,14 +24,17 @@ def zeros(shape, dtype):
 def empty_like(a):
     """An aligned np.empty_like(a): a's shape and dtype, its axes in a's memory order, so that a
     (C, H, W, N) array seen as (N, C, H, W) gets the same view of memory laid out alike."""
-    order = np.argsort(a.strides, kind="stable")[::-1]
-    return empty(tuple(np.take(a.shape, order)), a.dtype).transpose(np.argsort(order))
+    order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    return empty([a.shape[i] for i in order], a.dtype).transpose(
+        sorted(range(a.ndim), key=order.__getitem__))
 
 
 def _aligned(make, shape, dtype):
+    # Plain Python on purpose: a step allocates dozens of arrays, and NumPy's helpers on small
+    # tuples (np.prod, np.argsort) cost microseconds each.
     dtype = np.dtype(dtype)
-    shape = (shape,) if np.isscalar(shape) else tuple(shape)
-    size = int(np.prod(shape)) * dtype.itemsize
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    size = math.prod(shape) * dtype.itemsize
     raw = make(size + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start:start + size].view(dtype).reshape(shape)

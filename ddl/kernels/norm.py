@@ -7,43 +7,63 @@ holds up to millions of values (a 28x28 image, batch 256: 200,704), whose float3
 digits. The forward pass stores no normalised copy; backward recomputes xhat = (x - mean) * inv
 from the input, one read instead of a write and a read.
 """
-from ddl.kernels.jit import kernel
+import numpy as np
+
+from ddl.kernels.jit import helper, kernel
 
 ROWS = "T[:, ::1]"
 
 
-@kernel(f"({ROWS}, float64[::1], float64[::1])")
-def moments(x, mean, var):
-    """mean[c], var[c] = the mean and biased variance of row x[c] (two passes: no cancellation)."""
-    m = x.shape[1]
+@helper
+def row_moments(xs):
+    """The mean and biased variance of the row xs, in float64 (two passes: no cancellation)."""
+    m = xs.shape[0]
+    s = 0.0
+    for i in range(m):
+        s += xs[i]
+    mu = s / m
+    q = 0.0
+    for i in range(m):
+        d = xs[i] - mu
+        q += d * d
+    return mu, q / m
+
+
+@helper
+def normalize_row(xs, a, b, rs, add, relu, ys):
+    """ys = xs * a + b (+ rs if add), then ReLU if relu (NaN kept)."""
+    if add:
+        for i in range(xs.shape[0]):
+            v = xs[i] * a + b + rs[i]
+            ys[i] = 0 if relu and v <= 0 else v
+    else:
+        for i in range(xs.shape[0]):
+            v = xs[i] * a + b
+            ys[i] = 0 if relu and v <= 0 else v
+
+
+@kernel(f"({ROWS}, T[::1], T[::1], T, {ROWS}, boolean, boolean, T[::1], T[::1], T[::1], {ROWS})")
+def batch_normalize(x, weight, bias, eps, residual, add, relu, mean, var, inv, y):
+    """Training's pass: mean[c], var[c] = the moments of row x[c] (summed in float64, stored as
+    T), inv[c] = 1 / sqrt(var[c] + eps), then y[c] as `normalize` gives it for scale weight[c] *
+    inv[c] and shift bias[c] - mean[c] * scale. One channel at a time: its row, read from memory
+    once, is still in the cache for the second moment and the normalisation (the statistics of
+    every channel first, then the normalisation, read x from memory twice)."""
+    one = x.dtype.type(1)
     for c in range(x.shape[0]):
-        xs = x[c]
-        s = 0.0
-        for i in range(m):
-            s += xs[i]
-        mu = s / m
-        q = 0.0
-        for i in range(m):
-            d = xs[i] - mu
-            q += d * d
-        mean[c], var[c] = mu, q / m
+        mean[c], var[c] = row_moments(x[c])
+        inv[c] = one / np.sqrt(var[c] + eps)
+        a = weight[c] * inv[c]
+        normalize_row(x[c], a, bias[c] - mean[c] * a, residual[c] if add else x[c], add, relu,
+                      y[c])
 
 
 @kernel(f"({ROWS}, T[::1], T[::1], {ROWS}, boolean, boolean, {ROWS})")
 def normalize(x, scale, shift, residual, add, relu, y):
-    """y[c] = x[c] * scale[c] + shift[c] (+ residual[c] if add), then ReLU if relu (NaN kept)."""
-    m = x.shape[1]
+    """y[c] = x[c] * scale[c] + shift[c] (+ residual[c] if add), then ReLU if relu (NaN kept):
+    evaluation's pass, by the running statistics."""
     for c in range(x.shape[0]):
-        xs, ys, a, b = x[c], y[c], scale[c], shift[c]
-        if add:
-            rs = residual[c]
-            for i in range(m):
-                v = xs[i] * a + b + rs[i]
-                ys[i] = 0 if relu and v <= 0 else v
-        else:
-            for i in range(m):
-                v = xs[i] * a + b
-                ys[i] = 0 if relu and v <= 0 else v
+        normalize_row(x[c], scale[c], shift[c], residual[c] if add else x[c], add, relu, y[c])
 
 
 @kernel(f"({ROWS}, {ROWS}, T[::1], T[::1], T[::1], {ROWS}, boolean, boolean, {ROWS}, boolean, "

@@ -251,22 +251,23 @@ def _none(dtype):
 
 
 def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None):
-    """As reference.batchnorm2d_forward: the statistics in one compiled pass, the normalisation,
-    residual add and ReLU in another."""
+    """As reference.batchnorm2d_forward: the statistics, the normalisation, the residual add and
+    the ReLU in one compiled pass over each channel's row (by the running statistics, with none
+    to compute, the same pass without them)."""
     xr, dtype = _rows(x), x.dtype
     c = xr.shape[0]
-    if running is None:
-        mean64, var64 = np.empty(c), np.empty(c)
-        norm.moments(xr, mean64, var64)
-        mean, var = mean64.astype(dtype), var64.astype(dtype)
-    else:
-        mean, var = (v.astype(dtype, copy=False) for v in running)
-    inv = (1 / np.sqrt(var + dtype.type(eps))).astype(dtype)
-    scale = (weight * inv).astype(dtype)
-    shift = (bias - mean * scale).astype(dtype)
     y = arrays.empty_like(xr)
     added = residual is not None
-    norm.normalize(xr, scale, shift, _rows(residual) if added else _none(dtype), added, relu, y)
+    res = _rows(residual) if added else _none(dtype)
+    if running is None:
+        mean, var, inv = np.empty(c, dtype), np.empty(c, dtype), np.empty(c, dtype)
+        norm.batch_normalize(xr, weight.astype(dtype, copy=False), bias.astype(dtype, copy=False),
+                             dtype.type(eps), res, added, relu, mean, var, inv, y)
+    else:
+        mean, var = (v.astype(dtype, copy=False) for v in running)
+        inv = (1 / np.sqrt(var + dtype.type(eps))).astype(dtype)
+        scale = (weight * inv).astype(dtype)
+        norm.normalize(xr, scale, (bias - mean * scale).astype(dtype), res, added, relu, y)
     shape = (c, x.shape[2], x.shape[3], x.shape[0])
     return nchw(y.reshape(shape)), (mean, var), (xr, mean, inv, y, relu, running is None,
                                                  added, shape)
