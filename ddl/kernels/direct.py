@@ -15,8 +15,14 @@ its output channels to a multiple of OB with zero weights and returns a view of 
 `pool=True` max-pools 2x2 (and applies ReLU) from two rows at a time, so the full-resolution
 output is never stored.
 
-The backward pass: the input gradient is the forward kernel again, run over the zero-padded
-output gradient with the kernels flipped and their two channel axes swapped (a "full"
+Zero padding is never written out whole: as the output rows advance, the kernels copy each
+input row once into a ring of kh + 1 rows that hold it between the padding's zero columns (small
+enough to stay in the cache), and read a row of zeros for the rows above and below the input. A
+padded copy of the input, written and read back from memory, cost a layer one more pass over its
+input each way (docs/speed.md).
+
+The backward pass: the input gradient is the forward kernel again, run over the output
+gradient, zero-padded by kh - 1 - ph rows and kw - 1 - pw columns, with the kernels flipped and their two channel axes swapped (a "full"
 correlation, cropped to the unpadded input), unless the output is under half the input's size
 (then one GEMM and gemm.py's adjoint of im2col); the weight gradient takes dot products of gradient
 rows with shifted input rows, four output channels by up to three taps in registers.
@@ -35,28 +41,63 @@ OB = 4      # output channels per block (the kernels below hold OB of them by na
 CHUNK = np.uint64(1024)     # values of a row per pass over the input channels
 
 
+@helper
+def slot(row, height, slots, padded):
+    """Where the kernels below find row `row` of the zero-padded input: in x itself, unless
+    `padded`; else in the ring (see `fill`) at row % slots, or at `slots`, a row of zeros
+    never written, for a row above or below x. (One array read through an index: a choice
+    between arrays in the inner loop kept numba from vectorising it.)"""
+    if not padded:
+        return row
+    return row % slots if 0 <= row < height else slots
+
+
+@helper
+def fill(x, ring, rows_end, filled, left):
+    """Copy x's rows filled + 1 .. rows_end - 1 (clipped to x) of every channel into `ring`
+    (C, slots + 1, (W + 2 pw)*N), each between `left` zeros and as many on its right (never
+    written: made zero), at row % slots; returns the last row now copied. A layer reads each
+    input row once from memory this way, where padding x first wrote and read a copy."""
+    last, slots = min(rows_end, x.shape[1]) - 1, ring.shape[1] - 1
+    for row in range(max(filled + 1, 0), last + 1):
+        for c in range(x.shape[0]):
+            src, dst = x[c, row], ring[c, row % slots, left:]
+            for m in range(src.shape[0]):
+                dst[m] = src[m]
+    return max(filled, last)
+
+
 @functools.lru_cache(maxsize=None)
 def forward_kernel(kh, kw):
     """The forward kernel compiled for kh x kw kernels. It closes over those two ints and
     nothing else: numba's cache keys a closure by its contents, and a function among them would
     pickle differently in every process (no cache hit ever)."""
 
-    @kernel(f"({X3}, {X4}, T[::1], int64, boolean, boolean, T[:, :, ::1], {X3}, "
-            "uint8[:, :, ::1])")
-    def conv(x, w, bias, n, pool, relu, rows, y, code):
-        """y (O, OH, OW*N) = the convolution of x (C, H, W*N) with w (O, C, kh, kw) plus bias,
-        O a multiple of 4; with `pool`, y and code (O, OH//2, (OW//2)*N) hold it max-pooled 2x2
-        (ReLU'd if relu) and each window's code (see pool.py), from two rows at a time of four
-        channels in rows (4, 2, OW*N)."""
+    @kernel(f"({X3}, {X4}, T[::1], int64, int64, int64, boolean, boolean, {X3}, "
+            f"T[:, :, ::1], {X3}, uint8[:, :, ::1])")
+    def conv(x, w, bias, n, ph, pw, pool, relu, ring, rows, y, code):
+        """y (O, OH, OW*N) = the convolution of x (C, H, W*N), zero-padded by ph rows and pw
+        columns, with w (O, C, kh, kw) plus bias, O a multiple of 4; ring (C, kh + 2, (W +
+        2pw)*N), zero, is `fill`'s scratch when there is a padding; with `pool`, y and code (O,
+        OH//2, (OW//2)*N) hold it max-pooled 2x2 (ReLU'd if relu) and each window's code (see
+        pool.py), from two rows at a time of four channels in rows (4, 2, OW*N)."""
         # Unsigned offsets: numba checks signed indices for wrap-around, which kept LLVM from
         # proving `j * n + m` contiguous and made every load a gather.
         nu, width = np.uint64(n), np.uint64(rows.shape[2])
+        filled, spread = -1, 2 if pool else 1
+        # kh + 1 ring slots, a constant: the slot of a row, `row % slots`, then needs no
+        # division, which LLVM cannot hoist out of the loop over m (it could divide by zero) and
+        # which then kept that loop scalar: ten times slower.
+        padded, height, slots = ph > 0 or pw > 0, x.shape[1], kh + 1
+        src = ring if padded else x
         # Output rows outermost: the input rows that one output row reads (C x kh rows) can stay
         # in the L2 cache for every block of channels, where blocks outermost would stream all
         # of x once per block (no difference measurable under the load it was tried in).
         for out_row in range(y.shape[1]):
+            if padded:
+                filled = fill(x, ring, spread * out_row + spread - 1 - ph + kh, filled, pw * n)
             for o in range(0, y.shape[0], 4):
-                for a in range(2 if pool else 1):
+                for a in range(spread):
                     r = 2 * out_row + a if pool else out_row
                     y0 = rows[0, a] if pool else y[o, r]
                     y1 = rows[1, a] if pool else y[o + 1, r]
@@ -72,7 +113,7 @@ def forward_kernel(kh, kw):
                             for m in range(m0, min(m0 + CHUNK, width)):
                                 t0, t1, t2, t3 = y0[m], y1[m], y2[m], y3[m]
                                 for i in range(kh):
-                                    xs = x[c, r + i]
+                                    xs = src[c, slot(r + i - ph, height, slots, padded)]
                                     for j in range(kw):
                                         v = xs[np.uint64(j) * nu + m]
                                         t0 += w[o, c, i, j] * v
@@ -133,21 +174,26 @@ def add_taps(g0, g1, g2, g3, xs0, xs1, xs2, width, taps, grad_w, o, c, i, j0):
 def weight_grad_kernel(kh, kw):
     """The weight-gradient kernel compiled for kh x kw kernels (closing over two ints only)."""
 
-    @kernel(f"({X3}, {X3}, int64, int64, int64, {X3}, uint8[:, :, ::1], boolean, "
+    @kernel(f"({X3}, {X3}, int64, int64, int64, {X3}, {X3}, uint8[:, :, ::1], boolean, "
             f"T[:, :, ::1], {X4}, T[::1])")
-    def conv_weight_grad(x, g, ra, cb, n, gy, code, pool, rows, grad_w, grad_b):
+    def conv_weight_grad(x, g, n, ph, pw, ring, gy, code, pool, rows, grad_w, grad_b):
         """grad_w (O', C, kh, kw) += the weight gradient and grad_b (O',) += the bias gradient,
-        from x (C, H, W*N) and the output gradient g (O', R, Q*N), O' a multiple of 4, whose
-        output (r, q) lies at g[o, ra + r, (cb + q)*N]. With `pool`, g is unused: the gradient
-        rows come from the pooled gradient gy and code (O, OH//2, (OW//2)*N), two rows of every
-        channel at a time, spread into rows (O', 2, OW*N) (a full-resolution copy of the
-        gradient, written and read back, cost a first layer a third of its backward pass)."""
+        from x (C, H, W*N), zero-padded by ph rows and pw columns (ring as in forward_kernel),
+        and the output gradient g (O', OH, OW*N), O' a multiple of 4. With `pool`, g is unused:
+        the gradient rows come from the pooled gradient gy and code (O, OH//2, (OW//2)*N), two
+        rows of every channel at a time, spread into rows (O', 2, OW*N) (a full-resolution copy
+        of the gradient, written and read back, cost a first layer a third of its backward
+        pass)."""
         nu = np.uint64(n)
-        oh, width = x.shape[1] - kh + 1, np.uint64(x.shape[2] - (kw - 1) * n)
-        start = cb * n
+        oh = x.shape[1] + 2 * ph - kh + 1
+        width = np.uint64(x.shape[2] + (2 * pw - kw + 1) * n)
+        filled, padded, height, slots = -1, ph > 0 or pw > 0, x.shape[1], kh + 1   # see conv
+        src = ring if padded else x
         if pool:
             rows[:, :, :] = 0           # the rows and columns that no pooling window reads
         for r in range(oh):
+            if padded:
+                filled = fill(x, ring, r - ph + kh, filled, pw * n)
             if pool and r % 2 == 0 and r // 2 < gy.shape[1]:
                 for o in range(gy.shape[0]):
                     for pc in range(gy.shape[2] // n):
@@ -163,13 +209,12 @@ def weight_grad_kernel(kh, kw):
                     g0, g1, g2, g3 = (rows[o, r % 2], rows[o + 1, r % 2], rows[o + 2, r % 2],
                                       rows[o + 3, r % 2])
                 else:
-                    g0, g1 = g[o, ra + r, start:], g[o + 1, ra + r, start:]
-                    g2, g3 = g[o + 2, ra + r, start:], g[o + 3, ra + r, start:]
+                    g0, g1, g2, g3 = g[o, r], g[o + 1, r], g[o + 2, r], g[o + 3, r]
                 for b, gb in enumerate((g0, g1, g2, g3)):
                     grad_b[o + b] += gb[:width].sum()
                 for c in range(x.shape[0]):
                     for i in range(kh):
-                        xs = x[c, r + i]
+                        xs = src[c, slot(r + i - ph, height, slots, padded)]
                         for j0 in range(0, kw, 3):
                             at = np.uint64(j0) * nu
                             add_taps(g0, g1, g2, g3, xs[at:], xs[at + nu:],
@@ -179,14 +224,14 @@ def weight_grad_kernel(kh, kw):
     return conv_weight_grad
 
 
-@kernel(f"({X4}, uint8[:, :, :, ::1], int64, int64, {X4})")
-def unpool(gy, code, ra, cb, g):
-    """g[o, ra + 2r + a, cb + 2q + b] = the gradient that the pooled gy[o, r, q] sends to
-    position (a, b) of its 2x2 window (all of it to the first maximum, see pool.spread4)."""
+@kernel(f"({X4}, uint8[:, :, :, ::1], {X4})")
+def unpool(gy, code, g):
+    """g[o, 2r + a, 2q + b] = the gradient that the pooled gy[o, r, q] sends to position (a, b)
+    of its 2x2 window (all of it to the first maximum, see pool.spread4)."""
     for o in range(gy.shape[0]):
         for r in range(gy.shape[1]):
             for q in range(gy.shape[2]):
-                top, bottom = g[o, ra + 2 * r, cb + 2 * q:], g[o, ra + 2 * r + 1, cb + 2 * q:]
+                top, bottom = g[o, 2 * r, 2 * q:], g[o, 2 * r + 1, 2 * q:]
                 for k in range(gy.shape[3]):
                     top[0, k], top[1, k], bottom[0, k], bottom[1, k] = spread4(gy[o, r, q, k],
                                                                                code[o, r, q, k])
@@ -211,29 +256,35 @@ def padded(a, count):
     return out
 
 
-def _convolve(x, weight, bias, pool, relu, ws, scratch="rows"):
-    """The forward kernel on x (C, H, W, N), unpadded: y (O', ...) and code for O' = O rounded
-    up to a multiple of OB channels, the last zero."""
+def _ring(x, kh, padding, ws, name):
+    """The kernels' ring (see forward_kernel) for x (C, H, W, N) padded by `padding`."""
+    (c, _, w, n), (ph, pw) = x.shape, padding
+    shape = (c, kh + 2, (w + 2 * pw) * n) if ph or pw else (1, 1, 1)
+    return ws.zeros(f"{name} ring", shape, x.dtype)
+
+
+def _convolve(x, weight, bias, padding, pool, relu, ws, scratch="rows"):
+    """The forward kernel on x (C, H, W, N) zero-padded by `padding`: y (O', ...) and code for
+    O' = O rounded up to a multiple of OB channels, the last zero."""
     o, kh, kw, n = len(weight), *weight.shape[2:], x.shape[3]
-    op = blocks(o)
-    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    (ph, pw), op = padding, blocks(o)
+    oh, ow = x.shape[1] + 2 * ph - kh + 1, x.shape[2] + 2 * pw - kw + 1
     rows = ws.empty(scratch, (OB, 2, ow * n), x.dtype)
     y_hw = (oh // 2, ow // 2) if pool else (oh, ow)
     y = arrays.empty((op, *y_hw, n), x.dtype)
     code = arrays.empty(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
     forward_kernel(kh, kw)(x.reshape(*x.shape[:2], -1), padded(weight, op), padded(bias, op),
-                           n, pool, relu, rows, y.reshape(op, y_hw[0], -1),
-                           code.reshape(*code.shape[:2], -1))
+                           n, ph, pw, pool, relu, _ring(x, kh, padding, ws, scratch),
+                           rows, y.reshape(op, y_hw[0], -1), code.reshape(*code.shape[:2], -1))
     return y, code
 
 
 def forward(x, weight, bias, padding, pool, relu, ws):
     """x (C, H, W, N) -> (y, ctx) as winograd.forward, for any kernel size and a padding below
-    it (`fits`)."""
+    it (`fits`). The kernels read x's rows between zeros as they go: no padded copy is made."""
     o = len(weight)
-    xp = pad(x, padding, ws)
-    y, code = _convolve(xp, weight, bias, pool, relu, ws)
-    return y[:o], (xp, code[:o] if pool else None, padding, x.shape)
+    y, code = _convolve(x, weight, bias, padding, pool, relu, ws)
+    return y[:o], (x, code[:o] if pool else None, padding, x.shape)
 
 
 def fits(weight_shape, padding):
@@ -244,35 +295,33 @@ def fits(weight_shape, padding):
 
 def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     """As winograd.backward, but the input gradient comes back unpadded (C, H, W, N)."""
-    xp, code, (ph, pw), x_shape = ctx
-    (o, c, kh, kw), n = weight.shape, xp.shape[3]
+    x, code, (ph, pw), x_shape = ctx
+    (o, c, kh, kw), n = weight.shape, x.shape[3]
     op = blocks(o)
-    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    oh, ow = x.shape[1] + 2 * ph - kh + 1, x.shape[2] + 2 * pw - kw + 1
     # The full correlation below runs the kernel over every input pixel, zeros around the output
     # gradient included: when the output is much smaller than the input (seed-cnn's 5x5 layer on
     # 12x12 images: 8x8), most of that is multiplying zeros, and one GEMM on the gradient's panel
     # (gemm.py's adjoint of im2col) does less.
     full = input_grad and 2 * oh * ow >= x_shape[1] * x_shape[2]
-    # The full-resolution output gradient, with O' channels and, for the full correlation, the
-    # zero border that makes it "full": g[o, ra + r, cb + q] = the gradient of y[o, r, q].
-    ra, cb = (kh - 1 - ph, kw - 1 - pw) if full else (0, 0)
     # Without the input gradient, the kernel spreads the pooled gradient itself.
     pooled = code is not None and not input_grad
-    if pooled or (code is None and not full and op == o):
+    if pooled or (code is None and op == o):
         g = gy
-    else:
-        g = ws.zeros(f"grad_padded {full}", (op, oh + 2 * ra, ow + 2 * cb, n), gy.dtype)
+    else:       # the full-resolution output gradient with O' channels, the last O' - O zero
+        g = ws.zeros("grad_full", (op, oh, ow, n), gy.dtype)
         if code is None:
-            g[:o, ra:ra + oh, cb:cb + ow] = gy
+            g[:o] = gy
         else:
-            unpool(gy, code, ra, cb, g)
+            unpool(gy, code, g)
     gw = grad_w if op == o else np.zeros((op, *grad_w.shape[1:]), grad_w.dtype)
     gb = grad_b if op == o else np.zeros(op, grad_b.dtype)
     rows = ws.empty("pool_rows", (op, 2, ow * n) if pooled else (1, 1, 1), gy.dtype)
     gy3 = gy.reshape(*gy.shape[:2], -1)
     code3 = code.reshape(gy3.shape) if pooled else np.empty((1, 1, 1), np.uint8)
-    weight_grad_kernel(kh, kw)(xp.reshape(c, xp.shape[1], -1), g.reshape(*g.shape[:2], -1),
-                               ra, cb, n, gy3, code3, pooled, rows, gw, gb)
+    weight_grad_kernel(kh, kw)(x.reshape(c, x.shape[1], -1), g.reshape(*g.shape[:2], -1), n,
+                               ph, pw, _ring(x, kh, (ph, pw), ws, "x"), gy3, code3, pooled,
+                               rows, gw, gb)
     if op != o:
         grad_w += gw[:o]
         grad_b += gb[:o]
@@ -284,11 +333,13 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
         gx = arrays.zeros(x_shape, gy.dtype)
         gemm.unpack_add(panel.reshape(-1, oh, ow, n), kh, kw, 1, 1, ph, pw, gx)
         return gx
-    # gx[c, v] = sum over o, i, j of w[o, c, i, j] g[o, v + kh-1 - i]: the forward kernel with
-    # the taps reversed, the channel axes swapped and the O' - O zero channels of g given zeros.
+    # gx[c, v] = sum over o, i, j of w[o, c, i, j] g[o, v + kh-1 - i], g zero-padded by kh-1-ph
+    # rows and kw-1-pw columns (a "full" correlation): the forward kernel with the taps
+    # reversed, the channel axes swapped and the O' - O zero channels of g given zeros.
     flipped = np.zeros((c, op, kh, kw), weight.dtype)
     flipped[:, :o] = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-    gx, _ = _convolve(g, flipped, np.zeros(c, gy.dtype), False, False, ws, "grad_rows")
+    gx, _ = _convolve(g, flipped, np.zeros(c, gy.dtype), (kh - 1 - ph, kw - 1 - pw), False,
+                      False, ws, "grad_rows")
     return gx[:c]
 
 

@@ -148,7 +148,7 @@ def forward(x, weight, bias, padding, pool, relu, ws):
     xs = split(xp, ws)
     forward_kernel(kh, kw)(xs, weight.reshape(o, kh, kw), bias, n, relu,
                            y.reshape(o, y.shape[1], -1), code.reshape(o, y.shape[1], -1))
-    return y, (xp, code, padding, x.shape, xs)
+    return y, (x, code, padding, x.shape, xs)
 
 
 def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
