@@ -22,10 +22,11 @@ padded copy of the input, written and read back from memory, cost a layer one mo
 input each way (docs/speed.md).
 
 The backward pass: the input gradient is the forward kernel again, run over the output
-gradient, zero-padded by kh - 1 - ph rows and kw - 1 - pw columns, with the kernels flipped and their two channel axes swapped (a "full"
-correlation, cropped to the unpadded input), unless the output is under half the input's size
-(then one GEMM and gemm.py's adjoint of im2col); the weight gradient takes dot products of gradient
-rows with shifted input rows, four output channels by up to three taps in registers.
+gradient, zero-padded by kh - 1 - ph rows and kw - 1 - pw columns, with the kernels flipped and
+their two channel axes swapped (a "full" correlation), unless the output is under half the
+input's size (then one GEMM and gemm.py's adjoint of im2col); the weight gradient takes dot
+products of gradient rows with shifted input rows, four output channels by up to three taps in
+registers.
 """
 import functools
 

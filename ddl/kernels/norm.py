@@ -42,20 +42,21 @@ def normalize_row(xs, a, b, rs, add, relu, ys):
             ys[i] = 0 if relu and v <= 0 else v
 
 
-@kernel(f"({ROWS}, T[::1], T[::1], T, {ROWS}, boolean, boolean, T[::1], T[::1], T[::1], {ROWS})")
-def batch_normalize(x, weight, bias, eps, residual, add, relu, mean, var, inv, y):
+@kernel(f"({ROWS}, T[::1], T[::1], T, {ROWS}, boolean, boolean, T[::1], T[::1], T[::1], "
+        f"T[::1], T[::1], {ROWS})")
+def batch_normalize(x, weight, bias, eps, residual, add, relu, mean, var, inv, scale, shift, y):
     """Training's pass: mean[c], var[c] = the moments of row x[c] (summed in float64, stored as
-    T), inv[c] = 1 / sqrt(var[c] + eps), then y[c] as `normalize` gives it for scale weight[c] *
-    inv[c] and shift bias[c] - mean[c] * scale. One channel at a time: its row, read from memory
-    once, is still in the cache for the second moment and the normalisation (the statistics of
-    every channel first, then the normalisation, read x from memory twice)."""
+    T), inv[c] = 1 / sqrt(var[c] + eps), scale[c] = weight[c] * inv[c], shift[c] = bias[c] -
+    mean[c] * scale[c], then y[c] as `normalize` gives it. One channel at a time: its row, read
+    from memory once, is still in the cache for the second moment and the normalisation (the
+    statistics of every channel first, then the normalisation, read x from memory twice)."""
     one = x.dtype.type(1)
     for c in range(x.shape[0]):
         mean[c], var[c] = row_moments(x[c])
         inv[c] = one / np.sqrt(var[c] + eps)
-        a = weight[c] * inv[c]
-        normalize_row(x[c], a, bias[c] - mean[c] * a, residual[c] if add else x[c], add, relu,
-                      y[c])
+        scale[c] = weight[c] * inv[c]
+        shift[c] = bias[c] - mean[c] * scale[c]
+        normalize_row(x[c], scale[c], shift[c], residual[c] if add else x[c], add, relu, y[c])
 
 
 @kernel(f"({ROWS}, T[::1], T[::1], {ROWS}, boolean, boolean, {ROWS})")
@@ -66,21 +67,27 @@ def normalize(x, scale, shift, residual, add, relu, y):
         normalize_row(x[c], scale[c], shift[c], residual[c] if add else x[c], add, relu, y[c])
 
 
-@kernel(f"({ROWS}, {ROWS}, T[::1], T[::1], T[::1], {ROWS}, boolean, boolean, {ROWS}, boolean, "
-        f"float64[::1], float64[::1], {ROWS})")
-def normalize_grad(gy, x, mean, inv, k, y, relu, batch_stats, gres, add, gw, gb, gx):
-    """The gradients of a batch normalisation by mean and inv = 1/std (C,), with k = weight *
-    inv, whose output y passed a ReLU if relu: gx (C, M); gw, gb (C,) the weight's and bias's
-    (float64, for the caller to cast); and, if `add`, gres = the gradient past the ReLU (the
-    residual's). With `batch_stats` the mean and inv depend on x too: per channel, the
-    gradient's mean and its projection onto xhat come off."""
-    m = x.shape[1]
+@kernel(f"({ROWS}, {ROWS}, T[::1], T[::1], T[::1], T[::1], {ROWS}, boolean, boolean, {ROWS}, "
+        f"boolean, float64[::1], float64[::1], {ROWS})")
+def normalize_grad(gy, x, mean, inv, scale, shift, y, relu, batch_stats, gres, add, gw, gb, gx):
+    """The gradients of a batch normalisation by mean and inv = 1/std (C,), whose output x *
+    scale + shift (scale = weight * inv) passed a ReLU if relu, after the residual's add if
+    `add` (the output y then read back for the ReLU's mask; without a residual the mask is
+    recomputed from x, as the forward pass computed it, and y is not read: one pass over memory
+    less): gx (C, M); gw, gb (C,) the weight's and bias's (float64, for the caller to cast);
+    and, if `add`, gres = the gradient past the ReLU (the residual's). With `batch_stats` the
+    mean and inv depend on x too: per channel, the gradient's mean and its projection onto
+    xhat come off."""
+    m, one, zero = x.shape[1], x.dtype.type(1), x.dtype.type(0)
     for c in range(x.shape[0]):
-        gys, xs, ys, gxs = gy[c], x[c], y[c], gx[c]
+        gys, xs, gxs = gy[c], x[c], gx[c]
         mu, s = mean[c], inv[c]
+        # The ReLU kept v where v = seen * a + b > 0: the output itself if add, else x's value
+        # normalised again (the same multiply-add, the same rounding).
+        seen, a, b = (y[c], one, zero) if add else (xs, scale[c], shift[c])
         sg, sgx = 0.0, 0.0
         for i in range(m):
-            g = gys[i] if not relu or ys[i] > 0 else 0
+            g = gys[i] if not relu or seen[i] * a + b > 0 else 0
             gxs[i] = g
             sg += g
             sgx += g * (xs[i] - mu) * s
@@ -89,7 +96,7 @@ def normalize_grad(gy, x, mean, inv, k, y, relu, batch_stats, gres, add, gw, gb,
             gr = gres[c]
             for i in range(m):
                 gr[i] = gxs[i]
-        kc = k[c]
+        kc = scale[c]
         if batch_stats:
             a, b = sg / m, sgx / m
             for i in range(m):

@@ -260,27 +260,29 @@ def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual
     added = residual is not None
     res = _rows(residual) if added else _none(dtype)
     if running is None:
-        mean, var, inv = np.empty(c, dtype), np.empty(c, dtype), np.empty(c, dtype)
+        mean, var, inv, scale, shift = (np.empty(c, dtype) for _ in range(5))
         norm.batch_normalize(xr, weight.astype(dtype, copy=False), bias.astype(dtype, copy=False),
-                             dtype.type(eps), res, added, relu, mean, var, inv, y)
+                             dtype.type(eps), res, added, relu, mean, var, inv, scale, shift, y)
     else:
         mean, var = (v.astype(dtype, copy=False) for v in running)
         inv = (1 / np.sqrt(var + dtype.type(eps))).astype(dtype)
         scale = (weight * inv).astype(dtype)
-        norm.normalize(xr, scale, (bias - mean * scale).astype(dtype), res, added, relu, y)
+        shift = (bias - mean * scale).astype(dtype)
+        norm.normalize(xr, scale, shift, res, added, relu, y)
     shape = (c, x.shape[2], x.shape[3], x.shape[0])
-    return nchw(y.reshape(shape)), (mean, var), (xr, mean, inv, y, relu, running is None,
-                                                 added, shape)
+    return nchw(y.reshape(shape)), (mean, var), (xr, mean, inv, scale, shift,
+                                                 y if added else _none(dtype), relu,
+                                                 running is None, added, shape)
 
 
 def batchnorm2d_backward(grad_y, ctx, weight):
     """As reference.batchnorm2d_backward, in one compiled pass per channel."""
-    xr, mean, inv, y, relu, batch_stats, added, shape = ctx
+    xr, mean, inv, scale, shift, y, relu, batch_stats, added, shape = ctx
     gx = arrays.empty_like(xr)
     gres = arrays.empty_like(xr) if added else _none(xr.dtype)
     gw, gb = np.empty(len(xr)), np.empty(len(xr))
-    norm.normalize_grad(_rows(grad_y), xr, mean, inv, (weight * inv).astype(xr.dtype), y, relu,
-                        batch_stats, gres, added, gw, gb, gx)
+    norm.normalize_grad(_rows(grad_y), xr, mean, inv, scale, shift, y, relu, batch_stats, gres,
+                        added, gw, gb, gx)
     return (nchw(gx.reshape(shape)), gw.astype(weight.dtype), gb.astype(weight.dtype),
             nchw(gres.reshape(shape)) if added else None)
 
