@@ -1,6 +1,7 @@
 """The measurement behind ddl/kernels/tune.py: one child process per candidate CPU name (in
-$NUMBA_CPU_NAME), timing the training steps of ref-cnn and seed-cnn (batch 64, SGD with momentum,
-as `ddl train` runs them).
+$NUMBA_CPU_NAME), timing the training steps of ref-cnn, seed-cnn and resnet-mini (batch 64, SGD
+with momentum, as `ddl train` runs them): the two demo networks' kernels, and the BatchNorm,
+residual and strided ones of a network as users build them.
 
 It compiles every kernel, as `kernels.warm` does, so that the chosen candidate's cache folder is
 ready for the runs after it (compiling only what the steps use costs as much: numba files lazily
@@ -19,7 +20,7 @@ from ddl.models import build
 from ddl.optim import SGD
 from ddl.step import train_step
 
-MODELS = ("ref-cnn", "seed-cnn")
+MODELS = ("ref-cnn", "seed-cnn", "resnet-mini")
 BATCH = 64
 SECONDS = 0.1
 

@@ -12,8 +12,9 @@ correctness. Like FFTW's plans, the choice is measured once, then remembered:
   measurement (`measure`), stored. Processes that start together (the ranks of a run) wait for
   one another on a lock beside the file, so one measures and all use its choice.
 - `measure(names)`: one child process per candidate (`python -m ddl.tuning`, compiling with that
-  CPU name into its own cache folder), each timing ref-cnn's and seed-cnn's training steps;
-  the children take turns, round after round, so the machine's noise hits all alike.
+  CPU name into its own cache folder), each timing the training steps of ref-cnn, seed-cnn and
+  resnet-mini; the children take turns, round after round, so the machine's noise hits all
+  alike.
 
 A damaged or unreadable choice file costs one line on stderr and a new measurement, never an
 error. `python -m ddl.kernels --show` prints the choice, `--retune` measures again
