@@ -61,7 +61,9 @@ LR, MOMENTUM = 0.01, 0.9
 MICRO_BATCH = Config.micro_batch  # what `ddl train` does with a rank's batch
 # On an AVX-512 machine the single-process table is measured again with every library held to
 # AVX2, read by each at start-up: the nearest this machine comes to an AVX2 CPU.
-AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "OPENBLAS_CORETYPE": "Haswell",
+# numba needs both names: a CPU name alone changes only LLVM's tuning, and numba would still pass
+# the host's AVX-512 to it (an empty feature list leaves Haswell's own: AVX2 and FMA).
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "", "OPENBLAS_CORETYPE": "Haswell",
              "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 

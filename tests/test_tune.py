@@ -171,7 +171,7 @@ import numpy as np
 from ddl import kernels
 from ddl.kernels import jit, numba as fast, numpy as reference
 kernels.setup()
-assert jit.target() == "{name}" and jit.cache_dir().endswith("-{name}")
+assert jit.target() == "{name}" and jit.cache_dir().endswith("-" + jit.code_name())
 rng = np.random.default_rng(0)
 for c, o, algo in ((1, 6, "single"), (2, 6, "direct"), (32, 64, "winograd")):
     x = rng.standard_normal((5, c, 10, 10)).astype(np.float32)
@@ -195,6 +195,32 @@ def test_another_cpu_name_gives_the_reference_results():
                          env=dict(os.environ, NUMBA_CPU_NAME=name), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_avx2_code_on_an_avx512_cpu_gives_the_reference_results():
+    """Haswell's own instruction sets (no host features: NUMBA_CPU_FEATURES empty), which is how
+    the benchmark holds the kernels to AVX2: 16 vector registers of 8 floats."""
+    with open("/proc/cpuinfo") as f:
+        if "avx512f" not in f.read():
+            pytest.skip("the host has no AVX-512: its own code is the AVX2 code")
+    out = subprocess.run([sys.executable, "-c", OTHER_TARGET.format(name="haswell")], cwd=ROOT,
+                         env=dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=""),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_instruction_sets_given_have_their_own_cache_and_plan(monkeypatch):
+    """Code for other instruction sets than the host's (an AVX2 build on an AVX-512 CPU) never
+    shares a cache folder or a convolution plan with the host's."""
+    monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
+    host = jit.code_name()
+    assert host == jit.target() and convplan._where()[1].split(" for ")[-1].startswith(host + ",")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "")
+    avx2 = jit.code_name()
+    assert avx2.startswith(jit.target() + "-features-")
+    assert convplan._where()[1].split(" for ")[-1].startswith(avx2 + ",")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma")
+    assert len({host, avx2, jit.code_name()}) == 3
 
 
 # Two processes (the ranks of a run) asking at once: one measures, both get its choice. The

@@ -81,6 +81,18 @@ def target():
     return tune.target(choice_files(), version())
 
 
+def code_name(name=None):
+    """What the kernels compile for, as their cache folder and the convolutions' plan name it:
+    the CPU name (`name`, default `target()`), with a hash of $NUMBA_CPU_FEATURES where that
+    replaces the host's instruction sets (an AVX2 build on an AVX-512 CPU is other code, with
+    other speeds: its plan is its own)."""
+    name = name or target()
+    features = os.environ.get("NUMBA_CPU_FEATURES")
+    if features is None:
+        return name
+    return f"{name}-features-{hashlib.sha256(features.encode()).hexdigest()[:8]}"
+
+
 def choice_files(kind="tune"):
     """Where a measured choice is looked for, the first where it is written: beside the cache
     (`cache_base()`), then in the other cache bases (a choice holds for every cache folder).
@@ -127,9 +139,10 @@ def kernel(*signatures):
 
 
 def cache_dir():
-    """The folder of numba's cache: ddl-kernels-<version()>-<target()> in `cache_base()`, so
-    that neither another version of the kernels nor code for another CPU name is ever loaded."""
-    folder = os.path.join(cache_base(), f"ddl-kernels-{version()}-{target()}")
+    """The folder of numba's cache: ddl-kernels-<version()>-<code_name()> in `cache_base()`, so
+    that neither another version of the kernels nor code for another CPU name (or instruction
+    sets) is ever loaded."""
+    folder = os.path.join(cache_base(), f"ddl-kernels-{version()}-{code_name()}")
     os.makedirs(folder, exist_ok=True)
     if folder not in _CHECKED:              # once a process: a full disk's leftovers go
         _CHECKED.add(folder)
