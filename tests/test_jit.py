@@ -229,3 +229,29 @@ def test_configure_caches_every_kernel_and_exports_the_cpu_name(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split(None, 4) == ["True", "haswell", "haswell", "True",
                                          "['after_configure', 'before_configure']\n"]
+
+
+def test_interleaving_is_forced_for_x86_without_avx512_only(monkeypatch):
+    """Two vectors a turn where the feature list (given, else the host's) has no AVX-512."""
+    monkeypatch.setattr(jit.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "")                # a CPU name's own: haswell's
+    assert jit.llvm_options() == jit.LLVM_OPTIONS + jit.NARROW_VECTOR_OPTIONS
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert jit.llvm_options() == jit.LLVM_OPTIONS + jit.NARROW_VECTOR_OPTIONS
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,+avx512f")
+    assert jit.llvm_options() == jit.LLVM_OPTIONS
+    monkeypatch.delenv("NUMBA_CPU_FEATURES")
+    monkeypatch.setattr(jit.llvm, "get_host_cpu_features", lambda: _Features("+sse2,+avx512f"))
+    assert jit.llvm_options() == jit.LLVM_OPTIONS
+    monkeypatch.setattr(jit.llvm, "get_host_cpu_features", lambda: _Features("+sse2,+avx2"))
+    assert jit.llvm_options() == jit.LLVM_OPTIONS + jit.NARROW_VECTOR_OPTIONS
+    monkeypatch.setattr(jit.platform, "machine", lambda: "aarch64")
+    assert jit.llvm_options() == jit.LLVM_OPTIONS
+
+
+class _Features:
+    def __init__(self, text):
+        self.text = text
+
+    def flatten(self):
+        return self.text

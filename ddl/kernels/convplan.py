@@ -185,8 +185,8 @@ def forget():
 def _where(target=None):
     """The files the choices are looked for in (the first the one written) and their key: the
     CPU model, the CPU name and instruction sets the kernels are compiled for (`jit.code_name`:
-    other code, other speeds) and the number of BLAS threads (GEMMs on two threads of a busy machine can be many
-    times slower than on one)."""
+    other code, other speeds) and the number of BLAS threads (GEMMs on two threads of a busy
+    machine can be many times slower than on one)."""
     threads = max((pool["num_threads"] for pool in threadpool_info()
                    if pool.get("user_api") == "blas"), default=1)
     return (jit.choice_files("convs"),

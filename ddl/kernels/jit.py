@@ -25,6 +25,7 @@ import hashlib
 import os
 import pickle
 import pickletools
+import platform
 import shutil
 import struct
 import tempfile
@@ -51,6 +52,13 @@ LLVM_OPTIONS = (
     "-unroll-threshold=2000",
 )
 
+# x86 without AVX-512 (16 vector registers of 8 floats): LLVM vectorised the direct convolution's
+# loop one vector at a time, each of its 36 weights broadcast from memory for a single
+# multiply-add, and the loads, not the multiplications, set the pace; two vectors a turn use each
+# broadcast twice. Held to AVX2 on the model 167 Xeon, training ran 7-16% faster (docs/speed.md);
+# with AVX-512, whose 32 registers hold the weights, no faster.
+NARROW_VECTOR_OPTIONS = ("-force-vector-interleave=2",)
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _KERNELS = []   # (dispatcher, signature templates)
 _ahead = None   # how many of _KERNELS `warm` compiles (None: all); see `mark_ahead`
@@ -64,7 +72,7 @@ def configure():
     global _configured
     if _configured:
         return
-    for option in LLVM_OPTIONS:
+    for option in llvm_options():
         llvm.set_option("", option)
     # numba reads its NUMBA_ variables again whenever one of them changes, and would forget a
     # name set in numba.config alone; the ranks and tools that this process starts inherit it.
@@ -79,6 +87,23 @@ def target():
     """The LLVM CPU name that the kernels compile for: $NUMBA_CPU_NAME if set, else the fastest
     measured on this CPU model for this version of the kernels (ddl/kernels/tune.py)."""
     return tune.target(choice_files(), version())
+
+
+def llvm_options():
+    """The LLVM options that `configure` sets: LLVM_OPTIONS, and NARROW_VECTOR_OPTIONS where the
+    kernels compile for x86-64 without AVX-512."""
+    return LLVM_OPTIONS + (() if _wide_vectors() else NARROW_VECTOR_OPTIONS)
+
+
+def _wide_vectors():
+    """Whether the kernels compile for AVX-512 (the feature list numba passes: $NUMBA_CPU_FEATURES
+    where set, else the host's), or for a CPU other than x86-64, whose options stay LLVM's."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    features = os.environ.get("NUMBA_CPU_FEATURES")
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
 
 
 def code_name(name=None):
