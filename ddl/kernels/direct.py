@@ -60,7 +60,7 @@ def fill(x, ring, rows_end, filled, left):
     written: made zero), at row % slots; returns the last row now copied. A layer reads each
     input row once from memory this way, where padding x first wrote and read a copy."""
     last, slots = min(rows_end, x.shape[1]) - 1, ring.shape[1] - 1
-    for row in range(max(filled + 1, 0), last + 1):
+    for row in range(filled + 1, last + 1):
         for c in range(x.shape[0]):
             src, dst = x[c, row], ring[c, row % slots, left:]
             for m in range(src.shape[0]):

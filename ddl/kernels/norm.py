@@ -42,28 +42,24 @@ def normalize_row(xs, a, b, rs, add, relu, ys):
             ys[i] = 0 if relu and v <= 0 else v
 
 
-@kernel(f"({ROWS}, T[::1], T[::1], T, {ROWS}, boolean, boolean, T[::1], T[::1], T[::1], "
-        f"T[::1], T[::1], {ROWS})")
-def batch_normalize(x, weight, bias, eps, residual, add, relu, mean, var, inv, scale, shift, y):
-    """Training's pass: mean[c], var[c] = the moments of row x[c] (summed in float64, stored as
-    T), inv[c] = 1 / sqrt(var[c] + eps), scale[c] = weight[c] * inv[c], shift[c] = bias[c] -
-    mean[c] * scale[c], then y[c] as `normalize` gives it. One channel at a time: its row, read
-    from memory once, is still in the cache for the second moment and the normalisation (the
-    statistics of every channel first, then the normalisation, read x from memory twice)."""
+@kernel(f"({ROWS}, T[::1], T[::1], T, {ROWS}, boolean, boolean, boolean, T[::1], T[::1], "
+        f"T[::1], T[::1], T[::1], {ROWS})")
+def batch_normalize(x, weight, bias, eps, residual, add, relu, batch_stats, mean, var, inv, scale,
+                    shift, y):
+    """y[c] = x[c] * scale[c] + shift[c] (+ residual[c] if add), then ReLU if relu (NaN kept),
+    for inv[c] = 1 / sqrt(var[c] + eps), scale[c] = weight[c] * inv[c] and shift[c] = bias[c] -
+    mean[c] * scale[c]; with `batch_stats` (training), mean[c] and var[c] are first set to the
+    moments of row x[c] (summed in float64, stored as T), else (evaluation) they are given. One
+    channel at a time: its row, read from memory once, is still in the cache for the second
+    moment and the normalisation (the statistics of every channel first, then the
+    normalisation, read x from memory twice)."""
     one = x.dtype.type(1)
     for c in range(x.shape[0]):
-        mean[c], var[c] = row_moments(x[c])
+        if batch_stats:
+            mean[c], var[c] = row_moments(x[c])
         inv[c] = one / np.sqrt(var[c] + eps)
         scale[c] = weight[c] * inv[c]
         shift[c] = bias[c] - mean[c] * scale[c]
-        normalize_row(x[c], scale[c], shift[c], residual[c] if add else x[c], add, relu, y[c])
-
-
-@kernel(f"({ROWS}, T[::1], T[::1], {ROWS}, boolean, boolean, {ROWS})")
-def normalize(x, scale, shift, residual, add, relu, y):
-    """y[c] = x[c] * scale[c] + shift[c] (+ residual[c] if add), then ReLU if relu (NaN kept):
-    evaluation's pass, by the running statistics."""
-    for c in range(x.shape[0]):
         normalize_row(x[c], scale[c], shift[c], residual[c] if add else x[c], add, relu, y[c])
 
 

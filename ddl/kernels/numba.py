@@ -251,24 +251,21 @@ def _none(dtype):
 
 
 def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None):
-    """As reference.batchnorm2d_forward: the statistics, the normalisation, the residual add and
-    the ReLU in one compiled pass over each channel's row (by the running statistics, with none
-    to compute, the same pass without them)."""
+    """As reference.batchnorm2d_forward: the statistics (in training), the normalisation, the
+    residual add and the ReLU in one compiled pass over each channel's row."""
     xr, dtype = _rows(x), x.dtype
     c = xr.shape[0]
     y = arrays.empty_like(xr)
     added = residual is not None
     res = _rows(residual) if added else _none(dtype)
     if running is None:
-        mean, var, inv, scale, shift = (np.empty(c, dtype) for _ in range(5))
-        norm.batch_normalize(xr, weight.astype(dtype, copy=False), bias.astype(dtype, copy=False),
-                             dtype.type(eps), res, added, relu, mean, var, inv, scale, shift, y)
-    else:
+        mean, var = np.empty(c, dtype), np.empty(c, dtype)
+    else:       # read, not written: the kernel sets them only from batch statistics
         mean, var = (v.astype(dtype, copy=False) for v in running)
-        inv = (1 / np.sqrt(var + dtype.type(eps))).astype(dtype)
-        scale = (weight * inv).astype(dtype)
-        shift = (bias - mean * scale).astype(dtype)
-        norm.normalize(xr, scale, shift, res, added, relu, y)
+    inv, scale, shift = np.empty(c, dtype), np.empty(c, dtype), np.empty(c, dtype)
+    norm.batch_normalize(xr, weight.astype(dtype, copy=False), bias.astype(dtype, copy=False),
+                         dtype.type(eps), res, added, relu, running is None, mean, var, inv,
+                         scale, shift, y)
     shape = (c, x.shape[2], x.shape[3], x.shape[0])
     return nchw(y.reshape(shape)), (mean, var), (xr, mean, inv, scale, shift,
                                                  y if added else _none(dtype), relu,
