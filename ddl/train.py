@@ -118,7 +118,9 @@ def set_up(cfg, comm, log):
              f"{train_set.num_classes} classes: {replicas.data.size:,} parameters on "
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
              f"per rank; {steps} steps per epoch over {n_train:,} images; {cfg.optimizer} lr "
-             f"{cfg.lr}, {cfg.schedule} schedule; {cfg.kernels} kernels"
+             f"{cfg.lr}" + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
+             + (f", {cfg.warmup} warm-up steps" if cfg.warmup else "")
+             + f", {cfg.schedule} schedule; {cfg.kernels} kernels"
              + (f" (compiled for CPU {kernels.target()}, ready in {compile_seconds:.1f} s; "
                 f"{convs} convolution shape(s) planned in {plan_seconds:.1f} s)"
                 if cfg.kernels == "numba" else "")

@@ -73,9 +73,11 @@ def test_train_evaluate_predict(mnist_h5, tmp_path):
                                       ("c.h5", "m.jsonl", "curves.png", "digit.png"))
     done = run_ddl(["train", "--data", mnist_h5, "--subset", "2048", "--batch-size", "64",
                     "--epochs", "2", "--checkpoint", ckpt, "--metrics", metrics,
-                    "--plot", curves])
+                    "--plot", curves, "--weight-decay", "1e-4", "--warmup", "5"])
     assert done.returncode == 0, done.stderr
     assert "32 per rank" not in done.stderr and "64 per rank" in done.stderr
+    # the start line names what shapes the learning rate (a recipe sets some of it unasked)
+    assert "sgd lr 0.05, weight decay 0.0001, 5 warm-up steps, cosine schedule" in done.stderr
     assert "epoch 2/2: train loss" in done.stderr
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
