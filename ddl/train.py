@@ -117,15 +117,26 @@ def set_up(cfg, comm, log):
     log.info(f"{cfg.model} for {dims(train_set.image_shape)} images of "
              f"{train_set.num_classes} classes: {replicas.data.size:,} parameters on "
              f"{comm.size} rank(s); global batch {cfg.batch_size} = {cfg.batch_size // comm.size} "
-             f"per rank; {steps} steps per epoch over {n_train:,} images; {cfg.optimizer} lr "
-             f"{cfg.lr}" + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
-             + (f", {cfg.warmup} warm-up steps" if cfg.warmup else "")
-             + f", {cfg.schedule} schedule; {cfg.kernels} kernels"
+             f"per rank; {steps} steps per epoch over {n_train:,} images; "
+             f"{lr_words(cfg, cfg.epochs * steps)}; {cfg.kernels} kernels"
              + (f" (compiled for CPU {kernels.target()}, ready in {compile_seconds:.1f} s; "
                 f"{convs} convolution shape(s) planned in {plan_seconds:.1f} s)"
                 if cfg.kernels == "numba" else "")
              + (f"; gradients exchanged: {replicas.compress}" if comm.size > 1 else ""))
     return r
+
+
+def lr_words(cfg, total):
+    """The start line's account of what sets the learning rate over a run of `total` steps,
+    saying so where the warm-up (a recipe's, maybe, not the user's) outlasts the run."""
+    words = f"{cfg.optimizer} lr {cfg.lr}"
+    if cfg.weight_decay:
+        words += f", weight decay {cfg.weight_decay:g}"
+    if cfg.warmup:
+        words += f", {cfg.warmup} warm-up steps"
+        if cfg.warmup >= total:
+            words += f" (not over within the run's {total}: lr {cfg.lr} is never reached)"
+    return words + f", {cfg.schedule} schedule"
 
 
 def _train(cfg, comm, log, r, on_epoch_end):

@@ -53,6 +53,18 @@ def test_a_named_model_s_recipe_fills_what_the_command_line_leaves(monkeypatch):
     assert recipe["epochs"] != Config.epochs and recipe["lr"] != Config.lr
 
 
+def test_the_start_line_says_when_a_warm_up_outlasts_the_run():
+    """resnet-mini's recipe warms up for 200 steps: on a small dataset that can be the whole run,
+    and the start line says so rather than training at a fraction of the rate unannounced."""
+    from ddl.train import lr_words
+    cfg = Config(lr=0.2, warmup=200, weight_decay=5e-4)
+    assert lr_words(cfg, 201) == ("sgd lr 0.2, weight decay 0.0005, 200 warm-up steps, cosine "
+                                  "schedule")
+    assert lr_words(cfg, 200) == ("sgd lr 0.2, weight decay 0.0005, 200 warm-up steps (not over "
+                                  "within the run's 200: lr 0.2 is never reached), cosine schedule")
+    assert lr_words(Config(), 10) == "sgd lr 0.05, cosine schedule"
+
+
 def test_debug_names_the_first_non_finite_layer(mnist_h5):
     cfg = Config(data=str(mnist_h5), subset=256, batch_size=64, epochs=1, lr=1e12, momentum=0,
                  schedule="constant", quiet=True, debug=True)
