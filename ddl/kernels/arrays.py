@@ -1,6 +1,6 @@
 """Array helpers that every backend and the layers share: argument shapes, the (C, H, W, N)
 memory order of activations (see ddl/kernels/numpy.py), arrays aligned for the compiled kernels,
-and scratch arrays kept between calls."""
+scratch arrays kept between calls, and zero-padded copies of an input."""
 import math
 
 import numpy as np
@@ -94,3 +94,17 @@ def chwn(x):
 def nchw(a):
     """(C, H, W, N) memory seen as (N, C, H, W)."""
     return a.transpose(3, 0, 1, 2)
+
+
+def pad(x, padding, ws, min_hw=(0, 0)):
+    """x (C, H, W, N) zero-padded by `padding` and, past that, to at least min_hw rows and
+    columns; x itself when it needs neither."""
+    (ph, pw), (c, h, w, n) = padding, x.shape
+    hp, wp = max(h + 2 * ph, min_hw[0]), max(w + 2 * pw, min_hw[1])
+    if (hp, wp) == (h, w):
+        return x
+    # One layer's inputs have one shape and padding (the buffer's name says which), so the
+    # border, zeroed once, stays zero.
+    xp = ws.zeros(f"x_padded {padding}", (c, hp, wp, n), x.dtype)
+    xp[:, ph:ph + h, pw:pw + w] = x
+    return xp

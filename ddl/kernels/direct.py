@@ -342,17 +342,3 @@ def backward(gy, ctx, weight, grad_w, grad_b, input_grad, ws):
     gx, _ = _convolve(g, flipped, np.zeros(c, gy.dtype), (kh - 1 - ph, kw - 1 - pw), False,
                       False, ws, "grad_rows")
     return gx[:c]
-
-
-def pad(x, padding, ws, min_hw=(0, 0)):
-    """x (C, H, W, N) zero-padded by `padding` and, past that, to at least min_hw rows and
-    columns; x itself when it needs neither."""
-    (ph, pw), (c, h, w, n) = padding, x.shape
-    hp, wp = max(h + 2 * ph, min_hw[0]), max(w + 2 * pw, min_hw[1])
-    if (hp, wp) == (h, w):
-        return x
-    # One layer's inputs have one shape and padding (the buffer's name says which), so the
-    # border, zeroed once, stays zero.
-    xp = ws.zeros(f"x_padded {padding}", (c, hp, wp, n), x.dtype)
-    xp[:, ph:ph + h, pw:pw + w] = x
-    return xp

@@ -142,7 +142,7 @@ def forward(x, weight, bias, padding, pool, relu, ws):
         y, ctx = direct.forward(x, weight, bias, padding, pool, relu, ws)
         return y, ctx + (None,)
     (o, _, kh, kw), n = weight.shape, x.shape[3]
-    xp = direct.pad(x, padding, ws)
+    xp = arrays.pad(x, padding, ws)
     y = arrays.empty((o, (xp.shape[1] - kh + 1) // 2, (xp.shape[2] - kw + 1) // 2, n), x.dtype)
     code = arrays.empty(y.shape, np.uint8)
     xs = split(xp, ws)

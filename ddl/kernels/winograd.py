@@ -23,7 +23,6 @@ tile, so `pool=True` pools (and applies ReLU) while leaving a tile, never writin
 import numpy as np
 
 from ddl.kernels import arrays
-from ddl.kernels.direct import pad
 from ddl.kernels.jit import X4, helper, kernel
 from ddl.kernels.pool import first_max4, spread4
 
@@ -275,7 +274,7 @@ def forward(x, weight, bias, padding, pool, relu, ws):
     (ph, pw) = padding
     out_hw = (h + 2 * ph - 2, w + 2 * pw - 2)
     th, tw = tile_grid(out_hw, pool)
-    xp = pad(x, padding, ws, (2 * th + 2, 2 * tw + 2))
+    xp = arrays.pad(x, padding, ws, (2 * th + 2, 2 * tw + 2))
     U = ws.empty("U", (16, o, c), x.dtype)
     transform_weights(weight, U)
     V = ws.empty("V", (16, c, th * tw, n), x.dtype)
