@@ -334,15 +334,21 @@ def _describe(step):
 
 
 def compile_times():
-    """numba's costs in fresh processes: (import s, compiling every kernel into an empty cache s,
+    """numba's costs in fresh processes: (import s, compiling every kernel into an empty cache in
+    one process s, and in as many as there are cores, as `make install` does (s, processes),
     loading them all from that cache s)."""
-    probe = ("import time; t = time.perf_counter(); import numba; t = time.perf_counter() - t; "
-             "from ddl import kernels; print(t, kernels.warm())")
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        runs = [subprocess.run([sys.executable, "-c", probe], env=env, check=True, text=True,
-                               capture_output=True).stdout.split() for _ in range(2)]
-    return float(runs[1][0]), float(runs[0][1]), float(runs[1][1])
+    processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    probe = ("import sys, time; t = time.perf_counter(); import numba; "
+             "t = time.perf_counter() - t; from ddl import kernels; "
+             "print(t, kernels.warm(processes=int(sys.argv[1])))")
+    runs = []
+    for count in (1, processes):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            runs += [subprocess.run([sys.executable, "-c", probe, str(count)], env=env,
+                                    check=True, text=True, capture_output=True).stdout.split()
+                     for _ in range(1 if count == 1 else 2)]
+    return float(runs[2][0]), float(runs[0][1]), (float(runs[1][1]), processes), float(runs[2][1])
 
 
 def training_flops(model, image_shape=(1, 28, 28)):
@@ -433,10 +439,11 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
               "kernel: the slow steps): " + "; ".join(
                   f"{name}: {', '.join(fallbacks(name)) or 'none'}"
                   for name in dict.fromkeys(model for model, _, _ in SINGLE)) + "."]
-    imported, cold, cached = numba_costs
+    imported, cold, (cold_parallel, processes), cached = numba_costs
     lines += ["", f"numba, in a fresh process: import {imported:.2f} s; compiling every kernel "
-              f"(float32) into an empty cache {cold:.1f} s (`make install` does it once); loading "
-              f"them all from the cache {cached:.2f} s (what a training run pays at start)."]
+              f"(float32) into an empty cache {cold:.1f} s in one process, {cold_parallel:.1f} s "
+              f"in {processes} (`make install` does it once, a process a core); loading them all "
+              f"from the cache {cached:.2f} s (what a training run pays at start)."]
     ref = next(r["ddl numba"] for r in rows if r["model"] == "ref-cnn" and r["batch"] == 64)
     roof = peak * 1e9 / flops
     lines += ["", "## Roofline (ref-cnn, batch 64)", "",

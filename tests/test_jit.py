@@ -96,6 +96,41 @@ def test_a_call_without_warm_loads_what_warm_stored(registry):
     assert (sum(stats.cache_hits.values()), sum(stats.cache_misses.values())) == (1, 0)
 
 
+def test_warm_in_two_processes_compiles_a_share_in_a_forked_helper(registry):
+    """`make install` compiles in as many processes as there are cores: a forked helper compiles
+    every second factory's kernels into the cache, and warm then loads them from there (a hit,
+    no compile), compiling the rest itself. A factory's kernels share numba's index file, so
+    they stay in one process (here, closures over 3 and 4)."""
+    for name in ("first_share", "helper_share", "factory_share"):
+        for path in _cached(name):
+            os.remove(path)
+
+    @jit.kernel("(T[::1],)")
+    def first_share(x):
+        x[0] = 1
+
+    @jit.kernel("(T[::1],)")
+    def helper_share(x):
+        x[0] = 2
+
+    def factory(k):
+        @jit.kernel("(T[::1],)")
+        def factory_share(x):
+            x[0] = k
+        return factory_share
+    made = [factory(3), factory(4)]
+    jit.warm(processes=2)
+    loaded = {d.py_func.__qualname__.split(".")[-1] + str(i): (sum(d.stats.cache_hits.values()),
+                                                               sum(d.stats.cache_misses.values()))
+              for i, d in enumerate([first_share, helper_share, *made])}
+    assert loaded == {"first_share0": (0, 1), "helper_share1": (1, 0), "factory_share2": (0, 1),
+                      "factory_share3": (0, 1)}
+    x = np.zeros(1, np.float32)
+    for kernel, value in zip([first_share, helper_share, *made], [1, 2, 3, 4]):
+        kernel(x)
+        assert x[0] == value
+
+
 def test_the_version_is_a_hash_of_every_kernel_file(tmp_path, monkeypatch):
     folder = tmp_path / "kernels"
     shutil.copytree(os.path.join(ROOT, "ddl", "kernels"), folder,

@@ -613,9 +613,10 @@ class Ranks:
 def test_warm_order_rank_0_compiles_before_the_others_load(rank, size, monkeypatch):
     """Rank 0 tunes and compiles first, the others wait for it, then load what it cached; one
     process compiles without tuning together (a communicator of one: its barrier is free); with
-    NumPy's kernels there is nothing to compile."""
+    NumPy's kernels there is nothing to compile. Only a process without ranks compiles in
+    several (`make install`): MPI's ranks are not forked."""
     events = []
-    monkeypatch.setattr(jit, "warm", lambda: events.append("warm") or 1.5)
+    monkeypatch.setattr(jit, "warm", lambda processes: events.append(f"warm {processes}") or 1.5)
     monkeypatch.setenv("NUMBA_CPU_NAME", jit.target())    # restored after the ranks' setdefault
     comm = None if rank is None else Ranks(rank, size, events)
     with kernels.using("numpy"):
@@ -626,9 +627,13 @@ def test_warm_order_rank_0_compiles_before_the_others_load(rank, size, monkeypat
     compiled = ("barrier", "rank 0's kernel compile", 600.0)
     tuned = [("barrier", "rank 0's kernel tuning", 600.0),
              ("bcast", "rank 0's kernel CPU name", jit.target() if rank == 0 else None)]
-    expected = {(0, 2): tuned + ["warm", compiled], (1, 2): tuned + [compiled, "warm"],
-                (0, 1): ["warm", compiled], (None, None): ["warm"]}
+    expected = {(0, 2): tuned + ["warm 1", compiled], (1, 2): tuned + [compiled, "warm 1"],
+                (0, 1): ["warm 1", compiled], (None, None): ["warm 1"]}
     assert events == expected[rank, size]
+    events.clear()
+    with kernels.using("numba"):
+        kernels.warm(comm, processes=2)
+    assert ("warm 2" if comm is None else "warm 1") in events
 
 
 def test_kernels_choice_is_checked():

@@ -91,11 +91,12 @@ def target():
     return jit.target()
 
 
-def warm(comm=None):
+def warm(comm=None, processes=1):
     """Compile (or load from numba's cache) every kernel for float32 when the numba backend is
     in use; returns the seconds it took. Under MPI, rank 0 goes first and the others then load
     what it cached, instead of every rank compiling the same code at once on shared cores. Every
-    rank compiles for rank 0's CPU name (docs/tuning.md)."""
+    rank compiles for rank 0's CPU name (docs/tuning.md). `processes` > 1 compiles in that many
+    processes (jit.warm; not under MPI, whose ranks are not forked)."""
     if _active != "numba":
         return 0.0
     from ddl.kernels import jit
@@ -104,7 +105,7 @@ def warm(comm=None):
     get()   # sets up, and imports (registers) every kernel
     if comm is not None and comm.rank != 0:
         comm.barrier(what="barrier after rank 0's kernel compile", at_least=COMPILING)
-    seconds = jit.warm()
+    seconds = jit.warm(processes if comm is None else 1)
     if comm is not None and comm.rank == 0:
         comm.barrier(what="barrier after rank 0's kernel compile", at_least=COMPILING)
     return seconds

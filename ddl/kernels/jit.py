@@ -260,24 +260,65 @@ def mark_ahead():
     _ahead = len(_KERNELS)
 
 
-def warm():
+def warm(processes=1):
     """Compile or load every kernel marked ahead (every registered one if none is marked) for
-    float32; returns the seconds it took."""
+    float32; returns the seconds it took. With processes > 1 (`make install` on a machine with
+    that many cores) forked helpers first compile shares of them into the cache, from which this
+    process then loads theirs: numba compiles a kernel on one core."""
     configure()
     started = time.perf_counter()
-    for dispatcher, signatures in _KERNELS[:_ahead]:
-        for template in signatures:
-            # numba keys its on-disk cache by the signature as `compile` is given it, and a call
-            # compiles under the tuple of its argument types: given the string, `warm` stored
-            # every kernel under a key that no call looks up (the first process that called a
-            # kernel without `warm`, an MPI test job, compiled it all again, 5-10 s a rank).
-            args, _ = sigutils.normalize_signature(template.replace("T", "float32"))
-            try:
-                dispatcher.compile(tuple(args))
-            except (pickle.UnpicklingError, EOFError) as e:
-                raise KernelCacheError(f"numba's kernel cache {cache_dir()} is damaged ({e}): "
-                                   f"remove that folder, and ddl compiles it again") from None
+    todo = _KERNELS[:_ahead]
+    if processes > 1 and todo and hasattr(os, "fork"):
+        _compile_in_helpers(todo, processes)
+    for dispatcher, signatures in todo:
+        _compile(dispatcher, signatures)
     return time.perf_counter() - started
+
+
+def _compile(dispatcher, signatures):
+    for template in signatures:
+        # numba keys its on-disk cache by the signature as `compile` is given it, and a call
+        # compiles under the tuple of its argument types: given the string, `warm` stored every
+        # kernel under a key that no call looks up (the first process that called a kernel
+        # without `warm`, an MPI test job, compiled it all again, 5-10 s a rank).
+        args, _ = sigutils.normalize_signature(template.replace("T", "float32"))
+        try:
+            dispatcher.compile(tuple(args))
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise KernelCacheError(f"numba's kernel cache {cache_dir()} is damaged ({e}): "
+                                   f"remove that folder, and ddl compiles it again") from None
+
+
+def _compile_in_helpers(todo, processes):
+    """Compile the kernels of `todo` into the cache, a share in this process and one in each of
+    processes - 1 forked helpers. The kernels of one factory (one qualified name: numba keeps
+    their cache entries in one index file, which two writers would race on) stay together. A
+    helper that fails costs nothing but time: `warm` then compiles its share itself."""
+    groups = {}
+    for dispatcher, signatures in todo:
+        fn = dispatcher.py_func
+        groups.setdefault((fn.__module__, fn.__qualname__), []).append((dispatcher, signatures))
+    shares = [list(groups.values())[i::processes] for i in range(processes)]
+    helpers = []
+    for share in shares[1:]:
+        pid = os.fork()
+        if pid == 0:                # the helper: its share, then out without the parent's exits
+            code = 1
+            try:
+                for group in share:
+                    for dispatcher, signatures in group:
+                        _compile(dispatcher, signatures)
+                code = 0
+            finally:
+                os._exit(code)
+        helpers.append(pid)
+    try:
+        for group in shares[0]:
+            for dispatcher, signatures in group:
+                _compile(dispatcher, signatures)
+    finally:
+        for pid in helpers:
+            os.waitpid(pid, 0)
 
 
 def signature_count():
