@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from ddl import kernels, nn  # noqa: E402
-from ddl.kernels import tune  # noqa: E402
+from ddl.kernels import jit, tune  # noqa: E402
 from ddl.comm import SingleCommunicator, world  # noqa: E402
 from ddl.launch import find_mpiexec, rank_env  # noqa: E402
 from ddl.models import build, to_torch  # noqa: E402
@@ -337,7 +337,7 @@ def compile_times():
     """numba's costs in fresh processes: (import s, compiling every kernel into an empty cache in
     one process s, and in as many as there are cores, as `make install` does (s, processes),
     loading them all from that cache s)."""
-    processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    processes = jit.cores()
     probe = ("import sys, time; t = time.perf_counter(); import numba; "
              "t = time.perf_counter() - t; from ddl import kernels; "
              "print(t, kernels.warm(processes=int(sys.argv[1])))")

@@ -47,7 +47,7 @@ if args.retune or args.replan:
 if args.retune:
     tune.forget(jit.choice_files(), jit.version())
 kernels.setup()
-processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+processes = jit.cores()
 with kernels.using("numba"):
     seconds = kernels.warm(processes=processes)
 print(f"numba kernels for CPU {jit.target()} ready in {seconds:.1f} s, {processes} process(es) "

@@ -262,31 +262,38 @@ def mark_ahead():
 
 def warm(processes=1):
     """Compile or load every kernel marked ahead (every registered one if none is marked) for
-    float32; returns the seconds it took. With processes > 1 (`make install` on a machine with
-    that many cores) forked helpers first compile shares of them into the cache, from which this
-    process then loads theirs: numba compiles a kernel on one core."""
+    float32; returns the seconds it took. With processes > 1 (`make install`: `cores()`) forked
+    helpers first compile shares of them into the cache, from which this process then loads
+    theirs: numba compiles a kernel on one core."""
     configure()
     started = time.perf_counter()
     todo = _KERNELS[:_ahead]
     if processes > 1 and todo and hasattr(os, "fork"):
         _compile_in_helpers(todo, processes)
-    for dispatcher, signatures in todo:
-        _compile(dispatcher, signatures)
+    _compile(todo)
     return time.perf_counter() - started
 
 
-def _compile(dispatcher, signatures):
-    for template in signatures:
-        # numba keys its on-disk cache by the signature as `compile` is given it, and a call
-        # compiles under the tuple of its argument types: given the string, `warm` stored every
-        # kernel under a key that no call looks up (the first process that called a kernel
-        # without `warm`, an MPI test job, compiled it all again, 5-10 s a rank).
-        args, _ = sigutils.normalize_signature(template.replace("T", "float32"))
-        try:
-            dispatcher.compile(tuple(args))
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise KernelCacheError(f"numba's kernel cache {cache_dir()} is damaged ({e}): "
-                                   f"remove that folder, and ddl compiles it again") from None
+def cores():
+    """How many cores this process may run on, for `warm`'s processes: its affinity, or 1 where
+    the OS keeps no affinity (macOS, where a forked helper is not safe with every library)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def _compile(kernels):
+    """Compile (or load) each (dispatcher, signature templates) of `kernels` for float32."""
+    for dispatcher, signatures in kernels:
+        for template in signatures:
+            # numba keys its on-disk cache by the signature as `compile` is given it, and a call
+            # compiles under the tuple of its argument types: given the string, `warm` stored
+            # every kernel under a key that no call looks up (the first process that called a
+            # kernel without `warm`, an MPI test job, compiled it all again, 5-10 s a rank).
+            args, _ = sigutils.normalize_signature(template.replace("T", "float32"))
+            try:
+                dispatcher.compile(tuple(args))
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise KernelCacheError(f"numba's kernel cache {cache_dir()} is damaged ({e}): "
+                                       f"remove that folder, and ddl compiles it again") from None
 
 
 def _compile_in_helpers(todo, processes):
@@ -298,24 +305,21 @@ def _compile_in_helpers(todo, processes):
     for dispatcher, signatures in todo:
         fn = dispatcher.py_func
         groups.setdefault((fn.__module__, fn.__qualname__), []).append((dispatcher, signatures))
-    shares = [list(groups.values())[i::processes] for i in range(processes)]
+    groups = list(groups.values())
+    shares = [[k for group in groups[i::processes] for k in group] for i in range(processes)]
     helpers = []
     for share in shares[1:]:
         pid = os.fork()
         if pid == 0:                # the helper: its share, then out without the parent's exits
             code = 1
             try:
-                for group in share:
-                    for dispatcher, signatures in group:
-                        _compile(dispatcher, signatures)
+                _compile(share)
                 code = 0
             finally:
                 os._exit(code)
         helpers.append(pid)
     try:
-        for group in shares[0]:
-            for dispatcher, signatures in group:
-                _compile(dispatcher, signatures)
+        _compile(shares[0])
     finally:
         for pid in helpers:
             os.waitpid(pid, 0)
