@@ -341,14 +341,19 @@ def compile_times():
     probe = ("import sys, time; t = time.perf_counter(); import numba; "
              "t = time.perf_counter() - t; from ddl import kernels; "
              "print(t, kernels.warm(processes=int(sys.argv[1])))")
-    runs = []
-    for count in (1, processes):
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-            runs += [subprocess.run([sys.executable, "-c", probe, str(count)], env=env,
-                                    check=True, text=True, capture_output=True).stdout.split()
-                     for _ in range(1 if count == 1 else 2)]
-    return float(runs[2][0]), float(runs[0][1]), (float(runs[1][1]), processes), float(runs[2][1])
+
+    def run(count, cache):
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-c", probe, str(count)], env=env, check=True,
+                             text=True, capture_output=True).stdout.split()
+        return float(out[0]), float(out[1])
+
+    with tempfile.TemporaryDirectory() as cache:
+        _, cold = run(1, cache)
+    with tempfile.TemporaryDirectory() as cache:
+        _, cold_parallel = run(processes, cache)
+        imported, cached = run(processes, cache)        # the same cache, now full
+    return imported, cold, (cold_parallel, processes), cached
 
 
 def training_flops(model, image_shape=(1, 28, 28)):
