@@ -119,6 +119,8 @@ def test_warm_in_two_processes_compiles_a_share_in_a_forked_helper(registry):
             x[0] = k
         return factory_share
     made = [factory(3), factory(4)]
+    assert [[d for d, _ in share] for share in jit._shares(registry, 2)] == [
+        [first_share, *made], [helper_share]]
     jit.warm(processes=2)
     loaded = {d.py_func.__qualname__.split(".")[-1] + str(i): (sum(d.stats.cache_hits.values()),
                                                                sum(d.stats.cache_misses.values()))

@@ -297,16 +297,10 @@ def _compile(kernels):
 
 
 def _compile_in_helpers(todo, processes):
-    """Compile the kernels of `todo` into the cache, a share in this process and one in each of
-    processes - 1 forked helpers. The kernels of one factory (one qualified name: numba keeps
-    their cache entries in one index file, which two writers would race on) stay together. A
-    helper that fails costs nothing but time: `warm` then compiles its share itself."""
-    groups = {}
-    for dispatcher, signatures in todo:
-        fn = dispatcher.py_func
-        groups.setdefault((fn.__module__, fn.__qualname__), []).append((dispatcher, signatures))
-    groups = list(groups.values())
-    shares = [[k for group in groups[i::processes] for k in group] for i in range(processes)]
+    """Compile the kernels of `todo` into the cache, `_shares`' first in this process and each
+    other in a forked helper. A helper that fails costs nothing but time: `warm` then compiles
+    its share itself."""
+    shares = _shares(todo, processes)
     helpers = []
     for share in shares[1:]:
         pid = os.fork()
@@ -323,6 +317,18 @@ def _compile_in_helpers(todo, processes):
     finally:
         for pid in helpers:
             os.waitpid(pid, 0)
+
+
+def _shares(todo, processes):
+    """`todo` split into `processes` lists, factory by factory in turn: the kernels of one factory
+    (one qualified name) stay together, since numba keeps their cache entries in one index file,
+    which two writers would race on (the last to save would drop the other's entry)."""
+    groups = {}
+    for dispatcher, signatures in todo:
+        fn = dispatcher.py_func
+        groups.setdefault((fn.__module__, fn.__qualname__), []).append((dispatcher, signatures))
+    groups = list(groups.values())
+    return [[k for group in groups[i::processes] for k in group] for i in range(processes)]
 
 
 def signature_count():
