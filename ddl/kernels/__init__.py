@@ -66,6 +66,8 @@ _loaded = {}    # name -> backend module: `get` runs for every layer at every st
 
 def _load(name):
     _known(name)
+    from ddl.kernels import arrays
+    arrays.keep_freed_memory()      # every step allocates its activations anew (arrays.py)
     if name == "numba":
         setup()
         from ddl.kernels import numba as backend

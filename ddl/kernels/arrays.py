@@ -1,7 +1,9 @@
 """Array helpers that every backend and the layers share: argument shapes, the (C, H, W, N)
 memory order of activations (see ddl/kernels/numpy.py), arrays aligned for the compiled kernels,
 scratch arrays kept between calls, and zero-padded copies of an input."""
+import ctypes
 import math
+import platform
 
 import numpy as np
 
@@ -38,6 +40,26 @@ def _aligned(make, shape, dtype):
     raw = make(size + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start:start + size].view(dtype).reshape(shape)
+
+
+# glibc's mallopt parameters (malloc.h), and the largest mmap threshold it accepts on 64 bits.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep the memory that a step frees for the next step's arrays. By
+    default it returns freed blocks of more than 128 KB (a threshold it raises as it goes) to the
+    kernel and the top of its heap past twice that, and a step's new multi-MB activations then
+    fault in fresh zeroed pages, page by page (docs/speed.md has what vgg-mini lost). Blocks
+    under 32 MB now come from the heap, which keeps up to 1 GB free. Process-wide, and done
+    when a backend is first loaded (kernels.get). Returns whether malloc took the settings
+    (not on other C libraries)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD,
+                                                                      TRIM_THRESHOLD))
 
 
 def pair(v):
