@@ -477,6 +477,69 @@ def test_global_average_pool_matches_numpy():
         check_module(nn.GlobalAvgPool2d(), randn(2, 3, 5, 3))
 
 
+def tail(kind, training, relu, channels=3):
+    """`kind` ("bn", "residual", "residual+shortcut") [-> ReLU] -> GlobalAvgPool2d: what the
+    compiled kernels run as one pass (an `Averaged` step), with batch or running statistics."""
+    def make():
+        if kind == "bn":
+            rng = np.random.default_rng(8)
+            layer = nn.BatchNorm2d(channels)
+            layer.weight.data[...] = rng.uniform(0.5, 1.5, channels)
+            layer.bias.data[...] = rng.uniform(-0.5, 0.5, channels)
+            layer.running_mean[...] = rng.uniform(-0.2, 0.2, channels)
+            layer.running_var[...] = rng.uniform(0.5, 2, channels)
+        else:
+            layer = bn_block(training, False, kind == "residual+shortcut", channels)()
+        return nn.Sequential(layer, *[nn.ReLU()] * relu, nn.GlobalAvgPool2d()).train(training)
+    return make
+
+
+@pytest.mark.parametrize("kind", ["bn", "residual", "residual+shortcut"])
+@pytest.mark.parametrize("training, relu", [(t, r) for t in (True, False) for r in (True, False)])
+def test_global_average_pool_fuses_into_the_pass_before_it(kind, training, relu):
+    make = tail(kind, training, relu)
+    with kernels.using("numba"):
+        steps = make().steps()
+        assert [type(s).__name__ for s in steps] == ["Averaged"]
+        assert repr(steps[0]).endswith("ReLU + global average pool" if relu else
+                                       ") + global average pool")
+    x = randn(4, 3, 5, 3) * 2 + 0.5
+    assert_same(run_both(make, x))      # against NumPy's layers one by one
+    with kernels.using("numba"):
+        check_module(make(), randn(3, 3, 3, 2, seed=9))
+
+
+@pytest.mark.parametrize("name", kernels.NAMES)
+def test_batchnorm_with_average_is_batchnorm_then_the_pooling(name):
+    """Each backend's batchnorm2d with `average` against its own batchnorm2d and pooling."""
+    backend = kernels.get(name)
+    x, w, b = randn(4, 3, 5, 3), randn(3, seed=1), randn(3, seed=2)
+    gp = randn(4, 3, seed=3)
+    for relu in (False, True):
+        y, stats, ctx = backend.batchnorm2d_forward(x, w, b, 1e-5, None, relu)
+        pooled, stats2, ctx2 = backend.batchnorm2d_forward(x, w, b, 1e-5, None, relu,
+                                                           average=True)
+        np.testing.assert_allclose(pooled, backend.global_avgpool2d_forward(y), atol=1e-12)
+        np.testing.assert_allclose(stats2, stats, atol=1e-12)
+        spread = backend.global_avgpool2d_backward(gp, y)
+        for a, want in zip(backend.batchnorm2d_backward(gp, ctx2, w)[:3],
+                           backend.batchnorm2d_backward(spread, ctx, w)[:3]):
+            np.testing.assert_allclose(a, want, atol=1e-12)
+
+
+def test_a_residual_that_adds_in_no_pass_of_its_own_is_not_averaged():
+    """A body ending in a ReLU adds the shortcut apart: the pooling then stays a step."""
+    block = nn.Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()))
+    net = nn.Sequential(block, nn.GlobalAvgPool2d())
+    with kernels.using("numba"):
+        assert [type(s).__name__ for s in net.steps()] == ["Residual", "GlobalAvgPool2d"]
+        with pytest.raises(ValueError, match="fuses only"):
+            block.run(kernels.get(), randn(1, 2, 3, 3), average=True)
+    assert_same(run_both(lambda: nn.Sequential(nn.Residual(nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1, rng=np.random.default_rng(1)), nn.ReLU())),
+        nn.GlobalAvgPool2d()), randn(2, 2, 4, 4)))
+
+
 def test_residual_mismatched_shapes_fail_in_one_line():
     block = nn.Residual(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)))
     for name in kernels.NAMES:
@@ -488,8 +551,7 @@ def test_resnet_mini_is_planned_inside_its_blocks():
     model = build("resnet-mini", (3, 9, 9), 10)
     with kernels.using("numba"):
         assert [type(s).__name__ for s in model.steps()] == [
-            "Conv2d", "WithReLU", "WithReLU", "WithReLU", "WithReLU", "GlobalAvgPool2d",
-            "Linear"]
+            "Conv2d", "WithReLU", "WithReLU", "WithReLU", "Averaged", "Linear"]
         assert model[3].body.steps()[-1] is model[3].body[-1]  # the add's pass: a BatchNorm
         assert compiled.slow_steps(model) == []
 

@@ -30,29 +30,39 @@ def row_moments(xs):
 
 
 @helper
-def normalize_row(xs, a, b, rs, add, relu, ys):
-    """ys = xs * a + b (+ rs if add), then ReLU if relu (NaN kept)."""
-    if add:
-        for i in range(xs.shape[0]):
-            v = xs[i] * a + b + rs[i]
-            ys[i] = 0 if relu and v <= 0 else v
-    else:
-        for i in range(xs.shape[0]):
-            v = xs[i] * a + b
-            ys[i] = 0 if relu and v <= 0 else v
+def normalize_row(xs, a, b, rs, add, relu, store, ys, average, means):
+    """ys = xs * a + b (+ rs if add), then ReLU if relu (NaN kept), if `store`; with `average`,
+    means (N,) = the mean of those values over the row's pixels, xs being (pixels, N) memory.
+    Without it the row is one "pixel" of all its values (the loops below then run as one)."""
+    n = means.shape[0] if average else xs.shape[0]
+    if average:
+        means[:] = 0
+    for p in range(xs.shape[0] // n):
+        for k in range(n):
+            i = p * n + k
+            v = xs[i] * a + b + rs[i] if add else xs[i] * a + b
+            v = 0 if relu and v <= 0 else v
+            if store:
+                ys[i] = v
+            if average:
+                means[k] += v
+    if average:
+        means /= xs.shape[0] // n
 
 
 @kernel(f"({ROWS}, T[::1], T[::1], T, {ROWS}, boolean, boolean, boolean, T[::1], T[::1], "
-        f"T[::1], T[::1], T[::1], {ROWS})")
+        f"T[::1], T[::1], T[::1], boolean, {ROWS}, boolean, {ROWS})")
 def batch_normalize(x, weight, bias, eps, residual, add, relu, batch_stats, mean, var, inv, scale,
-                    shift, y):
+                    shift, store, y, average, means):
     """y[c] = x[c] * scale[c] + shift[c] (+ residual[c] if add), then ReLU if relu (NaN kept),
     for inv[c] = 1 / sqrt(var[c] + eps), scale[c] = weight[c] * inv[c] and shift[c] = bias[c] -
     mean[c] * scale[c]; with `batch_stats` (training), mean[c] and var[c] are first set to the
     moments of row x[c] (summed in float64, stored as T), else (evaluation) they are given. One
     channel at a time: its row, read from memory once, is still in the cache for the second
     moment and the normalisation (the statistics of every channel first, then the
-    normalisation, read x from memory twice)."""
+    normalisation, read x from memory twice). y is written if `store`; with `average` (global
+    average pooling after it: x (C, H*W*N)), means (C, N) = y's mean over each image, where a
+    pooling pass of its own would read y back, and without a residual never needs it stored."""
     one = x.dtype.type(1)
     for c in range(x.shape[0]):
         if batch_stats:
@@ -60,12 +70,14 @@ def batch_normalize(x, weight, bias, eps, residual, add, relu, batch_stats, mean
         inv[c] = one / np.sqrt(var[c] + eps)
         scale[c] = weight[c] * inv[c]
         shift[c] = bias[c] - mean[c] * scale[c]
-        normalize_row(x[c], scale[c], shift[c], residual[c] if add else x[c], add, relu, y[c])
+        normalize_row(x[c], scale[c], shift[c], residual[c] if add else x[c], add, relu, store,
+                      y[c] if store else x[c], average, means[c] if average else x[c])
 
 
 @kernel(f"({ROWS}, {ROWS}, T[::1], T[::1], T[::1], T[::1], {ROWS}, boolean, boolean, {ROWS}, "
-        f"boolean, float64[::1], float64[::1], {ROWS})")
-def normalize_grad(gy, x, mean, inv, scale, shift, y, relu, batch_stats, gres, add, gw, gb, gx):
+        f"boolean, boolean, float64[::1], float64[::1], {ROWS})")
+def normalize_grad(gy, x, mean, inv, scale, shift, y, relu, batch_stats, gres, add, average, gw,
+                   gb, gx):
     """The gradients of a batch normalisation by mean and inv = 1/std (C,), whose output x *
     scale + shift (scale = weight * inv) passed a ReLU if relu, after the residual's add if
     `add` (the output y then read back for the ReLU's mask; without a residual the mask is
@@ -73,8 +85,11 @@ def normalize_grad(gy, x, mean, inv, scale, shift, y, relu, batch_stats, gres, a
     less): gx (C, M); gw, gb (C,) the weight's and bias's (float64, for the caller to cast);
     and, if `add`, gres = the gradient past the ReLU (the residual's). With `batch_stats` the
     mean and inv depend on x too: per channel, the gradient's mean and its projection onto
-    xhat come off."""
+    xhat come off. With `average`, gy (C, N) is the gradient of the output's means over each
+    image (x being (C, H*W*N)), spread here over the pixels instead of in memory."""
     m, one, zero = x.shape[1], x.dtype.type(1), x.dtype.type(0)
+    n = gy.shape[1] if average else m       # as in normalize_row: one "pixel" unless average
+    share = one / (m // n)
     for c in range(x.shape[0]):
         gys, xs, gxs = gy[c], x[c], gx[c]
         mu, s = mean[c], inv[c]
@@ -82,11 +97,14 @@ def normalize_grad(gy, x, mean, inv, scale, shift, y, relu, batch_stats, gres, a
         # normalised again (the same multiply-add, the same rounding).
         seen, a, b = (y[c], one, zero) if add else (xs, scale[c], shift[c])
         sg, sgx = 0.0, 0.0
-        for i in range(m):
-            g = gys[i] if not relu or seen[i] * a + b > 0 else 0
-            gxs[i] = g
-            sg += g
-            sgx += g * (xs[i] - mu) * s
+        for p in range(m // n):
+            for k in range(n):
+                i = p * n + k
+                g = gys[k] * share if average else gys[i]
+                g = g if not relu or seen[i] * a + b > 0 else 0
+                gxs[i] = g
+                sg += g
+                sgx += g * (xs[i] - mu) * s
         gw[c], gb[c] = sgx, sg
         if add:
             gr = gres[c]

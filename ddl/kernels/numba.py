@@ -250,13 +250,17 @@ def _none(dtype):
     return _NO_ROWS.setdefault(dtype, np.empty((0, 0), dtype))
 
 
-def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None):
+def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None,
+                        average=False):
     """As reference.batchnorm2d_forward: the statistics (in training), the normalisation, the
-    residual add and the ReLU in one compiled pass over each channel's row."""
+    residual add, the ReLU and the global average pooling in one compiled pass over each
+    channel's row; the pooled (N, C) is a view of (C, N) memory, as global_avgpool2d_forward's."""
     xr, dtype = _rows(x), x.dtype
-    c = xr.shape[0]
-    y = arrays.empty_like(xr)
+    c, n = xr.shape[0], x.shape[0]
     added = residual is not None
+    store = added or not average    # the residual's mask reads y back (normalize_grad)
+    y = arrays.empty_like(xr) if store else _none(dtype)
+    means = arrays.empty((c, n), dtype) if average else _none(dtype)
     res = _rows(residual) if added else _none(dtype)
     if running is None:
         mean, var = np.empty(c, dtype), np.empty(c, dtype)
@@ -265,21 +269,22 @@ def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual
     inv, scale, shift = np.empty(c, dtype), np.empty(c, dtype), np.empty(c, dtype)
     norm.batch_normalize(xr, weight.astype(dtype, copy=False), bias.astype(dtype, copy=False),
                          dtype.type(eps), res, added, relu, running is None, mean, var, inv,
-                         scale, shift, y)
-    shape = (c, x.shape[2], x.shape[3], x.shape[0])
-    return nchw(y.reshape(shape)), (mean, var), (xr, mean, inv, scale, shift,
-                                                 y if added else _none(dtype), relu,
-                                                 running is None, added, shape)
+                         scale, shift, store, y, average, means)
+    shape = (c, x.shape[2], x.shape[3], n)
+    out = means.T if average else nchw(y.reshape(shape))
+    return out, (mean, var), (xr, mean, inv, scale, shift, y if added else _none(dtype), relu,
+                              running is None, added, average, shape)
 
 
 def batchnorm2d_backward(grad_y, ctx, weight):
     """As reference.batchnorm2d_backward, in one compiled pass per channel."""
-    xr, mean, inv, scale, shift, y, relu, batch_stats, added, shape = ctx
+    xr, mean, inv, scale, shift, y, relu, batch_stats, added, average, shape = ctx
     gx = arrays.empty_like(xr)
     gres = arrays.empty_like(xr) if added else _none(xr.dtype)
     gw, gb = np.empty(len(xr)), np.empty(len(xr))
-    norm.normalize_grad(_rows(grad_y), xr, mean, inv, scale, shift, y, relu, batch_stats, gres,
-                        added, gw, gb, gx)
+    gy = np.ascontiguousarray(grad_y.T) if average else _rows(grad_y)
+    norm.normalize_grad(gy, xr, mean, inv, scale, shift, y, relu, batch_stats, gres, added,
+                        average, gw, gb, gx)
     return (nchw(gx.reshape(shape)), gw.astype(weight.dtype), gb.astype(weight.dtype),
             nchw(gres.reshape(shape)) if added else None)
 
@@ -312,14 +317,15 @@ round_bf16, sum_bf16 = bf16.round_bf16, bf16.sum_bf16
 # `plan(layers)` is what a Sequential runs: its layers in order, except that a convolution followed
 # by a 2x2 max pool (and a ReLU before or after the pool) becomes one `ConvPool` step, and a ReLU
 # after a max pool, a batch normalisation or a residual block (or a ReLU before a max pool) joins
-# that layer's pass as one `WithReLU` step. ReLU and max pooling commute, outputs and gradients
-# alike (ties included), so both layer orders fuse. A residual block whose body ends in a batch
-# normalisation adds its shortcut in that normalisation's pass (Residual.run), and its body is a
-# Sequential, planned here like any other. A group only calls its layers' own kernels with their
-# own parameters and caches: the module tree, `parameters()` and `state_dict()` do not change, and
-# so neither does anything that reads them. Layers are known by the `op` their class declares
-# ("conv2d", "maxpool2d", "relu", ...), not by importing them: ddl.nn imports the kernels, never
-# the other way round.
+# that layer's pass as one `WithReLU` step; global average pooling after a batch normalisation or
+# a residual block that ends in one (and a ReLU between them) joins its pass as one `Averaged`
+# step. ReLU and max pooling commute, outputs and gradients alike (ties included), so both layer
+# orders fuse. A residual block whose body ends in a batch normalisation adds its shortcut in that
+# normalisation's pass (Residual.run), and its body is a Sequential, planned here like any other.
+# A group only calls its layers' own kernels with their own parameters and caches: the module
+# tree, `parameters()` and `state_dict()` do not change, and so neither does anything that reads
+# them. Layers are known by the `op` their class declares ("conv2d", "maxpool2d", "relu", ...), not
+# by importing them: ddl.nn imports the kernels, never the other way round.
 class ConvPool:
     """Conv2d -> MaxPool2d(2) [-> ReLU], or Conv2d -> ReLU -> MaxPool2d(2): one pass that never
     stores the convolution's full-resolution output."""
@@ -354,6 +360,25 @@ class WithReLU:
         return f"{self.layer!r} + ReLU"
 
 
+class Averaged:
+    """A layer whose `run(backend, x, relu=, average=True)` ends in the global average pooling
+    after it (and the ReLU between them) in its own pass (BatchNorm2d, a Residual that
+    `fuses_tail`), and that pooling: the full-size output is never stored nor read back, nor
+    its gradient spread over the pixels in memory."""
+
+    def __init__(self, layer, relu):
+        self.layer, self.relu = layer, relu
+
+    def forward(self, x):
+        return self.layer.run(_self, x, relu=self.relu, average=True)
+
+    def backward(self, grad_y):
+        return self.layer.backward(grad_y)
+
+    def __repr__(self):
+        return f"{self.layer!r}" + " + ReLU" * self.relu + " + global average pool"
+
+
 # The ops of layers whose every pass here is compiled (or one BLAS call, or free): any other layer
 # runs NumPy code, which `slow_steps` names.
 COMPILED = {"conv2d", "maxpool2d", "relu", "batchnorm2d", "global_avgpool2d", "residual",
@@ -366,6 +391,12 @@ def _op(layer):
     """The op that `layer`'s own class declares (None for a subclass that does not declare it
     again: it may run differently)."""
     return vars(type(layer)).get("op") if layer is not None else None
+
+
+def _averages(layer):
+    """Whether `layer` takes the global average pooling after it into its pass (`Averaged`)."""
+    op = _op(layer)
+    return op == "batchnorm2d" or (op == "residual" and layer.fuses_tail())
 
 
 def plan(layers):
@@ -381,6 +412,11 @@ def plan(layers):
         elif ops == ("conv2d", "relu", "maxpool2d") and fusable(a, c):
             steps.append(ConvPool(a, True))
             i += 3
+        elif _averages(a) and (ops[1] == "global_avgpool2d"
+                               or ops[1:] == ("relu", "global_avgpool2d")):
+            relu = ops[1] == "relu"
+            steps.append(Averaged(a, relu))
+            i += 3 if relu else 2
         elif ops[0] in TAKES_RELU and ops[1] == "relu":
             steps.append(WithReLU(a))
             i += 2

@@ -182,13 +182,15 @@ def avgpool2d_backward(grad_y, x, kernel, stride):
 
 
 # --- batch normalisation and global average pooling ---------------------------------------------
-def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None):
+def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual=None,
+                        average=False):
     """x (N, C, H, W), weight and bias (C,) -> (y like x, (mean, var) (C,), ctx).
 
     Training (`running` None) normalises by the batch's per-channel mean and biased variance
     over (N, H, W), which come back for the running statistics; eval (`running` = (mean, var))
     by those. Then y = xhat * weight + bias, plus `residual` (like x) when given, then ReLU when
-    `relu`: the tail of a residual block in one operation. ctx is what batchnorm2d_backward takes.
+    `relu`, then with `average` global average pooling, y (N, C): the tail of a residual block,
+    or of a network, in one operation. ctx is what batchnorm2d_backward takes.
     """
     if running is None:
         mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
@@ -201,14 +203,16 @@ def batchnorm2d_forward(x, weight, bias, eps, running=None, relu=False, residual
         y += residual
     if relu:
         np.maximum(y, 0, out=y)
-    return y, (mean, var), (xhat, inv_std, y if relu else None, running is None,
-                            residual is not None)
+    ctx = (xhat, inv_std, y if relu else None, running is None, residual is not None, average)
+    return (global_avgpool2d_forward(y) if average else y), (mean, var), ctx
 
 
 def batchnorm2d_backward(grad_y, ctx, weight):
-    """grad_y like y -> (grad_x, grad_weight (C,), grad_bias (C,), grad_residual or None when
-    the forward added none)."""
-    xhat, inv_std, y, batch_stats, added = ctx
+    """grad_y like the forward's output -> (grad_x, grad_weight (C,), grad_bias (C,),
+    grad_residual or None when the forward added none)."""
+    xhat, inv_std, y, batch_stats, added, average = ctx
+    if average:
+        grad_y = global_avgpool2d_backward(grad_y, xhat)
     g = grad_y * (y > 0) if y is not None else grad_y
     grad_w = (g * xhat).sum(axis=(0, 2, 3))
     grad_b = g.sum(axis=(0, 2, 3))

@@ -272,15 +272,16 @@ class BatchNorm2d(Module):
     def forward(self, x):
         return self.run(kernels.get(), x)
 
-    def run(self, backend, x, relu=False, residual=None):
-        """forward with the kernels of `backend`, plus `residual` (like the output) and then
-        ReLU when asked: the tail of a residual block in one pass (Residual.run asks)."""
+    def run(self, backend, x, relu=False, residual=None, average=False):
+        """forward with the kernels of `backend`, plus `residual` (like the output), then ReLU,
+        then global average pooling ((N, C) out) when asked: the tail of a residual block, or of
+        a network, in one pass (Residual.run and a backend's plan ask)."""
         if residual is not None:
             same_shape(x, residual)     # the kernels would read past a smaller one
         self._backend = backend
         running = None if self.training else (self.running_mean, self.running_var)
         y, (mean, var), self._ctx = backend.batchnorm2d_forward(
-            x, self.weight.data, self.bias.data, self.eps, running, relu, residual)
+            x, self.weight.data, self.bias.data, self.eps, running, relu, residual, average)
         if self.training:
             n = x.size // x.shape[1]
             m = self.momentum

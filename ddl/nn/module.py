@@ -239,8 +239,8 @@ class Sequential(Module):
         return self._steps[last].run(backend, x, **fused) if fused else x
 
     def fuses_tail(self):
-        """Whether the last step takes a residual to add and a ReLU (`run(backend, x,
-        residual=, relu=)`): a BatchNorm2d does."""
+        """Whether the last step takes a residual to add, a ReLU and global average pooling
+        (`run(backend, x, residual=, relu=, average=)`): a BatchNorm2d does."""
         steps = self.steps()
         return bool(steps) and vars(type(steps[-1])).get("op") == "batchnorm2d"
 
@@ -287,14 +287,24 @@ class Residual(Module):
     def forward(self, x):
         return self.run(kernels.get(), x)
 
-    def run(self, backend, x, relu=False):
+    def fuses_tail(self):
+        """Whether the body's last step adds the shortcut (and applies a ReLU, and global
+        average pooling, after the block) in its own pass: a BatchNorm2d does."""
+        return isinstance(self.body, Sequential) and self.body.fuses_tail()
+
+    def run(self, backend, x, relu=False, average=False):
         """forward with the kernels of `backend`, followed by ReLU when `relu` (a backend's plan
         asks, for a ReLU after the block). A body whose last step is a BatchNorm2d adds the
-        shortcut (and applies the ReLU) in that step's own pass, not in passes of their own."""
+        shortcut (and applies the ReLU) in that step's own pass, not in passes of their own, and
+        global average pooling after the block too when the plan asks (`average`: only of a
+        block that `fuses_tail`)."""
         skip = x if self.shortcut is None else self.shortcut.forward(x)
-        self._fused, self._relu = isinstance(self.body, Sequential) and self.body.fuses_tail(), None
+        self._fused, self._relu = self.fuses_tail(), None
         if self._fused:
-            return self.body.run(backend, x, residual=skip, relu=relu)
+            return self.body.run(backend, x, residual=skip, relu=relu, average=average)
+        if average:
+            raise ValueError("Residual: average pooling fuses only into a body ending in a "
+                             "BatchNorm2d")
         y = self.body.forward(x)
         same_shape(y, skip)
         y = y + skip
