@@ -415,17 +415,23 @@ def test_a_users_sequential_gets_the_fused_path():
 
 
 # --- batch normalisation, residual blocks, global average pooling ---------------------------------
+def batchnorm(channels, rng):
+    """A BatchNorm2d with random parameters and running statistics, none of them trivial."""
+    bn = nn.BatchNorm2d(channels)
+    bn.weight.data[...] = rng.uniform(0.5, 1.5, channels)
+    bn.bias.data[...] = rng.uniform(-0.5, 0.5, channels)
+    bn.running_mean[...] = rng.uniform(-0.2, 0.2, channels)
+    bn.running_var[...] = rng.uniform(0.5, 2, channels)
+    return bn
+
+
 def bn_block(training, relu, shortcut, channels=3):
     """Residual(Conv2d -> BatchNorm2d) [-> ReLU], the shortcut the identity or a 1x1
     convolution and a BatchNorm2d: each variant of the fused tail (the residual add, and the
     ReLU, in the normalisation's pass), with batch or running statistics."""
     def make():
         rng = np.random.default_rng(3)
-        bn = nn.BatchNorm2d(channels)
-        bn.weight.data[...] = rng.uniform(0.5, 1.5, channels)
-        bn.bias.data[...] = rng.uniform(-0.5, 0.5, channels)
-        bn.running_mean[...] = rng.uniform(-0.2, 0.2, channels)
-        bn.running_var[...] = rng.uniform(0.5, 2, channels)
+        bn = batchnorm(channels, rng)
         # Biases before batch statistics have a gradient of exactly 0: no biases, as in ResNets.
         skip = (nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False, rng=rng),
                               nn.BatchNorm2d(channels)) if shortcut else None)
@@ -481,15 +487,8 @@ def tail(kind, training, relu, channels=3):
     """`kind` ("bn", "residual", "residual+shortcut") [-> ReLU] -> GlobalAvgPool2d: what the
     compiled kernels run as one pass (an `Averaged` step), with batch or running statistics."""
     def make():
-        if kind == "bn":
-            rng = np.random.default_rng(8)
-            layer = nn.BatchNorm2d(channels)
-            layer.weight.data[...] = rng.uniform(0.5, 1.5, channels)
-            layer.bias.data[...] = rng.uniform(-0.5, 0.5, channels)
-            layer.running_mean[...] = rng.uniform(-0.2, 0.2, channels)
-            layer.running_var[...] = rng.uniform(0.5, 2, channels)
-        else:
-            layer = bn_block(training, False, kind == "residual+shortcut", channels)()
+        layer = (batchnorm(channels, np.random.default_rng(8)) if kind == "bn" else
+                 bn_block(training, False, kind == "residual+shortcut", channels)())
         return nn.Sequential(layer, *[nn.ReLU()] * relu, nn.GlobalAvgPool2d()).train(training)
     return make
 
