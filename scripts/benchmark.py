@@ -329,7 +329,10 @@ def _describe(step):
     """A step's one-line name for the table: its layers, and SLOW beside NumPy code."""
     slow = kernels.get("numba").slow_steps(getattr(step, "layer", getattr(step, "conv", step)))
     text = " ".join(repr(step).split())
-    text = text if len(text) < 90 else text[:87] + "..."
+    if len(text) >= 90:         # a fused group keeps what joined the layer (" + ReLU", ...)
+        head, sep, fused = text.rpartition(") + ")
+        fused = "+ " + fused if head else ""
+        text = text[:max(87 - len(fused), 30)] + "... " * bool(fused) + fused
     return text + (" **SLOW: NumPy reference path**" if slow else "")
 
 
