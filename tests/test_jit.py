@@ -292,3 +292,16 @@ class _Features:
 
     def flatten(self):
         return self.text
+
+
+def test_importing_the_compiled_backend_sets_numba_up():
+    """`from ddl.kernels import numba` without kernels.get first: the kernels must still compile
+    for the tuned CPU name, with ddl's LLVM options and cache (unconfigured, they ran ten times
+    slower). configure() exports the name it compiles for, as the tests' own set-up did here."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_NAME"}
+    code = ("import os\nfrom ddl.kernels import numba, jit\n"
+            "print(os.environ.get('NUMBA_CPU_NAME'), jit.cache_dir() in "
+            "str(numba.norm.batch_normalize._cache._cache_path))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == [jit.target(), "True"]

@@ -653,9 +653,11 @@ def test_the_backends_offer_the_same_operations():
 
 
 def test_importing_the_kernels_changes_nothing_until_setup(tmp_path):
-    """Importing every kernel leaves numba's cache alone; `setup()` gives them their cache."""
+    """Importing every kernel module leaves numba's cache alone; `setup()` gives them their
+    cache. (Importing the backend that runs them, ddl.kernels.numba, sets numba up: test_jit.)"""
     cache = tmp_path / "cache"
-    probe = ("import os, sys; import numba; from ddl.kernels import jit, numba as backend; "
+    probe = ("import os, sys; import numba; from ddl.kernels import jit, bf16, direct, gemm, "
+             "loss, norm, optim, pool, single, strided, winograd; "
              "before = (os.path.exists(sys.argv[1]), numba.config.CACHE_DIR); "
              "from ddl import kernels; kernels.setup(); kernels.setup(); "
              "print(before, os.listdir(sys.argv[1]), jit.cache_dir())")

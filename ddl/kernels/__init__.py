@@ -80,7 +80,8 @@ def _load(name):
 def setup():
     """Configure numba for ddl's kernels (LLVM's options, the on-disk cache: ddl/kernels/jit.py)
     before anything compiles; once per process, later calls do nothing. Importing changes nothing
-    process-wide: the CLI, `python -m ddl.kernels`, the tests and `warm` call this."""
+    process-wide: the CLI, `python -m ddl.kernels`, the tests and `warm` call this, and so does
+    importing the compiled backend itself (ddl.kernels.numba)."""
     from ddl.kernels import jit
     jit.configure()
 

@@ -10,8 +10,8 @@ training uses, so `warm()` (run by `make install`, and rank 0 first at the start
 compile or load them all before the first step instead of in the middle of it.
 
 Importing this module changes nothing outside it: `configure()` (which `ddl.kernels.setup()`
-calls, and choosing the numba backend too) sets LLVM's options, the CPU name and the cache
-folder, before the first compile.
+calls, and choosing or importing the numba backend too) sets LLVM's options, the CPU name and the
+cache folder, before the first compile.
 
 Writing a kernel that vectorises: the innermost loop runs over unit-stride memory and indexes it
 with its own loop variable. numba wraps negative indices around, and an index that LLVM cannot

@@ -26,6 +26,9 @@ from ddl.kernels.arrays import Workspace, chwn, nchw, out_size
 
 name = "numba"
 jit.mark_ahead()    # every kernel module is imported: their kernels are those `warm` compiles
+# Imported directly rather than through kernels.get, the kernels would compile on first call
+# without ddl's LLVM options, CPU name or cache: ten times slower, and silently so.
+jit.configure()
 
 # Winograd's GEMMs are (O x C) @ (C x tiles*N): thin, and slower than the direct kernel, with
 # fewer channels than these. Per-layer medians of forward + backward, one thread, batch 64, on a
