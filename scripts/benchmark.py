@@ -330,9 +330,9 @@ def _describe(step):
     slow = kernels.get("numba").slow_steps(getattr(step, "layer", getattr(step, "conv", step)))
     text = " ".join(repr(step).split())
     if len(text) >= 90:         # a fused group keeps what joined the layer (" + ReLU", ...)
-        head, sep, fused = text.rpartition(") + ")
-        fused = "+ " + fused if head else ""
-        text = text[:max(87 - len(fused), 30)] + "... " * bool(fused) + fused
+        head, _, fused = text.rpartition(") + ")
+        suffix = " + " + fused if head else ""
+        text = text[:max(87 - len(suffix), 30)] + "..." + suffix
     return text + (" **SLOW: NumPy reference path**" if slow else "")
 
 
