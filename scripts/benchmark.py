@@ -18,6 +18,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -126,6 +127,29 @@ def torch_step(model_name, batch, channels_last, shape=MNIST[0]):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
     return step
+
+
+def torch_profiled(model_name, batch, shape):
+    """(PyTorch's channels_last training step, warmed up, and a torch.profiler to run it in
+    that records the shapes of its operations)."""
+    from torch.profiler import ProfilerActivity, profile
+    step = torch_step(model_name, batch, True, shape)
+    for _ in range(3):
+        step()
+    return step, profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+
+
+def torch_conv_times(prof):
+    """The convolutions that `prof` recorded: {(weight shape, input shape NCHW): (forward ms,
+    backward ms) per call}."""
+    times = {}
+    # forward: (input, weight, ...); backward: (grad output, input, weight, ...)
+    for op, x_at, k in (("aten::mkldnn_convolution", 0, 0), ("aten::convolution_backward", 1, 1)):
+        for e in prof.key_averages(group_by_input_shape=True):
+            if e.key == op:
+                key = (tuple(e.input_shapes[x_at + 1]), tuple(e.input_shapes[x_at]))
+                times.setdefault(key, [0.0, 0.0])[k] = e.self_cpu_time_total / e.count / 1e3
+    return {key: tuple(ms) for key, ms in times.items()}
 
 
 def torch_version():
@@ -253,10 +277,12 @@ def scaling(repeats, seconds, rounds=3):
 
 
 # --- where the time goes --------------------------------------------------------------------------
-def layer_breakdown(model_name, batch, repeats, shape=MNIST[0]):
-    """[(step, forward ms, backward ms)] medians over `repeats` steps of the compiled kernels,
-    one row per step that Sequential runs (fused groups included), plus loss and optimizer. A
-    step holding a layer that runs NumPy code (no compiled kernel) is marked as the slow step."""
+def layer_breakdown(model_name, batch, repeats, shape=MNIST[0], with_torch=False):
+    """[(step, forward ms, backward ms, PyTorch's (forward ms, backward ms) or None)] medians
+    over `repeats` steps of the compiled kernels, one row per step that Sequential runs (fused
+    groups included), plus loss and optimizer; PyTorch's figures (`with_torch`) are those of
+    the same convolution in PyTorch's step. A step holding a layer that runs NumPy code (no
+    compiled kernel) is marked as the slow step."""
     kernels.use("numba")
     model = build(model_name, shape, MNIST[1], seed=0, input_grad=False)
     planned(model, "numba", shape, batch)
@@ -267,34 +293,45 @@ def layer_breakdown(model_name, batch, repeats, shape=MNIST[0]):
     x, y = synthetic(batch, count=1, shape=shape)[0]
     times = np.zeros((max(repeats, 5) + 3, len(steps) + 2, 2))
     inner = _BlockClocks(model, steps, len(times))
-    for r in range(len(times)):
-        inner.repeat = r
-        replicas.zero_grad()
-        h = x
-        for i, step in enumerate(steps):
+    # PyTorch's steps alternate with ddl's, so that both see the machine as it was then.
+    torch_step_, prof = (torch_profiled(model_name, batch, shape) if with_torch
+                         else (lambda: None, contextlib.nullcontext()))
+    with prof:
+        for r in range(len(times)):
+            inner.repeat = r
+            replicas.zero_grad()
+            h = x
+            for i, step in enumerate(steps):
+                started = time.perf_counter()
+                h = step.forward(h)
+                times[r, i, 0] = time.perf_counter() - started
             started = time.perf_counter()
-            h = step.forward(h)
-            times[r, i, 0] = time.perf_counter() - started
-        started = time.perf_counter()
-        criterion(h, y)
-        g = criterion.backward()
-        times[r, -2, 0] = time.perf_counter() - started
-        for i in reversed(range(len(steps))):
+            criterion(h, y)
+            g = criterion.backward()
+            times[r, -2, 0] = time.perf_counter() - started
+            for i in reversed(range(len(steps))):
+                started = time.perf_counter()
+                g = steps[i].backward(g)
+                times[r, i, 1] = time.perf_counter() - started
             started = time.perf_counter()
-            g = steps[i].backward(g)
-            times[r, i, 1] = time.perf_counter() - started
-        started = time.perf_counter()
-        model.step(optimizer)
-        times[r, -1, 0] = time.perf_counter() - started
+            model.step(optimizer)
+            times[r, -1, 0] = time.perf_counter() - started
+            torch_step_()
     ms = np.median(times[3:], axis=0) * 1e3  # the first steps are warm-up
+    torch_ms = torch_conv_times(prof) if with_torch else {}
+
+    def pytorch(layer):         # a convolution alone (fused with nothing) in ddl's step
+        if not isinstance(layer, nn.Conv2d):
+            return None
+        return torch_ms.get((tuple(layer.weight.data.shape), tuple(layer._x_shape)))
     rows = []
     for step, (f, b) in zip(steps, ms):
-        rows.append((_describe(step), f, b))
+        rows.append((_describe(step), f, b, pytorch(step)))
         rows += [(f"&nbsp;&nbsp;{name}: {_describe(layer)}"
                   + ("" if t.any() else " (in the pass before it)"),
-                  *np.median(t[3:], axis=0) * 1e3)
+                  *np.median(t[3:], axis=0) * 1e3, pytorch(layer))
                  for name, (layer, t) in inner.clocks.items() if inner.owner[name] is step]
-    return rows + [("cross-entropy (both ways)", *ms[-2]), ("SGD step", *ms[-1])]
+    return rows + [("cross-entropy (both ways)", *ms[-2], None), ("SGD step", *ms[-1], None)]
 
 
 class _BlockClocks:
@@ -481,16 +518,27 @@ def report(args, torch_ver, rows, rows_avx2, numba_costs, scale, breakdowns, flo
                   "the machine costs (memory bandwidth, the shared L3 cache, other jobs): no "
                   "way of communicating wins that back.", ""]
     for (model_name, shape), layers in breakdowns.items():
-        total = sum(f + b for name, f, b in layers if not name.startswith("&nbsp;"))
+        total = sum(f + b for name, f, b, _ in layers if not name.startswith("&nbsp;"))
         lines += [f"## Where the time goes ({model_name}, {dims(shape)}, batch 64, numba "
                   "kernels, one step)", "",
                   "One row per step that Sequential runs: fused groups are one row, a residual "
                   "block with the ReLU after it too, followed by its layers' own rows (indented: "
-                  "the block's share includes them).", "",
-                  "| step | forward ms | backward ms | share |", "|---|---:|---:|---:|"]
-        lines += [f"| {name} | {f:.2f} | {b:.2f} | {(f + b) / total:.0%} |"
-                  for name, f, b in layers]
-        lines += [f"| total | | | {total:.1f} ms |", ""]
+                  "the block's share includes them). PyTorch: the same convolution in PyTorch's "
+                  "channels_last step, from torch.profiler (per call, where two layers have one "
+                  "shape).", "",
+                  "| step | forward ms | backward ms | share | PyTorch forward ms | PyTorch "
+                  "backward ms |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {f:.2f} | {b:.2f} | {(f + b) / total:.0%} | "
+                  + (f"{torch_ms[0]:.2f} | {torch_ms[1]:.2f} |" if torch_ms else "| |")
+                  for name, f, b, torch_ms in layers]
+        lines += [f"| total | | | {total:.1f} ms | | |", ""]
+        pairs = [(f + b, sum(t)) for name, f, b, t in layers if t]
+        if pairs:
+            ours, theirs = map(sum, zip(*pairs))
+            lines += [f"The {len(pairs)} convolutions with a PyTorch figure take {ours:.1f} ms "
+                      f"of ddl's step and {theirs:.1f} ms of PyTorch's: ddl runs them at "
+                      f"**{theirs / ours:.2f}x** PyTorch's speed; the rest of the step takes "
+                      f"{total - ours:.1f} ms.", ""]
     return "\n".join(lines)
 
 
@@ -536,7 +584,8 @@ def main():
     if not args.no_scaling:
         print("data-parallel scaling", file=sys.stderr)
         scale = scaling(args.repeats, args.seconds)
-    breakdowns = {(name, shape): layer_breakdown(name, 64, args.repeats, shape)
+    breakdowns = {(name, shape): layer_breakdown(name, 64, args.repeats, shape,
+                                                 torch_ver is not None)
                   for name, shape in BREAKDOWNS}
     flops, peak = training_flops(build("ref-cnn", *MNIST)), sgemm_gflops()
     print("numba's compile and cache-load times", file=sys.stderr)
