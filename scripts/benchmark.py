@@ -49,7 +49,8 @@ SINGLE = (("seed-cnn", MNIST[0], (64, 256)), ("ref-cnn", MNIST[0], (64, 256)),
           ("resnet-mini", MNIST[0], (64,)), ("resnet-mini", COLOUR, (64,)),
           ("vgg-mini", COLOUR, (64,)))
 MODELS = ("seed-cnn", "ref-cnn")    # the roofline's and scaling's networks
-BREAKDOWNS = (("seed-cnn", MNIST[0]), ("ref-cnn", MNIST[0]), ("resnet-mini", MNIST[0]))
+BREAKDOWNS = (("seed-cnn", MNIST[0]), ("ref-cnn", MNIST[0]), ("resnet-mini", MNIST[0]),
+              ("vgg-mini", COLOUR))
 # (ranks, extra environment, label). (MPICH's busy polling, which once made 4 ranks on 2 cores
 # far slower (docs/measured.md), no longer shows: ddl's collectives wait in the
 # watchdog's sleeping loop.)
