@@ -365,7 +365,7 @@ class _BlockClocks:
 
 def _describe(step):
     """A step's one-line name for the table: its layers, and SLOW beside NumPy code."""
-    slow = kernels.get("numba").slow_steps(getattr(step, "layer", getattr(step, "conv", step)))
+    slow = kernels.get("numba").slow_steps(getattr(step, "layer", step))
     text = " ".join(repr(step).split())
     if len(text) >= 90:         # a fused group keeps what joined the layer (" + ReLU", ...)
         head, _, fused = text.rpartition(") + ")

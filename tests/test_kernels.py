@@ -15,10 +15,16 @@ from ddl.kernels import numba as compiled
 from ddl.kernels.arrays import pair
 from conftest import MNIST, needs, run
 from ddl.models import MODELS, build
-from ddl.kernels.numba import ConvPool, WithReLU
+from ddl.kernels.numba import Fused
 from gradcheck import check_module, numerical_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def kinds(steps):
+    """Each step's layer type, with the options of a fused pass: "Conv2d(pool+relu)"."""
+    return [type(s.layer).__name__ + "(" + "+".join(k for k, v in s.options.items() if v) + ")"
+            if isinstance(s, Fused) else type(s).__name__ for s in steps]
+
 
 # A batch whose output rows of 15 pixels (15 x N values) span two of the kernels' chunks.
 TWO_CHUNKS = int(direct.CHUNK) // 15 + 5
@@ -269,7 +275,7 @@ FUSED = [c for c in CONV_CASES
 def test_conv_pool_relu_fuse_and_match_numpy(algo, cfg, order):
     make = conv_pool(order, cfg)
     with kernels.using("numba"):
-        assert [type(s) for s in make().steps()] == [ConvPool]
+        assert kinds(make().steps()) == ["Conv2d(pool+relu)" if "relu" in order else "Conv2d(pool)"]
     x = randn(*cfg[-1])
     x[..., :2, :] = 0     # flat regions: tied windows, and ReLU cutting whole windows
     assert_same(run_both(make, x))
@@ -285,7 +291,7 @@ def test_each_fusing_algorithm_matches_numpy(name, cfg, monkeypatch):
     made = []
     out = run_both(lambda: made.append(conv_pool(("pool", "relu"), cfg)()) or made[-1],
                    randn(*cfg[-1]))
-    assert type(made[0].steps()[0]) is ConvPool and made[0][0]._ctx[0] == name
+    assert kinds(made[0].steps()) == ["Conv2d(pool+relu)"] and made[0][0]._ctx[0] == name
     assert_same(out)
 
 
@@ -360,7 +366,7 @@ def test_max_pool_with_ties_matches_numpy(kernel, stride, shape, relu):
             else (lambda: nn.MaxPool2d(kernel, stride)))
     if relu:
         with kernels.using("numba"):
-            assert [type(s) for s in make().steps()] == [WithReLU]
+            assert kinds(make().steps()) == ["MaxPool2d(relu)"]
     assert_same(run_both(make, x))
 
 
@@ -395,8 +401,8 @@ def test_fusion_keeps_the_module_tree_and_state_dict():
     with kernels.using("numba"):
         steps = model.steps()
         model(np.zeros((2, 1, 28, 28), np.float32))
-    assert [type(s).__name__ for s in steps] == ["ConvPool", "ConvPool", "Flatten", "Linear",
-                                                  "ReLU", "Linear"]
+    assert kinds(steps) == ["Conv2d(pool+relu)", "Conv2d(pool+relu)", "Flatten", "Linear", "ReLU",
+                            "Linear"]
     assert list(model.state_dict()) == list(before)
     assert len(model) == 10 and len(model.parameters()) == 8
     with kernels.using("numpy"):
@@ -410,8 +416,8 @@ def test_a_users_sequential_gets_the_fused_path():
                         nn.Conv2d(8, 4, 3, stride=2, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Flatten())
     with kernels.using("numba"):
-        assert [type(s).__name__ for s in net.steps()] == ["ConvPool", "ConvPool", "Conv2d",
-                                                          "WithReLU", "Flatten"]
+        assert kinds(net.steps()) == ["Conv2d(pool+relu)", "Conv2d(pool+relu)", "Conv2d",
+                                      "MaxPool2d(relu)", "Flatten"]
 
 
 # --- batch normalisation, residual blocks, global average pooling ---------------------------------
@@ -453,7 +459,7 @@ def test_batchnorm_residual_relu_fuse_and_match_numpy(training, relu, shortcut):
     with kernels.using("numba"):
         net = make()
         if relu:
-            assert [type(s).__name__ for s in net.steps()] == ["WithReLU"]
+            assert [k.endswith("(relu)") for k in kinds(net.steps())] == [True]
         check_module(net, randn(2, 3, 3, 5, seed=4))
 
 
@@ -472,7 +478,7 @@ def test_batchnorm_with_relu_and_its_statistics_match_numpy(training):
     for key, value in stats["numpy"].items():
         np.testing.assert_allclose(stats["numba"][key], value, rtol=1e-5, err_msg=key)
     with kernels.using("numba"):
-        assert [type(s).__name__ for s in make().steps()] == ["WithReLU"]
+        assert kinds(make().steps()) == ["BatchNorm2d(relu)"]
         check_module(make(), randn(3, 5, 2, 3, seed=5))
 
 
@@ -485,7 +491,7 @@ def test_global_average_pool_matches_numpy():
 
 def tail(kind, training, relu, channels=3):
     """`kind` ("bn", "residual", "residual+shortcut") [-> ReLU] -> GlobalAvgPool2d: what the
-    compiled kernels run as one pass (an `Averaged` step), with batch or running statistics."""
+    compiled kernels run as one pass (a `Fused` step), with batch or running statistics."""
     def make():
         layer = (batchnorm(channels, np.random.default_rng(8)) if kind == "bn" else
                  bn_block(training, False, kind == "residual+shortcut", channels)())
@@ -499,7 +505,8 @@ def test_global_average_pool_fuses_into_the_pass_before_it(kind, training, relu)
     make = tail(kind, training, relu)
     with kernels.using("numba"):
         steps = make().steps()
-        assert [type(s).__name__ for s in steps] == ["Averaged"]
+        assert [k.endswith("(relu+average)" if relu else "(average)") for k in kinds(steps)] == [
+            True]
         assert repr(steps[0]).endswith("ReLU + global average pool" if relu else
                                        ") + global average pool")
     x = randn(4, 3, 5, 3) * 2 + 0.5
@@ -549,8 +556,9 @@ def test_residual_mismatched_shapes_fail_in_one_line():
 def test_resnet_mini_is_planned_inside_its_blocks():
     model = build("resnet-mini", (3, 9, 9), 10)
     with kernels.using("numba"):
-        assert [type(s).__name__ for s in model.steps()] == [
-            "Conv2d", "WithReLU", "WithReLU", "WithReLU", "Averaged", "Linear"]
+        assert kinds(model.steps()) == [
+            "Conv2d", "BatchNorm2d(relu)", "ResidualBlock(relu)", "ResidualBlock(relu)",
+            "ResidualBlock(relu+average)", "Linear"]
         assert model[3].body.steps()[-1] is model[3].body[-1]  # the add's pass: a BatchNorm
         assert compiled.slow_steps(model) == []
 

@@ -422,7 +422,7 @@ def test_global_average_pool_keeps_memory_order():
 # --- hooks ----------------------------------------------------------------------------------------
 def test_hooks_see_every_module_fused_or_not():
     """add_hook reports each module's forward and backward once, innermost first, whether the
-    compiled kernels fuse a group (ConvPool calls Conv2d.run; the pool and ReLU never run alone)."""
+    compiled kernels fuse a group (Fused calls Conv2d.run; the pool and ReLU never run alone)."""
     rng = np.random.default_rng(7)
     net = Sequential(Conv2d(1, 4, 3, rng=rng), MaxPool2d(2), ReLU(), ResidualBlock(4, 4, rng=rng),
                      Flatten(), Linear(4 * 3 * 3, 2, rng=rng))

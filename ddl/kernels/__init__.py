@@ -69,8 +69,7 @@ def _load(name):
     from ddl.kernels import arrays
     arrays.keep_freed_memory()      # every step allocates its activations anew (arrays.py)
     if name == "numba":
-        setup()
-        from ddl.kernels import numba as backend
+        from ddl.kernels import numba as backend    # which sets numba up as it is imported
     else:
         from ddl.kernels import numpy as backend
     _loaded[name] = backend

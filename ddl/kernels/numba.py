@@ -317,69 +317,41 @@ round_bf16, sum_bf16 = bf16.round_bf16, bf16.sum_bf16
 
 
 # --- fused layer groups ---------------------------------------------------------------------------
-# `plan(layers)` is what a Sequential runs: its layers in order, except that a convolution followed
-# by a 2x2 max pool (and a ReLU before or after the pool) becomes one `ConvPool` step, and a ReLU
-# after a max pool, a batch normalisation or a residual block (or a ReLU before a max pool) joins
-# that layer's pass as one `WithReLU` step; global average pooling after a batch normalisation or
-# a residual block that ends in one (and a ReLU between them) joins its pass as one `Averaged`
-# step. ReLU and max pooling commute, outputs and gradients alike (ties included), so both layer
-# orders fuse. A residual block whose body ends in a batch normalisation adds its shortcut in that
-# normalisation's pass (Residual.run), and its body is a Sequential, planned here like any other.
+# `plan(layers)` is what a Sequential runs: its layers in order, except that each group below
+# becomes one `Fused` step: a convolution followed by a 2x2 max pool (and a ReLU before or after
+# the pool); a ReLU after a max pool, a batch normalisation or a residual block (or a ReLU before a
+# max pool); global average pooling after a batch normalisation or a residual block that ends in
+# one (and a ReLU between them). ReLU and max pooling commute, outputs and gradients alike (ties
+# included), so both layer orders fuse. A residual block whose body ends in a batch normalisation
+# adds its shortcut in that normalisation's pass (Residual.run), and its body is a Sequential,
+# planned here like any other.
 # A group only calls its layers' own kernels with their own parameters and caches: the module
 # tree, `parameters()` and `state_dict()` do not change, and so neither does anything that reads
 # them. Layers are known by the `op` their class declares ("conv2d", "maxpool2d", "relu", ...), not
 # by importing them: ddl.nn imports the kernels, never the other way round.
-class ConvPool:
-    """Conv2d -> MaxPool2d(2) [-> ReLU], or Conv2d -> ReLU -> MaxPool2d(2): one pass that never
-    stores the convolution's full-resolution output."""
+class Fused:
+    """One layer and what joins its pass: `layer.run(backend, x, **options)` computes both, and
+    `layer.backward` their gradients. Options: pool=True (a Conv2d and the 2x2 max pool after
+    it: the full-resolution output is never stored), relu=True (the ReLU after it, or between
+    it and the pool or average), average=True (a BatchNorm2d, or a Residual that `fuses_tail`,
+    and the global average pooling after it: the full-size output is never stored nor read
+    back, nor its gradient spread over the pixels in memory)."""
 
-    def __init__(self, conv, relu):
-        self.conv, self.relu = conv, relu
+    SUFFIXES = (("pool", " + max pool 2x2"), ("relu", " + ReLU"),
+                ("average", " + global average pool"))
 
-    def forward(self, x):
-        return self.conv.run(_self, x, pool=True, relu=self.relu)
-
-    def backward(self, grad_y):
-        return self.conv.backward(grad_y)
-
-    def __repr__(self):
-        return f"{self.conv!r} + max pool 2x2" + (" + ReLU" if self.relu else "")
-
-
-class WithReLU:
-    """A layer whose `run(backend, x, relu=True)` applies the ReLU after it in its own pass
-    (MaxPool2d, BatchNorm2d, Residual), and that ReLU."""
-
-    def __init__(self, layer):
-        self.layer = layer
+    def __init__(self, layer, **options):
+        self.layer, self.options = layer, options
 
     def forward(self, x):
-        return self.layer.run(_self, x, relu=True)
+        return self.layer.run(_self, x, **self.options)
 
     def backward(self, grad_y):
         return self.layer.backward(grad_y)
 
     def __repr__(self):
-        return f"{self.layer!r} + ReLU"
-
-
-class Averaged:
-    """A layer whose `run(backend, x, relu=, average=True)` ends in the global average pooling
-    after it (and the ReLU between them) in its own pass (BatchNorm2d, a Residual that
-    `fuses_tail`), and that pooling: the full-size output is never stored nor read back, nor
-    its gradient spread over the pixels in memory."""
-
-    def __init__(self, layer, relu):
-        self.layer, self.relu = layer, relu
-
-    def forward(self, x):
-        return self.layer.run(_self, x, relu=self.relu, average=True)
-
-    def backward(self, grad_y):
-        return self.layer.backward(grad_y)
-
-    def __repr__(self):
-        return f"{self.layer!r}" + " + ReLU" * self.relu + " + global average pool"
+        return repr(self.layer) + "".join(text for key, text in self.SUFFIXES
+                                          if self.options.get(key))
 
 
 # The ops of layers whose every pass here is compiled (or one BLAS call, or free): any other layer
@@ -397,7 +369,7 @@ def _op(layer):
 
 
 def _averages(layer):
-    """Whether `layer` takes the global average pooling after it into its pass (`Averaged`)."""
+    """Whether `layer` takes the global average pooling after it into its pass."""
     op = _op(layer)
     return op == "batchnorm2d" or (op == "residual" and layer.fuses_tail())
 
@@ -410,21 +382,21 @@ def plan(layers):
         ops = (_op(a), _op(b), _op(c))
         if ops[:2] == ("conv2d", "maxpool2d") and fusable(a, b):
             relu = ops[2] == "relu"
-            steps.append(ConvPool(a, relu))
+            steps.append(Fused(a, pool=True, relu=relu))
             i += 3 if relu else 2
         elif ops == ("conv2d", "relu", "maxpool2d") and fusable(a, c):
-            steps.append(ConvPool(a, True))
+            steps.append(Fused(a, pool=True, relu=True))
             i += 3
         elif _averages(a) and (ops[1] == "global_avgpool2d"
                                or ops[1:] == ("relu", "global_avgpool2d")):
             relu = ops[1] == "relu"
-            steps.append(Averaged(a, relu))
+            steps.append(Fused(a, relu=relu, average=True))
             i += 3 if relu else 2
         elif ops[0] in TAKES_RELU and ops[1] == "relu":
-            steps.append(WithReLU(a))
+            steps.append(Fused(a, relu=True))
             i += 2
         elif ops[:2] == ("relu", "maxpool2d"):
-            steps.append(WithReLU(b))
+            steps.append(Fused(b, relu=True))
             i += 2
         else:
             steps.append(a)
