@@ -143,13 +143,15 @@ def torch_profiled(model_name, batch, shape):
 def torch_conv_times(prof):
     """The convolutions that `prof` recorded: {(weight shape, input shape NCHW): (forward ms,
     backward ms) per call}."""
+    # op: (where its input's shape is, the weight's following it: forward (input, weight, ...),
+    # backward (grad output, input, weight, ...); its column)
+    ops = {"aten::mkldnn_convolution": (0, 0), "aten::convolution_backward": (1, 1)}
     times = {}
-    # forward: (input, weight, ...); backward: (grad output, input, weight, ...)
-    for op, x_at, k in (("aten::mkldnn_convolution", 0, 0), ("aten::convolution_backward", 1, 1)):
-        for e in prof.key_averages(group_by_input_shape=True):
-            if e.key == op:
-                key = (tuple(e.input_shapes[x_at + 1]), tuple(e.input_shapes[x_at]))
-                times.setdefault(key, [0.0, 0.0])[k] = e.self_cpu_time_total / e.count / 1e3
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in ops:
+            x_at, k = ops[e.key]
+            key = (tuple(e.input_shapes[x_at + 1]), tuple(e.input_shapes[x_at]))
+            times.setdefault(key, [0.0, 0.0])[k] = e.self_cpu_time_total / e.count / 1e3
     return {key: tuple(ms) for key, ms in times.items()}
 
 

@@ -20,6 +20,7 @@ from gradcheck import check_module, numerical_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 def kinds(steps):
     """Each step's layer type, with the options of a fused pass: "Conv2d(pool+relu)"."""
     return [type(s.layer).__name__ + "(" + "+".join(k for k, v in s.options.items() if v) + ")"
