@@ -92,10 +92,10 @@ def target():
 def llvm_options():
     """The LLVM options that `configure` sets: LLVM_OPTIONS, and NARROW_VECTOR_OPTIONS where the
     kernels compile for x86-64 without AVX-512."""
-    return LLVM_OPTIONS + (() if _wide_vectors() else NARROW_VECTOR_OPTIONS)
+    return LLVM_OPTIONS + (() if wide_vectors() else NARROW_VECTOR_OPTIONS)
 
 
-def _wide_vectors():
+def wide_vectors():
     """Whether the kernels compile for AVX-512 (the feature list numba passes: $NUMBA_CPU_FEATURES
     where set, else the host's), or for a CPU other than x86-64, whose options stay LLVM's."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
