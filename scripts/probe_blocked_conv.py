@@ -169,18 +169,10 @@ def tiles(xp, w, offsets, blocks, kh, kw, block_step, row_step, col_step, y):
                             s = get(xp, o5 + at + c)
                             a5, b5 = fma(s, u, a5), fma(s, v, b5)
             col = ob * width
-            store(y[q], col, a0)
-            store(y[q], col + LANES, b0)
-            store(y[q + 1], col, a1)
-            store(y[q + 1], col + LANES, b1)
-            store(y[q + 2], col, a2)
-            store(y[q + 2], col + LANES, b2)
-            store(y[q + 3], col, a3)
-            store(y[q + 3], col + LANES, b3)
-            store(y[q + 4], col, a4)
-            store(y[q + 4], col + LANES, b4)
-            store(y[q + 5], col, a5)
-            store(y[q + 5], col + LANES, b5)
+            for p, (a, b) in enumerate(((a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4),
+                                        (a5, b5))):
+                store(y[q + p], col, a)
+                store(y[q + p], col + LANES, b)
 
 
 @compiled
@@ -189,9 +181,8 @@ def weight_tiles(xp, gy, offsets, blocks, kh, kw, block_step, row_step, col_step
     over output pixels p of gy[o, p] times xp[offsets[p] + (c // L) block_step + i row_step +
     j col_step + c % L]: the weight gradient, with O'' = O rounded up to 4, kw' = kw rounded up
     to 3 (xp must hold the columns that the taps past kw read) and C' = C/L blocks; gw flat,
-    zeroed by the caller. The
-    sums of 4 output channels x 3 taps of a row, each a vector of L input channels, stay in
-    registers through all the pixels. gb (O,) += the sums of gy's rows."""
+    zeroed by the caller. The sums of 4 output channels x 3 taps of a row, each a vector of L
+    input channels, stay in registers through CHUNK pixels. gb (O,) += the sums of gy's rows."""
     o_all, pixels = gy.shape
     wide, row = -(-kw // 3) * 3, blocks * LANES
     step = kh * wide * row      # in gw, from one output channel to the next
@@ -214,17 +205,12 @@ def weight_tiles(xp, gy, offsets, blocks, kh, kw, block_step, row_step, col_step
                     for j in range(0, kw, 3):
                         at = cb * block_step + i * row_step + j * col_step
                         to = ((o * kh + i) * wide + j) * row + cb * LANES
-                        a0, a1 = load(gw, to), load(gw, to + row)
-                        a2, b0 = load(gw, to + 2 * row), load(gw, to + step)
-                        b1, b2 = load(gw, to + step + row), load(gw, to + step + 2 * row)
-                        c0, c1 = load(gw, to + 2 * step), load(gw, to + 2 * step + row)
-                        c2, d0 = load(gw, to + 2 * step + 2 * row), load(gw, to + 3 * step)
-                        d1, d2 = load(gw, to + 3 * step + row), load(gw, to + 3 * step + 2 * row)
+                        a0, a1, a2 = load3(gw, to, row)
+                        b0, b1, b2 = load3(gw, to + step, row)
+                        c0, c1, c2 = load3(gw, to + 2 * step, row)
+                        d0, d1, d2 = load3(gw, to + 3 * step, row)
                         for p in range(start, end):
-                            base = offsets[p] + at
-                            x0 = load(xp, base)
-                            x1 = load(xp, base + col_step)
-                            x2 = load(xp, base + 2 * col_step)
+                            x0, x1, x2 = load3(xp, offsets[p] + at, col_step)
                             s = g0[p]
                             a0, a1, a2 = fma(s, x0, a0), fma(s, x1, a1), fma(s, x2, a2)
                             s = g1[p]
@@ -233,18 +219,24 @@ def weight_tiles(xp, gy, offsets, blocks, kh, kw, block_step, row_step, col_step
                             c0, c1, c2 = fma(s, x0, c0), fma(s, x1, c1), fma(s, x2, c2)
                             s = g3[p]
                             d0, d1, d2 = fma(s, x0, d0), fma(s, x1, d1), fma(s, x2, d2)
-                        store(gw, to, a0)
-                        store(gw, to + row, a1)
-                        store(gw, to + 2 * row, a2)
-                        store(gw, to + step, b0)
-                        store(gw, to + step + row, b1)
-                        store(gw, to + step + 2 * row, b2)
-                        store(gw, to + 2 * step, c0)
-                        store(gw, to + 2 * step + row, c1)
-                        store(gw, to + 2 * step + 2 * row, c2)
-                        store(gw, to + 3 * step, d0)
-                        store(gw, to + 3 * step + row, d1)
-                        store(gw, to + 3 * step + 2 * row, d2)
+                        store3(gw, to, row, a0, a1, a2)
+                        store3(gw, to + step, row, b0, b1, b2)
+                        store3(gw, to + 2 * step, row, c0, c1, c2)
+                        store3(gw, to + 3 * step, row, d0, d1, d2)
+
+
+@numba.njit(inline="always")
+def load3(a, at, step):
+    """The vectors at a[at], a[at + step] and a[at + 2 step]."""
+    return load(a, at), load(a, at + step), load(a, at + 2 * step)
+
+
+@numba.njit(inline="always")
+def store3(a, at, step, v0, v1, v2):
+    """a[at], a[at + step] and a[at + 2 step] = the three vectors."""
+    store(a, at, v0)
+    store(a, at + step, v1)
+    store(a, at + 2 * step, v2)
 
 
 @compiled
