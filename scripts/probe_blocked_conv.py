@@ -156,18 +156,12 @@ def tiles(xp, w, offsets, blocks, kh, kw, block_step, row_step, col_step, y):
                         for c in range(LANES):
                             u = load(w, tap + c * width)
                             v = load(w, tap + c * width + LANES)
-                            s = get(xp, o0 + at + c)
-                            a0, b0 = fma(s, u, a0), fma(s, v, b0)
-                            s = get(xp, o1 + at + c)
-                            a1, b1 = fma(s, u, a1), fma(s, v, b1)
-                            s = get(xp, o2 + at + c)
-                            a2, b2 = fma(s, u, a2), fma(s, v, b2)
-                            s = get(xp, o3 + at + c)
-                            a3, b3 = fma(s, u, a3), fma(s, v, b3)
-                            s = get(xp, o4 + at + c)
-                            a4, b4 = fma(s, u, a4), fma(s, v, b4)
-                            s = get(xp, o5 + at + c)
-                            a5, b5 = fma(s, u, a5), fma(s, v, b5)
+                            a0, b0 = fma2(get(xp, o0 + at + c), u, v, a0, b0)
+                            a1, b1 = fma2(get(xp, o1 + at + c), u, v, a1, b1)
+                            a2, b2 = fma2(get(xp, o2 + at + c), u, v, a2, b2)
+                            a3, b3 = fma2(get(xp, o3 + at + c), u, v, a3, b3)
+                            a4, b4 = fma2(get(xp, o4 + at + c), u, v, a4, b4)
+                            a5, b5 = fma2(get(xp, o5 + at + c), u, v, a5, b5)
             col = ob * width
             for p, (a, b) in enumerate(((a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4),
                                         (a5, b5))):
@@ -223,6 +217,12 @@ def weight_tiles(xp, gy, offsets, blocks, kh, kw, block_step, row_step, col_step
                         store3(gw, to + step, row, b0, b1, b2)
                         store3(gw, to + 2 * step, row, c0, c1, c2)
                         store3(gw, to + 3 * step, row, d0, d1, d2)
+
+
+@numba.njit(inline="always")
+def fma2(s, u, v, a, b):
+    """(a + s u, b + s v): one broadcast of s for two vectors of sums."""
+    return fma(s, u, a), fma(s, v, b)
 
 
 @numba.njit(inline="always")
