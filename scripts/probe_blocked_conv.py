@@ -5,7 +5,8 @@ with real source (cached by numba like ddl's), against ddl's direct and strided 
 LLVM vectorises innermost loops only, so a plain numba loop cannot hold sums in registers across
 a loop that runs over input channels and taps. A value of the type `Vector` below is LLVM's
 <LANES x float>: `zero`, `load` and `store` make and move one, `fma(s, v, acc)` is acc + s * v
-with the scalar s broadcast, `get` reads a scalar without numba's check of a negative index.
+with the scalar s broadcast, `get` reads a scalar without numba's check of a negative index;
+float32 only.
 LANES is 16 where the kernels compile for AVX-512 (32 registers) and 8 elsewhere (AVX2's 16).
 
 - `pack`: x (C, H, W, N), ddl's layout, into xp (C/L, H + 2ph, W', N, L), zero-padded, L =
@@ -48,48 +49,43 @@ CHUNK = 512     # output pixels that the weight gradient sums at a time (weight_
 compiled = numba.njit(fastmath=jit.FASTMATH, error_model="numpy", boundscheck=False, cache=True)
 
 
+VECTOR = ir.VectorType(ir.FloatType(), LANES)
+
+
 class Vector(types.Type):
-    """LANES values of `dtype` (float32 or float64) in one register."""
+    """LANES float32 values in one register."""
 
-    def __init__(self, dtype):
-        self.dtype = dtype
-        super().__init__(name=f"{dtype}x{LANES}")
+    def __init__(self):
+        super().__init__(name=f"float32x{LANES}")
 
 
-@register_model(Vector)
-class _Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(),
-                                                     LANES))
+vector = Vector()
+register_model(Vector)(lambda dmm, fe_type: models.PrimitiveModel(dmm, fe_type, VECTOR))
 
 
 def _floats(a):
-    return isinstance(a, types.Array) and a.dtype in (types.float32, types.float64)
+    return isinstance(a, types.Array) and a.dtype == types.float32
 
 
-def _pointer(context, builder, array_type, array, index, vector=True):
-    """The address of element `index` of the (C-contiguous) array, as a vector's if `vector`."""
+def _pointer(context, builder, array_type, array, index, to=VECTOR):
+    """The address of element `index` of the (C-contiguous) array, as a pointer to `to`."""
     data = context.make_array(array_type)(context, builder, array).data
-    address = builder.gep(data, [index])
-    if not vector:
-        return address
-    lanes = ir.VectorType(context.get_value_type(array_type.dtype), LANES)
-    return builder.bitcast(address, lanes.as_pointer())
+    return builder.bitcast(builder.gep(data, [index]), to.as_pointer())
 
 
 @intrinsic
 def load(typingctx, a, i):
-    """a[i:i + LANES] (a C-contiguous, seen flat) as one vector."""
+    """a[i:i + LANES] (a C-contiguous float32 array, seen flat) as one vector."""
     if _floats(a) and isinstance(i, types.Integer):
         def codegen(context, builder, sig, args):
             return builder.load(_pointer(context, builder, sig.args[0], *args), align=4)
-        return Vector(a.dtype)(a, i), codegen
+        return vector(a, i), codegen
 
 
 @intrinsic
 def store(typingctx, a, i, v):
-    """a[i:i + LANES] = v (a C-contiguous, seen flat)."""
-    if _floats(a) and isinstance(v, Vector) and v.dtype == a.dtype:
+    """a[i:i + LANES] = v (a C-contiguous float32 array, seen flat)."""
+    if _floats(a) and v == vector:
         def codegen(context, builder, sig, args):
             builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1]),
                           align=4)
@@ -99,39 +95,36 @@ def store(typingctx, a, i, v):
 
 @intrinsic
 def get(typingctx, a, i):
-    """a's element i (a C-contiguous, seen flat), i never negative."""
+    """a's element i (a C-contiguous float32 array, seen flat), i never negative."""
     if _floats(a) and isinstance(i, types.Integer):
         def codegen(context, builder, sig, args):
-            return builder.load(_pointer(context, builder, sig.args[0], *args, vector=False))
-        return a.dtype(a, i), codegen
+            return builder.load(_pointer(context, builder, sig.args[0], *args,
+                                         to=ir.FloatType()))
+        return types.float32(a, i), codegen
 
 
 @intrinsic
-def zero(typingctx, a):
-    """A vector of zeros of a's float type."""
-    if _floats(a):
-        def codegen(context, builder, sig, args):
-            lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
-            return ir.Constant(lanes, [0.0] * LANES)
-        return Vector(a.dtype)(a), codegen
+def zero(typingctx):
+    """A vector of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(VECTOR, [0.0] * LANES)
+    return vector(), codegen
 
 
 @intrinsic
 def fma(typingctx, s, v, acc):
-    """acc + s * v: the scalar s times each lane of v."""
-    if isinstance(v, Vector) and acc == v and isinstance(s, types.Float):
+    """acc + s * v: the scalar s (as float32) times each lane of v."""
+    if v == vector and acc == vector and isinstance(s, types.Float):
         def codegen(context, builder, sig, args):
-            lanes = args[1].type
-            scalar = context.cast(builder, args[0], sig.args[0], sig.args[1].dtype)
-            one = builder.insert_element(ir.Constant(lanes, ir.Undefined), scalar,
+            scalar = context.cast(builder, args[0], sig.args[0], types.float32)
+            one = builder.insert_element(ir.Constant(VECTOR, ir.Undefined), scalar,
                                          ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(one, ir.Constant(lanes, ir.Undefined),
+            splat = builder.shuffle_vector(one, ir.Constant(VECTOR, ir.Undefined),
                                            ir.Constant(ir.VectorType(ir.IntType(32), LANES),
                                                        [0] * LANES))
             product = builder.fmul(splat, args[1], flags=["fast"])
             return builder.fadd(product, args[2], flags=["fast"])
-        return v(s, v, acc), codegen
-
+        return vector(s, v, acc), codegen
 
 
 @compiled
@@ -147,7 +140,7 @@ def tiles(xp, w, offsets, blocks, kh, kw, block_step, row_step, col_step, y):
             q = min(t * P, pixels - P)
             o0, o1, o2 = offsets[q], offsets[q + 1], offsets[q + 2]
             o3, o4, o5 = offsets[q + 3], offsets[q + 4], offsets[q + 5]
-            a0 = a1 = a2 = a3 = a4 = a5 = b0 = b1 = b2 = b3 = b4 = b5 = zero(y)
+            a0 = a1 = a2 = a3 = a4 = a5 = b0 = b1 = b2 = b3 = b4 = b5 = zero()
             for cb in range(blocks):
                 for i in range(kh):
                     for j in range(kw):
@@ -242,7 +235,8 @@ def store3(a, at, step, v0, v1, v2):
 @compiled
 def pack(x, ph, pw, xp):
     """xp[c // L, ph + r, pw + q, m, c % L] = x[c, r, q, m]: x (C, H, W, N) into xp (C/L, H +
-    2ph, W + 2pw, N, L), whose padding and channels past C are left as they are (zero)."""
+    2ph, W', N, L), W' >= W + 2pw, whose padding, columns past it and channels past C are left
+    as they are (zero)."""
     c_all, h, w, n = x.shape
     for cb in range(xp.shape[0]):
         for r in range(h):
